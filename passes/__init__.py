@@ -1,0 +1,18 @@
+"""Passes over the IR, installed as ``qcompiler.passes`` (source folder ``passes/``).
+
+One pass per module; each is a frozen dataclass subclassing ``onnx_ir.passes.InPlacePass``.
+"""
+
+from qcompiler.passes.assign_fixed_point import AssignFixedPointPass
+from qcompiler.passes.calibrate import CalibratePass
+from qcompiler.passes.canonicalize import CanonicalizePass
+from qcompiler.passes.detect_layers import DetectLayersPass
+from qcompiler.passes.fold_batchnorm import FoldBatchNormPass
+
+__all__ = [
+    "AssignFixedPointPass",
+    "CalibratePass",
+    "CanonicalizePass",
+    "DetectLayersPass",
+    "FoldBatchNormPass",
+]

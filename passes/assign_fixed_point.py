@@ -1,0 +1,81 @@
+"""Assign fixed-point formats (WL/FL, power-of-two scales) to weights, biases and activations.
+
+Rule ``minmax``: every format is the largest fractional length that holds the tensor's range
+without saturation (weights per output channel by default, activations per tensor from the
+calibrated min/max, unsigned when the calibrated minimum is >= 0). Biases get 32-bit codes in
+the accumulator's format, ``fl_bias = fl_input + fl_weight`` per output channel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+
+from qcompiler import annotations as ann
+from qcompiler.errors import AnnotationError
+from qcompiler.graph import const_array, values_by_name
+from qcompiler.passes.detect_layers import quantizable_nodes
+from qcompiler.quantizers import channel_absmax, no_overflow_fl
+
+BIAS_BITS = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class AssignFixedPointPass(ir.passes.InPlacePass):
+    """Choose WL/FL for each quantizable layer's weight, bias and activation input.
+
+    Attributes:
+        weight_bits: weight word length (2..16).
+        activation_bits: activation word length (2..16).
+        per_channel: one weight FL per output channel (else one per tensor).
+    """
+
+    weight_bits: int = 8
+    activation_bits: int = 8
+    per_channel: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("weight_bits", "activation_bits"):
+            bits = getattr(self, name)
+            if not 2 <= bits <= 16:
+                raise ValueError(f"{name} must be in 2..16, got {bits}")
+
+    def requires(self, model: ir.Model) -> None:
+        values = values_by_name(model.graph)
+        layers = quantizable_nodes(model)
+        if not layers:
+            raise ir.passes.PreconditionError("no QuantizableLayer annotations: run DetectLayersPass first")
+        for _, layer in layers:
+            ann.require(values[layer.activation_input], ann.TensorStats, where="AssignFixedPointPass")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        values = values_by_name(model.graph)
+        for _, layer in quantizable_nodes(model):
+            act = self._activation_format(values[layer.activation_input])
+            ann.set(values[layer.activation_input], act)
+            w_fmt = self._weight_format(values[layer.weight], layer)
+            ann.set(values[layer.weight], w_fmt)
+            if layer.bias is not None:
+                w_fls = w_fmt.fl if isinstance(w_fmt.fl, tuple) else (w_fmt.fl,) * layer.weight_shape[layer.channel_axis]
+                ann.set(
+                    values[layer.bias],
+                    ann.FixedPoint(wl=BIAS_BITS, fl=tuple(act.fl + f for f in w_fls), signed=True, axis=0, rule="accumulator"),
+                )
+        return ir.passes.PassResult(model, True)
+
+    def _activation_format(self, value: ir.Value) -> ann.FixedPoint:
+        stats = ann.require(value, ann.TensorStats, where="AssignFixedPointPass")
+        signed = stats.min < 0.0
+        fl = no_overflow_fl(stats.absmax, self.activation_bits, signed)
+        return ann.FixedPoint(wl=self.activation_bits, fl=fl, signed=signed, axis=None, rule="minmax")
+
+    def _weight_format(self, value: ir.Value, layer: ann.QuantizableLayer) -> ann.FixedPoint:
+        w = const_array(value)
+        if w is None:
+            raise AnnotationError(f"weight {value.name!r} is not constant")
+        if self.per_channel:
+            fls = tuple(no_overflow_fl(float(m), self.weight_bits) for m in channel_absmax(w, layer.channel_axis))
+            return ann.FixedPoint(wl=self.weight_bits, fl=fls, signed=True, axis=layer.channel_axis, rule="minmax")
+        fl = no_overflow_fl(float(abs(w).max()), self.weight_bits)
+        return ann.FixedPoint(wl=self.weight_bits, fl=fl, signed=True, axis=None, rule="minmax")

@@ -1,0 +1,286 @@
+"""The annotation schema: quantization decisions stored in the IR's ``metadata_props``.
+
+Every annotation is a frozen, versioned dataclass serialised as compact JSON with sorted keys
+under the key ``pkg.qcompiler.<kind>`` of a model, graph, node or value. ``metadata_props`` are
+part of the ONNX file, so annotations survive ``save``/``load``; node attributes are never used
+(onnx.checker and onnxruntime reject unknown attributes on standard ops).
+
+Passes use only :func:`get`, :func:`set`, :func:`require`, :func:`remove` and :func:`dump`;
+nobody reads or writes the raw strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar, TypeVar
+
+import onnx_ir as ir
+
+from qcompiler.errors import AnnotationError
+
+PREFIX = "pkg.qcompiler."
+
+A = TypeVar("A", bound="Annotation")
+
+_REGISTRY: dict[str, type[Annotation]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Annotation:
+    """Base class: subclasses set ``KIND`` (key suffix) and ``VERSION`` (schema version)."""
+
+    KIND: ClassVar[str] = ""
+    VERSION: ClassVar[int] = 1
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.KIND:
+            if cls.KIND in _REGISTRY:
+                raise TypeError(f"annotation kind {cls.KIND!r} registered twice")
+            _REGISTRY[cls.KIND] = cls
+
+    @classmethod
+    def key(cls) -> str:
+        """The ``metadata_props`` key of this kind."""
+        return PREFIX + cls.KIND
+
+    def to_json(self) -> str:
+        """Compact JSON with sorted keys and the schema version under ``"v"``."""
+        payload = _plain(dataclasses.asdict(self))
+        payload["v"] = self.VERSION
+        return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+    @classmethod
+    def from_json(cls: type[A], text: str, where: str = "") -> A:
+        """Parse JSON written by :meth:`to_json`, refusing unknown versions and fields."""
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise AnnotationError(f"{cls.key()}{_at(where)}: not valid JSON ({exc.msg})") from None
+        if not isinstance(payload, dict):
+            raise AnnotationError(f"{cls.key()}{_at(where)}: expected a JSON object")
+        version = payload.pop("v", None)
+        if version != cls.VERSION:
+            raise AnnotationError(
+                f"{cls.key()}{_at(where)}: schema version {version} is not supported "
+                f"(this qcompiler reads version {cls.VERSION})"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(frozenset(payload) - names)
+        if unknown:
+            raise AnnotationError(f"{cls.key()}{_at(where)}: unknown fields {unknown}")
+        try:
+            return cls(**{k: _frozen(v) for k, v in payload.items()})
+        except TypeError as exc:
+            raise AnnotationError(f"{cls.key()}{_at(where)}: {exc}") from None
+
+
+def _at(where: str) -> str:
+    return f" on {where}" if where else ""
+
+
+def _plain(obj: Any) -> Any:
+    """Convert tuples to lists and refuse non-finite floats (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise AnnotationError(f"annotation value {obj} is not finite")
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return _plain(obj.item())
+    return obj
+
+
+def _frozen(obj: Any) -> Any:
+    """JSON lists become tuples so that annotations stay immutable and comparable."""
+    if isinstance(obj, list):
+        return tuple(_frozen(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _frozen(v) for k, v in obj.items()}
+    return obj
+
+
+# --------------------------------------------------------------------------- the schema
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizableLayer(Annotation):
+    """On a node: a layer whose weight qcompiler quantizes, with its activation tensors.
+
+    Attributes:
+        op: ONNX op type (Conv, ConvTranspose, Gemm, MatMul).
+        weight: name of the constant weight value.
+        bias: name of the constant bias value, or None.
+        activation_input: name of the activation that enters the layer.
+        output: name of the layer's output value.
+        channel_axis: axis of the weight that indexes output channels.
+        weight_shape: the weight's shape.
+    """
+
+    KIND: ClassVar[str] = "layer"
+    op: str
+    weight: str
+    bias: str | None
+    activation_input: str
+    output: str
+    channel_axis: int
+    weight_shape: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorStats(Annotation):
+    """On a value: streamed calibration statistics.
+
+    Attributes:
+        count: number of elements seen.
+        samples: number of samples (batch rows) seen.
+        min, max, absmax, mean, std: per-tensor statistics.
+        channel_axis: the axis of the per-channel statistics, or None.
+        channel_min, channel_max: per-channel minima and maxima (empty without an axis).
+    """
+
+    KIND: ClassVar[str] = "stats"
+    count: int
+    samples: int
+    min: float
+    max: float
+    absmax: float
+    mean: float
+    std: float
+    channel_axis: int | None = None
+    channel_min: tuple[float, ...] = ()
+    channel_max: tuple[float, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedPoint(Annotation):
+    """On a value: a fixed-point format, value = code * 2**-fl with a wl-bit code.
+
+    Attributes:
+        wl: word length in bits (the code's width).
+        fl: fractional length; one int per tensor, or one per channel along ``axis``.
+        signed: signed two's complement codes, else unsigned.
+        axis: channel axis of a per-channel ``fl``, or None.
+        rule: how the format was chosen (e.g. ``"minmax"``).
+    """
+
+    KIND: ClassVar[str] = "fixed_point"
+    wl: int
+    fl: int | tuple[int, ...]
+    signed: bool = True
+    axis: int | None = None
+    rule: str = "minmax"
+
+    def scales(self) -> tuple[float, ...]:
+        """The power-of-two scales 2**-fl (one per channel, or one)."""
+        fls = self.fl if isinstance(self.fl, tuple) else (self.fl,)
+        return tuple(math.ldexp(1.0, -f) for f in fls)
+
+    def code_range(self) -> tuple[int, int]:
+        """Inclusive integer code range."""
+        if self.signed:
+            return -(1 << (self.wl - 1)), (1 << (self.wl - 1)) - 1
+        return 0, (1 << self.wl) - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Provenance(Annotation):
+    """On the model: the passes that produced it, in order.
+
+    Attributes:
+        entries: one mapping per pass run: ``pass`` (repr), ``seconds``, ``modified``, ``qcompiler``.
+    """
+
+    KIND: ClassVar[str] = "provenance"
+    entries: tuple[Mapping[str, Any], ...] = ()
+
+
+# --------------------------------------------------------------------------- access
+
+Annotatable = ir.Model | ir.Graph | ir.Node | ir.Value
+
+
+def _describe(obj: Annotatable) -> str:
+    if isinstance(obj, ir.Node):
+        return f"node {obj.name!r} ({obj.op_type})"
+    if isinstance(obj, ir.Value):
+        return f"value {obj.name!r}"
+    if isinstance(obj, ir.Graph):
+        return f"graph {obj.name!r}"
+    return "model"
+
+
+def get(obj: Annotatable, kind: type[A]) -> A | None:
+    """Return the annotation of ``kind`` on ``obj``, or None when absent."""
+    text = obj.metadata_props.get(kind.key())
+    if text is None:
+        return None
+    return kind.from_json(text, where=_describe(obj))
+
+
+def set(obj: Annotatable, value: Annotation) -> None:  # noqa: A001 - the schema's verb
+    """Store ``value`` on ``obj`` (replacing an annotation of the same kind)."""
+    obj.metadata_props[type(value).key()] = value.to_json()
+
+
+def remove(obj: Annotatable, kind: type[Annotation]) -> None:
+    """Delete the annotation of ``kind`` from ``obj`` if present."""
+    obj.metadata_props.pop(kind.key(), None)
+
+
+def require(obj: Annotatable, kind: type[A], where: str = "") -> A:
+    """Return the annotation of ``kind`` or raise :class:`AnnotationError` naming what is missing.
+
+    Args:
+        obj: the model, graph, node or value.
+        kind: the annotation class.
+        where: the pass or step that needs it, for the message.
+    """
+    found = get(obj, kind)
+    if found is None:
+        need = f" (needed by {where})" if where else ""
+        raise AnnotationError(f"{_describe(obj)} has no {kind.key()} annotation{need}")
+    return found
+
+
+def _props(obj: Annotatable) -> dict[str, Any]:
+    out = {}
+    for key, text in sorted(obj.metadata_props.items()):
+        if key.startswith(PREFIX):
+            kind = _REGISTRY.get(key[len(PREFIX) :])
+            out[key] = json.loads(text) if kind is None else json.loads(kind.from_json(text).to_json())
+    return out
+
+
+def dump(model: ir.Model) -> dict[str, Any]:
+    """All qcompiler annotations of a model as plain JSON-able data, keyed stably.
+
+    The result is what golden tests compare: ``{"model": {...}, "nodes": {name: {...}},
+    "values": {name: {...}}}`` with only the ``pkg.qcompiler.*`` keys.
+    """
+    nodes: dict[str, Any] = {}
+    values: dict[str, Any] = {}
+    for node in model.graph:
+        props = _props(node)
+        if props:
+            nodes[node.name or f"<{node.op_type}>"] = props
+    seen: dict[str, ir.Value] = {}
+    for value in list(model.graph.inputs) + list(model.graph.initializers.values()):
+        seen.setdefault(value.name, value)
+    for node in model.graph:
+        for value in node.outputs:
+            seen.setdefault(value.name, value)
+    for name, value in seen.items():
+        props = _props(value)
+        if props:
+            values[name] = props
+    return {"model": _props(model), "nodes": nodes, "values": values}
+
+
+def kinds() -> Mapping[str, type[Annotation]]:
+    """The registered annotation kinds by key suffix."""
+    return dict(_REGISTRY)

@@ -1,0 +1,225 @@
+"""The Python API: ``compile_model(model, target, config, out_dir) -> CompileResult``.
+
+Steps: load and normalise the model, validate the data, run the pipeline (canonicalise,
+fold BatchNorm, detect layers, calibrate, target passes), let the target check and emit its
+artifacts, validate the simulation ONNX against the float model in onnxruntime (optimisations
+off = "simulated", on = "ORT kernel"), and write ``report.json``. All files go to a temporary
+folder that replaces ``out_dir`` only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import platform
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler import __version__
+from qcompiler import annotations as ann
+from qcompiler.data import ArrayDataset, DataSource, load_dataset
+from qcompiler.fsutil import atomic_dir, write_json
+from qcompiler.graph import const_array, values_by_name
+from qcompiler.ir import ModelLike, load_normalized, save
+from qcompiler.metrics import finite_or_none, output_mse, sqnr_db, top1, top1_agreement
+from qcompiler.passes.detect_layers import quantizable_nodes
+from qcompiler.passes.pipelines import default_pipeline
+from qcompiler.pipeline import PassStat, run_pipeline
+from qcompiler.quantizers import fake_quant_fixed
+from qcompiler.runtime import Runner
+from qcompiler.targets import TargetConfig, get_target
+
+ANNOTATED_FILE = "model.annotated.onnx"
+REPORT_FILE = "report.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileConfig:
+    """Everything a compile needs besides the model and the target.
+
+    Attributes:
+        calib: calibration data (path, mapping or :class:`ArrayDataset`).
+        eval: held-out evaluation data with ``labels`` (optional).
+        target: target options (bit widths, per-channel).
+        batch_size: batch size for calibration and validation.
+        dump_ir: folder to write the IR after each pass.
+        show_progress: draw progress bars on a terminal.
+    """
+
+    calib: DataSource
+    eval: DataSource | None = None
+    target: TargetConfig = TargetConfig()
+    batch_size: int = 64
+    dump_ir: Path | None = None
+    show_progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileResult:
+    """The outcome of a compile.
+
+    Attributes:
+        model: the annotated IR.
+        simulation_model: the target's standard-op simulation ONNX.
+        report: the content of ``report.json``.
+        stats: per-pass statistics.
+        out_dir: where the artifacts were written (None when not written).
+    """
+
+    model: ir.Model
+    simulation_model: ir.Model
+    report: Mapping[str, Any]
+    stats: tuple[PassStat, ...]
+    out_dir: Path | None
+
+
+def compile_model(
+    model: ModelLike, target: str, config: CompileConfig, out_dir: str | Path | None = None
+) -> CompileResult:
+    """Compile ``model`` for ``target``; write artifacts and ``report.json`` to ``out_dir``.
+
+    Raises:
+        QCompilerError: any bad input or unsupported model, with a one-line message.
+    """
+    backend = get_target(target)
+    source = str(model) if isinstance(model, (str, Path)) else "<memory>"
+    ir_model = load_normalized(model)
+    float_model = ir_model.clone()
+    calib = load_dataset(config.calib, ir_model)
+    evaluation = load_dataset(config.eval, ir_model) if config.eval is not None else None
+    passes = default_pipeline(backend, config.target, calib, config.batch_size, config.show_progress)
+    result = run_pipeline(ir_model, passes, dump_ir=config.dump_ir)
+    annotated = result.model
+    backend.validate(annotated)
+    data, split = (evaluation, "eval") if evaluation is not None else (calib, "calib")
+    with contextlib.ExitStack() as stack:
+        if out_dir is not None:
+            folder = stack.enter_context(atomic_dir(out_dir))
+        else:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qcompile-")))
+        artifact = backend.emit(annotated, folder)
+        save(annotated, folder / ANNOTATED_FILE)
+        metrics = validate_outputs(float_model, artifact.simulation_model, data, config.batch_size)
+        report = build_report(source, backend.name, annotated, metrics, split, result.stats, artifact.files)
+        write_json(folder / REPORT_FILE, report)
+    return CompileResult(
+        annotated, artifact.simulation_model, report, result.stats, Path(out_dir) if out_dir is not None else None
+    )
+
+
+def _first_output(runner: Runner, data: ArrayDataset, batch_size: int) -> np.ndarray:
+    name = runner.model_outputs[0]
+    return runner.collect(data.batches(batch_size), [name])[name]
+
+
+def validate_outputs(
+    float_model: ir.Model, quant_model: ir.Model, data: ArrayDataset, batch_size: int = 64
+) -> dict[str, dict[str, float | None]]:
+    """Float vs quantized outputs in onnxruntime, simulated and with ORT kernels.
+
+    Returns ``{"float": {...}, "simulated": {...}, "ort_kernel": {...}}`` with ``top1`` (when
+    labels exist), ``sqnr_db``, ``top1_agreement`` and ``output_mse`` of the first output.
+    """
+    reference = _first_output(Runner(float_model), data, batch_size)
+    metrics: dict[str, dict[str, float | None]] = {"float": {}}
+    if data.labels is not None:
+        metrics["float"]["top1"] = top1(reference, data.labels)
+    for mode, optimize in (("simulated", False), ("ort_kernel", True)):
+        out = _first_output(Runner(quant_model, optimize=optimize), data, batch_size)
+        entry: dict[str, float | None] = {
+            "sqnr_db": finite_or_none(sqnr_db(reference, out)),
+            "top1_agreement": top1_agreement(reference, out),
+            "output_mse": output_mse(reference, out),
+        }
+        if data.labels is not None:
+            entry["top1"] = top1(out, data.labels)
+        metrics[mode] = entry
+    return metrics
+
+
+def layer_table(model: ir.Model) -> list[dict[str, Any]]:
+    """One entry per quantized layer: op, shapes, parameters, formats and weight SQNR."""
+    values = values_by_name(model.graph)
+    rows = []
+    for node, layer in quantizable_nodes(model):
+        w_fmt = ann.get(values[layer.weight], ann.FixedPoint)
+        a_fmt = ann.get(values[layer.activation_input], ann.FixedPoint)
+        weight = const_array(values[layer.weight])
+        params = int(weight.size) + (int(const_array(values[layer.bias]).size) if layer.bias else 0)
+        row: dict[str, Any] = {
+            "name": node.name,
+            "op": node.op_type,
+            "weight": layer.weight,
+            "weight_shape": list(layer.weight_shape),
+            "params": params,
+            "activation_input": layer.activation_input,
+        }
+        if w_fmt is not None:
+            fls = w_fmt.fl if isinstance(w_fmt.fl, tuple) else (w_fmt.fl,)
+            fl = np.asarray(fls) if isinstance(w_fmt.fl, tuple) else w_fmt.fl
+            quantized = fake_quant_fixed(weight, w_fmt.wl, fl, w_fmt.signed, w_fmt.axis)
+            row.update(
+                weight_bits=w_fmt.wl,
+                weight_fl_min=min(fls),
+                weight_fl_max=max(fls),
+                weight_scale="per-channel" if w_fmt.axis is not None else "per-tensor",
+                weight_sqnr_db=finite_or_none(sqnr_db(weight, quantized)),
+                weight_bytes=int(np.ceil(weight.size * w_fmt.wl / 8)),
+            )
+        if a_fmt is not None:
+            row.update(activation_bits=a_fmt.wl, activation_fl=a_fmt.fl, activation_signed=a_fmt.signed)
+        rows.append(row)
+    return rows
+
+
+def _cpu() -> dict[str, Any]:
+    """CPU model and whether it has VNNI (ORT's u8s8 kernels saturate without it)."""
+    name, flags = platform.processor(), ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    return {"model": name, "vnni": "vnni" in flags.split()}
+
+
+def build_report(
+    source: str,
+    target: str,
+    model: ir.Model,
+    metrics: Mapping[str, Any],
+    split: str,
+    stats: tuple[PassStat, ...],
+    files: tuple[str, ...],
+) -> dict[str, Any]:
+    """The ``report.json`` content."""
+    layers = layer_table(model)
+    return {
+        "qcompiler": __version__,
+        "model": source,
+        "target": target,
+        "validation_split": split,
+        "metrics": metrics,
+        "layers": layers,
+        "summary": {
+            "quantized_layers": len(layers),
+            "params": sum(r["params"] for r in layers),
+            "weight_bytes": sum(r.get("weight_bytes", 0) for r in layers),
+        },
+        "pipeline": [
+            {"pass": s.name, "config": s.config, "seconds": round(s.seconds, 4), "modified": s.modified}
+            for s in stats
+        ],
+        "artifacts": sorted([*files, ANNOTATED_FILE, REPORT_FILE]),
+        "cpu": _cpu(),
+    }

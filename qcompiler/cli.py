@@ -1,0 +1,167 @@
+"""The ``qcompile`` command line (typer), a thin layer over :mod:`qcompiler.api`.
+
+``qcompile MODEL --target fixed-point --calib DATA [--eval DATA] -o OUT`` compiles (the
+``compile`` sub-command is the default). Errors print one line and exit with code 2 for bad
+input; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from qcompiler import __version__
+from qcompiler.errors import QCompilerError, one_line
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
+
+
+class DefaultCommandGroup(TyperGroup):
+    """A group whose first argument, when it is not a sub-command, goes to ``compile``."""
+
+    default_command = "compile"
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    cls=DefaultCommandGroup,
+    add_completion=False,
+    no_args_is_help=True,
+    help="qcompiler: compile a float ONNX model into a quantized, validated integer model.",
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(exc: BaseException, debug: bool, code: int) -> None:
+    if debug:
+        raise exc
+    typer.echo(f"error: {one_line(exc)}", err=True)
+    raise typer.Exit(code)
+
+
+def _run(debug: bool, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn``; turn errors into one line and an exit code (2 = bad input, 1 = internal)."""
+    try:
+        return fn(*args, **kwargs)
+    except QCompilerError as exc:
+        _fail(exc, debug, EXIT_BAD_INPUT)
+    except typer.Exit:
+        raise
+    except Exception as exc:  # an internal error still gets one line, never a raw traceback
+        if debug:
+            raise
+        typer.echo(f"internal error: {type(exc).__name__}: {one_line(exc)} (run with --debug for the traceback)", err=True)
+        raise typer.Exit(EXIT_INTERNAL) from None
+
+
+def _print_summary(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    metrics = result.report["metrics"]
+    table = Table(title=f"validation on the {result.report['validation_split']} split")
+    table.add_column("metric")
+    for col in ("float", "simulated", "ORT kernel"):
+        table.add_column(col, justify="right")
+
+    def cell(mode: str, key: str, fmt: str) -> str:
+        value = metrics.get(mode, {}).get(key)
+        return "-" if value is None else format(value, fmt)
+
+    if "top1" in metrics["float"]:
+        table.add_row("top-1", cell("float", "top1", ".4f"), cell("simulated", "top1", ".4f"), cell("ort_kernel", "top1", ".4f"))
+    table.add_row("logit SQNR (dB)", "-", cell("simulated", "sqnr_db", ".2f"), cell("ort_kernel", "sqnr_db", ".2f"))
+    table.add_row(
+        "top-1 agreement", "-", cell("simulated", "top1_agreement", ".4f"), cell("ort_kernel", "top1_agreement", ".4f")
+    )
+    console.print(table)
+    layers = Table(title="quantized layers")
+    for col in ("layer", "op", "params", "W bits", "W FL", "A bits", "A FL", "W SQNR dB"):
+        layers.add_column(col)
+    for row in result.report["layers"]:
+        layers.add_row(
+            row["name"],
+            row["op"],
+            str(row["params"]),
+            str(row.get("weight_bits", "-")),
+            f"{row.get('weight_fl_min', '-')}..{row.get('weight_fl_max', '-')}",
+            str(row.get("activation_bits", "-")),
+            str(row.get("activation_fl", "-")),
+            "-" if row.get("weight_sqnr_db") is None else f"{row['weight_sqnr_db']:.1f}",
+        )
+    console.print(layers)
+    if result.out_dir is not None:
+        console.print(f"wrote {result.out_dir}/ ({', '.join(result.report['artifacts'])})")
+
+
+@app.command("compile")
+def compile_command(
+    model: Path = typer.Argument(..., help="The float model (.onnx)."),
+    target: str = typer.Option("fixed-point", "--target", "-t", help="Target backend."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration data (.npz keyed by input name, or .npy)."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval", help="Held-out data with 'labels' for accuracy."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default out/<model>-<target>)."),
+    weight_bits: int = typer.Option(8, "--weight-bits", help="Weight word length."),
+    activation_bits: int = typer.Option(8, "--activation-bits", help="Activation word length."),
+    per_tensor: bool = typer.Option(False, "--per-tensor", help="One weight scale per tensor instead of per channel."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Batch size for calibration and validation."),
+    dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="Write the IR after every pass into this folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no summary tables."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Compile MODEL for a target and validate it in onnxruntime."""
+    from qcompiler.api import CompileConfig, compile_model
+    from qcompiler.targets import TargetConfig
+
+    if calib is None:
+        _fail(QCompilerError("--calib DATA is required: activation ranges come from calibration data"), debug, EXIT_BAD_INPUT)
+    out_dir = out if out is not None else Path("out") / f"{model.stem}-{target}"
+    config = CompileConfig(
+        calib=calib,
+        eval=eval_data,
+        target=TargetConfig(weight_bits=weight_bits, activation_bits=activation_bits, per_channel=not per_tensor),
+        batch_size=batch_size,
+        dump_ir=dump_ir,
+        show_progress=not quiet,
+    )
+
+    def checked() -> Any:
+        if weight_bits < 2 or activation_bits < 2 or batch_size < 1:
+            raise QCompilerError("--weight-bits and --activation-bits must be >= 2 and --batch-size >= 1")
+        return compile_model(model, target, config, out_dir)
+
+    result = _run(debug, checked)
+    if not quiet:
+        _print_summary(result)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"qcompile {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Print the version."),
+) -> None:
+    """qcompiler: compile a float ONNX model into a quantized, validated integer model."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="qcompile")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""onnxruntime wrapper: sessions that expose intermediate values, with optimisation on or off.
+
+"Simulated" numbers come from sessions with graph optimisations disabled (Q/DQ execute
+literally as fake-quant, the reference semantics of the file); "ORT kernel" numbers come from
+default sessions, where onnxruntime may fuse Q/DQ into integer kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from qcompiler.errors import UnsupportedModelError
+from qcompiler.graph import values_by_name
+from qcompiler.ir import to_bytes
+
+
+def session_options(optimize: bool, threads: int = 0) -> ort.SessionOptions:
+    """Session options: ``optimize`` False disables every graph optimisation."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return options
+
+
+def with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
+    """A copy of ``model`` whose graph outputs are its own outputs plus ``names``."""
+    clone = model.clone()
+    values = values_by_name(clone.graph)
+    present = {v.name for v in clone.graph.outputs}
+    for name in names:
+        if name in present:
+            continue
+        value = values.get(name)
+        if value is None:
+            raise UnsupportedModelError(f"model has no value named {name!r}")
+        if value.is_initializer() or value.is_graph_input():
+            raise UnsupportedModelError(f"value {name!r} is an input or initializer, not an intermediate")
+        if value.type is None:
+            raise UnsupportedModelError(f"value {name!r} has no inferred type; run shape inference")
+        clone.graph.outputs.append(value)
+        present.add(name)
+    return clone
+
+
+class Runner:
+    """An onnxruntime session over a model, optionally exposing intermediate values.
+
+    Args:
+        model: the model (not modified).
+        extra_outputs: intermediate values to return besides the graph outputs.
+        optimize: enable onnxruntime graph optimisations ("ORT kernel" mode).
+        threads: intra-op threads (0 = onnxruntime's default).
+    """
+
+    def __init__(
+        self,
+        model: ir.Model,
+        extra_outputs: Sequence[str] = (),
+        optimize: bool = False,
+        threads: int = 0,
+    ) -> None:
+        exposed = with_outputs(model, extra_outputs) if extra_outputs else model
+        try:
+            self.session = ort.InferenceSession(
+                to_bytes(exposed), session_options(optimize, threads), providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            detail = " ".join(str(exc).split())[:400]
+            raise UnsupportedModelError(f"onnxruntime cannot load the model: {detail}") from exc
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.model_outputs = [v.name for v in model.graph.outputs]
+
+    def run(self, feed: Mapping[str, np.ndarray], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run one batch; return the requested outputs (default: all) by name."""
+        wanted = list(names) if names is not None else self.output_names
+        results = self.session.run(wanted, dict(feed))
+        return dict(zip(wanted, results))
+
+    def stream(
+        self, feeds: Iterable[Mapping[str, np.ndarray]], names: Sequence[str] | None = None
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Run batch after batch, yielding each batch's outputs (nothing is accumulated)."""
+        for feed in feeds:
+            yield self.run(feed, names)
+
+    def collect(self, feeds: Iterable[Mapping[str, np.ndarray]], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run all batches and concatenate the outputs along axis 0 (for small outputs only)."""
+        parts: dict[str, list[np.ndarray]] = {}
+        for out in self.stream(feeds, names):
+            for k, v in out.items():
+                parts.setdefault(k, []).append(v)
+        return {k: np.concatenate(v, axis=0) for k, v in parts.items()}

@@ -1,0 +1,56 @@
+"""The target interface and the configuration every target receives."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+import onnx_ir as ir
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetConfig:
+    """Quantization choices a target turns into passes.
+
+    Attributes:
+        weight_bits: weight word length.
+        activation_bits: activation word length.
+        per_channel: per-output-channel weight scales.
+    """
+
+    weight_bits: int = 8
+    activation_bits: int = 8
+    per_channel: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    """What a target wrote.
+
+    Attributes:
+        files: the files written, relative to the output folder.
+        simulation_model: the standard-op ONNX that onnxruntime runs for validation.
+    """
+
+    files: tuple[str, ...]
+    simulation_model: ir.Model
+
+
+class Target(Protocol):
+    """A backend: passes that legalise and annotate, validation, emission."""
+
+    name: ClassVar[str]
+
+    def passes(self, config: TargetConfig) -> Sequence[ir.passes.PassBase]:
+        """Target-specific passes run after calibration."""
+        ...
+
+    def validate(self, model: ir.Model) -> None:
+        """Raise :class:`~qcompiler.errors.TargetError` naming the node and the rule."""
+        ...
+
+    def emit(self, model: ir.Model, out_dir: Path) -> Artifact:
+        """Write the artifacts into ``out_dir`` (a fresh folder the caller renames atomically)."""
+        ...
