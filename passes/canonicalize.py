@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from qcompiler.frontend import fold_shape_constants
+from qcompiler.graph import attr, const_array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,24 +62,69 @@ def _remove_dropout(graph: ir.Graph) -> None:
         graph.remove(node, safe=True)
 
 
+def _leading_dim_source(value: ir.Value | None) -> ir.Value | None:
+    """The tensor ``t`` when ``value`` is a 1-element ``[t.shape[0]]`` built from ``Shape(t)``."""
+    while value is not None:
+        node = value.producer()
+        if node is None:
+            return None
+        if node.op_type in ("Unsqueeze", "Squeeze", "Reshape", "Cast", "Identity"):
+            value = node.inputs[0]
+        elif node.op_type == "Slice":
+            starts, ends = const_array(node.inputs[1]), const_array(node.inputs[2])
+            if starts is None or ends is None or starts.tolist() != [0] or ends.tolist() != [1]:
+                return None
+            value = node.inputs[0]
+        elif node.op_type == "Gather":
+            index = const_array(node.inputs[1])
+            if index is None or index.size != 1 or int(index.reshape(-1)[0]) != 0:
+                return None
+            value = node.inputs[0]
+        elif node.op_type == "Shape":
+            start = attr(node, "start", 0)
+            return node.inputs[0] if start == 0 else None
+        else:
+            return None
+    return None
+
+
+def _is_batch_flatten_shape(shape: ir.Value | None, x: ir.Value) -> bool:
+    """True when ``shape`` is ``Concat([x.shape[0]], [-1])`` built from shape arithmetic."""
+    node = shape.producer() if shape is not None else None
+    if node is None or node.op_type != "Concat" or len(node.inputs) != 2:
+        return False
+    rest = const_array(node.inputs[1])
+    if rest is None or rest.reshape(-1).tolist() != [-1]:
+        return False
+    source = _leading_dim_source(node.inputs[0])
+    if source is None or source.shape is None or x.shape is None or len(source.shape) == 0:
+        return False
+    return source is x or source.shape[0] == x.shape[0]
+
+
 def _reshape_to_flatten(graph: ir.Graph) -> None:
-    """``Reshape(x)`` whose output is ``[d0, prod(rest)]`` with d0 == x.shape[0] is a Flatten."""
+    """``Reshape(x)`` to ``[x.shape[0], prod(rest)]`` is ``Flatten(x, axis=1)``.
+
+    Recognised from the static output shape (as the torch exporter infers it) or from the
+    shape arithmetic ``Concat(Shape(x)[0:1], [-1])`` that exporters emit for a dynamic batch.
+    """
     for node in list(graph):
         if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx"):
             continue
         x, y = node.inputs[0], node.outputs[0]
-        if x is None or x.shape is None or y.shape is None or len(y.shape) != 2:
+        if x is None or x.shape is None or len(x.shape) < 2:
             continue
-        if len(x.shape) < 2 or x.shape[0] != y.shape[0]:
-            continue
-        rest = x.shape[1:]
-        if not all(isinstance(d, int) for d in rest) or not isinstance(y.shape[1], int):
-            continue
-        size = 1
-        for d in rest:
-            size *= d
-        # allowzero does not matter: Flatten gives the same [d0, size] even for d0 == 0.
-        if size != y.shape[1]:
+        if not (_static_flatten(x, y) or _is_batch_flatten_shape(node.inputs[1], x)):
             continue
         flatten = ir.node("Flatten", inputs=[x], attributes={"axis": 1}, name=node.name)
         ir.convenience.replace_nodes_and_values(graph, node, [node], [flatten], [y], [flatten.outputs[0]])
+
+
+def _static_flatten(x: ir.Value, y: ir.Value) -> bool:
+    if y.shape is None or len(y.shape) != 2 or x.shape[0] != y.shape[0]:
+        return False
+    rest = x.shape[1:]
+    if not all(isinstance(d, int) for d in rest) or not isinstance(y.shape[1], int):
+        return False
+    # allowzero does not matter: Flatten gives the same [d0, size] even for d0 == 0.
+    return int(np.prod(rest)) == y.shape[1]

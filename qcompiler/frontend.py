@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import onnx_ir as ir
 
-from qcompiler.errors import UnsupportedModelError
+from qcompiler.errors import UnsupportedModelError, one_line, root_cause
 from qcompiler.ir import ModelLike, load
 
 #: Loggers of the torch exporter that print progress and the torchvision warning.
@@ -65,6 +66,8 @@ def lower(
     """
     import torch
 
+    if not isinstance(module, torch.nn.Module):
+        raise UnsupportedModelError(f"cannot lower {type(module).__name__}: not a torch.nn.Module")
     module.eval()
     args = tuple(example_inputs)
     dynamic_shapes = None
@@ -84,7 +87,8 @@ def lower(
                 report=False,
             )
         except Exception as exc:
-            detail = " ".join(str(exc).split())[:300]
+            # The exporter wraps the real error in a multi-line, coloured explanation.
+            detail = re.sub(r"\x1b\[[0-9;]*m", "", one_line(root_cause(exc)))[:300]
             raise UnsupportedModelError(f"torch export failed: {detail}") from exc
     del printed
     model = program.model

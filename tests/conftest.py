@@ -1,0 +1,48 @@
+"""Shared fixtures: the shipped digits example, small hand-built models, golden files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "examples" / "digits"
+GOLDEN = Path(__file__).resolve().parent / "golden"
+SHARED_MAX78000 = ROOT.parent / "shared" / "data" / "max78000"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-golden", action="store_true", default=False, help="rewrite golden files instead of comparing"
+    )
+
+
+@pytest.fixture
+def update_golden(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--update-golden"))
+
+
+@pytest.fixture(scope="session")
+def digits_model_path() -> Path:
+    return DIGITS / "digits_cnn.onnx"
+
+
+@pytest.fixture(scope="session")
+def digits_calib() -> dict[str, np.ndarray]:
+    with np.load(DIGITS / "calib.npz") as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+@pytest.fixture(scope="session")
+def digits_eval() -> dict[str, np.ndarray]:
+    with np.load(DIGITS / "eval.npz") as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def make_model(text: str, initializers: dict[str, np.ndarray] | None = None) -> ir.Model:
+    """Build a model from ONNX text plus numpy initializers (names must appear in the text)."""
+    tensors = [ir.tensor(array, name=name) for name, array in (initializers or {}).items()]
+    return ir.from_onnx_text(text, initializers=tensors)

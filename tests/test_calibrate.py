@@ -1,0 +1,95 @@
+"""CalibratePass: streamed statistics equal numpy's on the whole data, for any batch split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qcompiler import annotations as ann
+from qcompiler.data import ArrayDataset
+from qcompiler.errors import DataError
+from qcompiler.graph import values_by_name
+from qcompiler.ir import normalize
+from qcompiler.passes import CalibratePass, DetectLayersPass
+from qcompiler.pipeline import PipelineError, run_pipeline
+from tests.conftest import make_model
+
+TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 2, 5, 5] x) => (float[N, 3] y) {
+    c = Conv <pads = [1, 1, 1, 1]> (x, w)
+    r = Relu (c)
+    f = Flatten (r)
+    y = Gemm <transB = 1> (f, w2)
+}
+"""
+RNG = np.random.default_rng(3)
+W = RNG.normal(size=(4, 2, 3, 3)).astype(np.float32)
+W2 = RNG.normal(size=(3, 100)).astype(np.float32)
+
+
+def _model():
+    model = normalize(make_model(TEXT, {"w": W, "w2": W2}))
+    DetectLayersPass()(model)
+    return model
+
+
+def _reference(x):
+    import onnxruntime as ort
+
+    from qcompiler.runtime import Runner
+
+    runner = Runner(_model(), ["c", "f"])
+    return runner.run({"x": x})
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_stats_match_numpy(batch_size):
+    x = RNG.normal(1.0, 2.0, size=(23, 2, 5, 5)).astype(np.float32)
+    model = _model()
+    CalibratePass(data=ArrayDataset({"x": x}), batch_size=batch_size)(model)
+    values = values_by_name(model.graph)
+    ref = {"x": x, **_reference(x)}
+    for name in ("x", "c", "f", "y"):
+        stats = ann.require(values[name], ann.TensorStats)
+        t = ref[name].astype(np.float64) if name in ref else None
+        if t is None:
+            continue
+        assert stats.count == t.size and stats.samples == 23
+        assert stats.min == pytest.approx(t.min(), abs=0) and stats.max == pytest.approx(t.max(), abs=0)
+        assert stats.absmax == np.abs(t).max()
+        assert stats.mean == pytest.approx(t.mean(), rel=1e-9, abs=1e-12)
+        assert stats.std == pytest.approx(t.std(), rel=1e-7)
+        axes = tuple(a for a in range(t.ndim) if a != 1)
+        assert np.array_equal(stats.channel_min, t.min(axis=axes))
+        assert np.array_equal(stats.channel_max, t.max(axis=axes))
+
+
+def test_iterable_of_feeds_is_accepted():
+    x = RNG.normal(size=(6, 2, 5, 5)).astype(np.float32)
+    a, b = _model(), _model()
+    CalibratePass(data=[{"x": x[:4]}, {"x": x[4:]}])(a)
+    CalibratePass(data=ArrayDataset({"x": x}), batch_size=6)(b)
+    assert ann.dump(a) == ann.dump(b)
+
+
+def test_empty_data_is_an_error_naming_the_pass():
+    with pytest.raises(PipelineError, match="pass CalibratePass failed: calibration data is empty"):
+        run_pipeline(_model(), [CalibratePass(data=[])])
+
+
+def test_requires_detected_layers():
+    model = normalize(make_model(TEXT, {"w": W, "w2": W2}))
+    with pytest.raises(PipelineError, match="run DetectLayersPass first"):
+        run_pipeline(model, [CalibratePass(data=[])])
+
+
+def test_nan_in_activations_is_an_error():
+    x = np.full((2, 2, 5, 5), 1e38, np.float32)  # overflows to inf inside the network
+    with pytest.raises(DataError, match="NaN or Inf"):
+        CalibratePass(data=ArrayDataset({"x": x}))(_model())
+
+
+def test_repr_has_no_data():
+    text = repr(CalibratePass(data=ArrayDataset({"x": np.zeros((1, 2, 5, 5), np.float32)}), batch_size=8))
+    assert text == "CalibratePass(batch_size=8, show_progress=True)"

@@ -1,0 +1,122 @@
+"""QDQ lowering of fixed-point annotations and the fixed-point target."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from qcompiler import annotations as ann
+from qcompiler.data import ArrayDataset
+from qcompiler.errors import TargetError
+from qcompiler.graph import values_by_name
+from qcompiler.ir import normalize, to_bytes
+from qcompiler.passes import AssignFixedPointPass, CalibratePass, DetectLayersPass
+from qcompiler.qdq import lower_to_qdq
+from qcompiler.quantizers import quantize_fixed
+from qcompiler.runtime import Runner
+from qcompiler.targets import FixedPointTarget, get_target
+from qcompiler.errors import QCompilerError
+from tests.conftest import make_model
+
+TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 2, 6, 6] x) => (float[N, 5] y) {
+    c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+    r = Relu (c)
+    p = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (r)
+    f = Flatten (p)
+    y = Gemm <transB = 1> (f, w2, b2)
+}
+"""
+RNG = np.random.default_rng(7)
+INITS = {
+    "w": RNG.normal(0, 0.5, size=(4, 2, 3, 3)).astype(np.float32),
+    "b": RNG.normal(0, 0.1, size=4).astype(np.float32),
+    "w2": RNG.normal(0, 0.2, size=(5, 36)).astype(np.float32),
+    "b2": RNG.normal(0, 0.1, size=5).astype(np.float32),
+}
+X = RNG.normal(size=(32, 2, 6, 6)).astype(np.float32)
+
+
+def _annotated(weight_bits=8, activation_bits=8, per_channel=True):
+    model = normalize(make_model(TEXT, INITS))
+    for p in (DetectLayersPass(), CalibratePass(data=ArrayDataset({"x": X})),
+              AssignFixedPointPass(weight_bits=weight_bits, activation_bits=activation_bits, per_channel=per_channel)):
+        p(model)
+    return model
+
+
+def test_formats_hold_the_calibrated_range_without_overflow():
+    model = _annotated()
+    values = values_by_name(model.graph)
+    x_fmt = ann.get(values["x"], ann.FixedPoint)
+    assert x_fmt.signed and x_fmt.wl == 8
+    assert np.abs(X).max() * 2.0**x_fmt.fl <= 127 < np.abs(X).max() * 2.0 ** (x_fmt.fl + 1)
+    f_fmt = ann.get(values["f"], ann.FixedPoint)
+    assert not f_fmt.signed  # after ReLU: unsigned, full 8 bits
+    w_fmt = ann.get(values["w"], ann.FixedPoint)
+    assert w_fmt.axis == 0 and len(w_fmt.fl) == 4
+    b_fmt = ann.get(values["b"], ann.FixedPoint)
+    assert b_fmt.wl == 32 and b_fmt.fl == tuple(x_fmt.fl + f for f in w_fmt.fl)
+
+
+def test_qdq_model_is_valid_and_reproduces_the_integer_codes():
+    model = _annotated()
+    qdq = lower_to_qdq(model)
+    onnx.checker.check_model(ir.to_proto(qdq), full_check=True)
+    assert "DequantizeLinear" in [n.op_type for n in qdq.graph]
+    assert [n.op_type for n in model.graph] == ["Conv", "Relu", "MaxPool", "Flatten", "Gemm"]  # input untouched
+    inits = qdq.graph.initializers
+    w_fmt = ann.get(model.graph.initializers["w"], ann.FixedPoint)
+    codes = inits["w_quantized"].const_value.numpy()
+    assert codes.dtype == np.int8
+    assert np.array_equal(codes, quantize_fixed(INITS["w"], 8, np.array(w_fmt.fl), axis=0))
+    assert inits["b_quantized"].const_value.numpy().dtype == np.int32
+    assert np.array_equal(inits["w_scale"].const_value.numpy(), np.ldexp(1.0, -np.array(w_fmt.fl)).astype(np.float32))
+    # DequantizeLinear output is exactly codes * 2**-fl
+    out = Runner(qdq, ["w_dequantized"]).run({"x": X[:1]})["w_dequantized"]
+    assert np.array_equal(out, codes * np.ldexp(1.0, -np.array(w_fmt.fl)).reshape(-1, 1, 1, 1).astype(np.float32))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5, 7])
+def test_sub_8_bit_activations_use_clip_and_limit_the_levels(bits):
+    model = _annotated(activation_bits=bits)
+    qdq = lower_to_qdq(model)
+    assert "Clip" in [n.op_type for n in qdq.graph]
+    out = Runner(qdq, ["f_dequantized"]).run({"x": X})["f_dequantized"]
+    assert len(np.unique(out)) <= 2**bits
+
+
+def test_quantized_outputs_are_close_to_float_at_8_bits():
+    model = _annotated()
+    ref = Runner(normalize(make_model(TEXT, INITS))).run({"x": X})["y"]
+    got = Runner(lower_to_qdq(model)).run({"x": X})["y"]
+    sqnr = 10 * np.log10(np.sum(ref**2) / np.sum((ref - got) ** 2))
+    assert sqnr > 30
+
+
+def test_per_tensor_weights():
+    model = _annotated(per_channel=False)
+    fmt = ann.get(model.graph.initializers["w"], ann.FixedPoint)
+    assert fmt.axis is None and isinstance(fmt.fl, int)
+    Runner(lower_to_qdq(model)).run({"x": X[:2]})
+
+
+def test_target_validate_names_node_and_rule():
+    model = _annotated()
+    ann.remove(model.graph.initializers["w2"], ann.FixedPoint)
+    with pytest.raises(TargetError, match=r"node '.*' \(Gemm\): weight 'w2' has no fixed-point format"):
+        FixedPointTarget().validate(model)
+
+
+def test_target_registry():
+    assert isinstance(get_target("fixed-point"), FixedPointTarget)
+    with pytest.raises(QCompilerError, match="unknown target 'tpu' \\(known: fixed-point\\)"):
+        get_target("tpu")
+
+
+def test_bad_bit_widths_are_refused():
+    with pytest.raises(ValueError, match="weight_bits must be in 2..16"):
+        AssignFixedPointPass(weight_bits=1)
