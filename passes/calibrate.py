@@ -99,7 +99,9 @@ class CalibratePass(ir.passes.InPlacePass):
 
     data: ArrayDataset | Iterable[Mapping[str, np.ndarray]] = dataclasses.field(repr=False, compare=False)
     batch_size: int = 64
-    show_progress: bool = True
+    # A display choice, not configuration: kept out of the repr so provenance (and therefore
+    # the artifacts' bytes) do not depend on whether a terminal was attached.
+    show_progress: bool = dataclasses.field(default=True, repr=False, compare=False)
 
     def requires(self, model: ir.Model) -> None:
         if not quantizable_nodes(model):

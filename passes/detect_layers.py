@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx_ir as ir
 
 from qcompiler import annotations as ann
@@ -88,6 +89,17 @@ def quantizable_nodes(model: ir.Model) -> list[tuple[ir.Node, ann.QuantizableLay
     return out
 
 
+def _check_finite(model: ir.Model, node: ir.Node, layer: ann.QuantizableLayer) -> None:
+    """Quantizing a NaN/Inf weight or bias would silently produce garbage: refuse it."""
+    for role, value in (("weight", node.inputs[1]), ("bias", node.inputs[2] if len(node.inputs) > 2 else None)):
+        array = const_array(value)
+        if array is not None and array.dtype.kind == "f" and not np.isfinite(array).all():
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            raise UnsupportedModelError(
+                f"{role} {value.name!r} of node {node.name!r} ({node.op_type}) contains {bad} NaN or Inf values"
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class DetectLayersPass(ir.passes.InPlacePass):
     """Annotate quantizable layers; fail when there is none (nothing to quantize).
@@ -106,6 +118,8 @@ class DetectLayersPass(ir.passes.InPlacePass):
                 "model has no quantizable layer (Conv, ConvTranspose, Gemm or MatMul with a "
                 f"constant weight){': ' + detail if detail else ''}"
             )
+        for node, layer in found:
+            _check_finite(model, node, layer)
         modified = False
         for node, layer in found:
             if ann.get(node, ann.QuantizableLayer) != layer:

@@ -92,4 +92,4 @@ def test_nan_in_activations_is_an_error():
 
 def test_repr_has_no_data():
     text = repr(CalibratePass(data=ArrayDataset({"x": np.zeros((1, 2, 5, 5), np.float32)}), batch_size=8))
-    assert text == "CalibratePass(batch_size=8, show_progress=True)"
+    assert text == "CalibratePass(batch_size=8)"

@@ -1,0 +1,168 @@
+"""End-to-end CLI tests with typer's runner: the digits example, bad inputs, determinism."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from qcompiler.cli import app
+from tests.conftest import DIGITS
+
+RUNNER = CliRunner()
+MODEL = str(DIGITS / "digits_cnn.onnx")
+CALIB = str(DIGITS / "calib.npz")
+EVAL = str(DIGITS / "eval.npz")
+
+
+def _compile(out: Path, *extra: str):
+    return RUNNER.invoke(app, [MODEL, "--target", "fixed-point", "--calib", CALIB, "--eval", EVAL, "-o", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "out"
+    result = _compile(out)
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_digits_end_to_end(compiled):
+    out, result = compiled
+    assert sorted(p.name for p in out.iterdir()) == ["model.annotated.onnx", "model.qdq.onnx", "report.json"]
+    report = json.loads((out / "report.json").read_text())
+    m = report["metrics"]
+    assert m["float"]["top1"] >= 0.97
+    assert abs(m["simulated"]["top1"] - m["float"]["top1"]) <= 0.005
+    assert m["simulated"]["sqnr_db"] > 30
+    assert m["simulated"]["top1_agreement"] >= 0.99
+    assert "ort_kernel" in m and m["ort_kernel"]["sqnr_db"] > 15
+    assert [l["op"] for l in report["layers"]] == ["Conv", "Conv", "Conv", "Gemm", "Gemm"]
+    assert all(l["weight_bits"] == 8 and l["activation_bits"] == 8 for l in report["layers"])
+    assert report["summary"]["params"] == sum(l["params"] for l in report["layers"])
+    assert [p["pass"] for p in report["pipeline"]] == [
+        "CanonicalizePass", "FoldBatchNormPass", "DetectLayersPass", "CalibratePass", "AssignFixedPointPass"]
+    assert "logit SQNR" in result.output and "top-1" in result.output
+
+
+def test_qdq_model_reproduces_report_numbers(compiled):
+    import onnxruntime as ort
+
+    from qcompiler.metrics import sqnr_db, top1
+
+    out, _ = compiled
+    with np.load(EVAL) as npz:
+        x, labels = npz["x"], npz["labels"]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    q = ort.InferenceSession(str(out / "model.qdq.onnx"), options).run(None, {"x": x})[0]
+    f = ort.InferenceSession(MODEL).run(None, {"x": x})[0]
+    report = json.loads((out / "report.json").read_text())
+    assert top1(q, labels) == pytest.approx(report["metrics"]["simulated"]["top1"])
+    assert sqnr_db(f, q) == pytest.approx(report["metrics"]["simulated"]["sqnr_db"], rel=1e-6)
+
+
+def test_artifacts_are_byte_identical_across_runs(compiled, tmp_path):
+    out, _ = compiled
+    again = tmp_path / "again"
+    assert _compile(again, "--quiet").exit_code == 0
+    for name in ("model.qdq.onnx", "model.annotated.onnx"):
+        assert (out / name).read_bytes() == (again / name).read_bytes(), name
+    a = json.loads((out / "report.json").read_text())
+    b = json.loads((again / "report.json").read_text())
+    for report in (a, b):
+        for entry in report["pipeline"]:
+            entry.pop("seconds")
+    assert a == b
+
+
+def test_dump_ir_and_quiet(tmp_path):
+    result = _compile(tmp_path / "out", "--quiet", "--dump-ir", str(tmp_path / "ir"))
+    assert result.exit_code == 0 and result.output == ""
+    assert len(list((tmp_path / "ir").glob("*.onnx"))) == 5
+
+
+def _bad(tmp_path: Path, args: list[str], message: str) -> None:
+    out = tmp_path / "out"
+    result = RUNNER.invoke(app, [*args, "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = [l for l in result.output.strip().splitlines() if l]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_missing_model(tmp_path):
+    _bad(tmp_path, [str(tmp_path / "nope.onnx"), "--calib", CALIB], "nope.onnx: no such file")
+
+
+def test_not_onnx(tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x08\x07garbage" * 10)
+    _bad(tmp_path, [str(junk), "--calib", CALIB], "not an ONNX model")
+
+
+def test_no_quantizable_layer(tmp_path):
+    import onnx
+
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 1, 16, 16])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 1, 16, 16])],
+    )
+    path = tmp_path / "relu.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(path))
+    _bad(tmp_path, [str(path), "--calib", CALIB], "model has no quantizable layer")
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"image": np.zeros((4, 1, 16, 16), np.float32)}, "array names do not match the model inputs ['x']"),
+        ({"x": np.zeros((4, 1, 8, 8), np.float32)}, "array 'x' has shape (4, 1, 8, 8), the model expects [batch, 1, 16, 16]"),
+        ({"x": np.zeros((4, 1, 16, 16), np.float64)}, "array 'x' has dtype float64, the model expects float32"),
+        ({"x": np.full((4, 1, 16, 16), np.nan, np.float32)}, "contains 1024 NaN or Inf values"),
+    ],
+)
+def test_bad_calibration_data(tmp_path, arrays, message):
+    np.savez(tmp_path / "calib.npz", **arrays)
+    _bad(tmp_path, [MODEL, "--calib", str(tmp_path / "calib.npz")], message)
+
+
+def test_nan_in_weights(tmp_path):
+    import onnx
+
+    proto = onnx.load(MODEL)
+    weight = next(t for t in proto.graph.initializer if t.name == "0.weight")
+    arr = onnx.numpy_helper.to_array(weight).copy()
+    arr[0, 0, 0, 0] = np.inf
+    weight.CopyFrom(onnx.numpy_helper.from_array(arr, "0.weight"))
+    path = tmp_path / "inf.onnx"
+    onnx.save(proto, str(path))
+    _bad(tmp_path, [str(path), "--calib", CALIB], "weight '0.weight'")
+
+
+def test_missing_calib_and_unknown_target(tmp_path):
+    _bad(tmp_path, [MODEL], "--calib DATA is required")
+    _bad(tmp_path, [MODEL, "--calib", CALIB, "--target", "tpu"], "unknown target 'tpu'")
+
+
+def test_existing_output_survives_a_failed_run(tmp_path, compiled):
+    out = tmp_path / "out"
+    shutil.copytree(compiled[0], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = RUNNER.invoke(app, [str(tmp_path / "missing.onnx"), "--calib", CALIB, "-o", str(out)])
+    assert result.exit_code == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_help_and_version():
+    result = RUNNER.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "compile" in result.output
+    assert RUNNER.invoke(app, ["--version"]).output.startswith("qcompile ")

@@ -1,0 +1,68 @@
+"""The shipped examples: files small and valid, accuracy, deterministic training, ResNet-18 builder."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from qcompiler.metrics import top1
+from tests.conftest import DIGITS, ROOT
+
+
+def test_shipped_files_are_small():
+    for name in ("digits_cnn.onnx", "calib.npz", "eval.npz"):
+        assert (DIGITS / name).stat().st_size < 1_000_000, name
+
+
+def test_shipped_model_accuracy_and_topology(digits_eval, digits_calib):
+    import onnx
+
+    proto = onnx.load(str(DIGITS / "digits_cnn.onnx"))
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("Conv") == 3 and ops.count("BatchNormalization") == 3 and ops.count("Gemm") == 2
+    sess = ort.InferenceSession(str(DIGITS / "digits_cnn.onnx"))
+    logits = sess.run(None, {"x": digits_eval["x"]})[0]
+    assert logits.shape == (540, 10)
+    assert top1(logits, digits_eval["labels"]) >= 0.97
+    assert digits_calib["x"].shape == (256, 1, 16, 16)
+    assert digits_calib["x"].min() >= -1.0 and digits_calib["x"].max() <= 1.0
+
+
+def test_digits_training_is_deterministic():
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(DIGITS))
+    try:
+        import train
+    finally:
+        sys.path.remove(str(DIGITS))
+    a, acc_a = train.train(epochs=2)
+    b, acc_b = train.train(epochs=2)
+    assert acc_a == acc_b
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+
+
+def test_resnet18_builder(tmp_path):
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(ROOT / "examples" / "resnet18"))
+    try:
+        import build
+    finally:
+        sys.path.remove(str(ROOT / "examples" / "resnet18"))
+    path = build.build_onnx(tmp_path / "r18.onnx")
+    from qcompiler.ir import load_normalized
+    from qcompiler.passes.pipelines import canonical_pipeline
+    from qcompiler.pipeline import run_pipeline
+
+    model = run_pipeline(load_normalized(path), canonical_pipeline()).model
+    convs = [n for n in model.graph if n.op_type == "Conv"]
+    assert len(convs) == 20 and sum(n.op_type == "Gemm" for n in model.graph) == 1
+    assert "BatchNormalization" not in [n.op_type for n in model.graph]
+    shapes = {tuple(n.inputs[1].const_value.shape) for n in convs}
+    assert {(64, 64, 3, 3), (256, 256, 3, 3), (512, 512, 3, 3), (64, 3, 7, 7)} <= shapes
+    x = np.random.default_rng(0).normal(size=(1, 3, 224, 224)).astype(np.float32)
+    out = ort.InferenceSession(str(path)).run(None, {"image": x})[0]
+    assert out.shape == (1, 1000) and np.isfinite(out).all() and out.std() > 0
