@@ -181,3 +181,16 @@ def test_no_quantizable_layer_is_an_error():
     model = normalize(make_model(text))
     with pytest.raises(UnsupportedModelError, match="no quantizable layer.*weight is not constant"):
         DetectLayersPass()(model)
+
+
+def test_networkx_view_follows_the_dataflow():
+    from qcompiler.graph import to_networkx
+
+    model = normalize(make_model(GEMM_BN, {"w": RNG.normal(size=(5, 3)).astype(np.float32),
+                                           "bias": np.zeros(3, np.float32), **_bn_params(3)}))
+    g = to_networkx(model)
+    gemm, bn = [n.name for n in model.graph]
+    assert list(g.successors("input:x")) == [gemm]
+    assert g.edges[gemm, bn]["value"] == "h"
+    assert list(g.successors(bn)) == ["output:y"]
+    assert g.nodes[gemm]["op_type"] == "Gemm" and g.number_of_edges() == 3
