@@ -85,6 +85,8 @@ def _print_summary(result: Any) -> None:
         "top-1 agreement", "-", cell("simulated", "top1_agreement", ".4f"), cell("ort_kernel", "top1_agreement", ".4f")
     )
     console.print(table)
+    for note in result.report.get("notes", []):
+        console.print(f"note: {note}")
     layers = Table(title="quantized layers")
     for col in ("layer", "op", "params", "W bits", "W FL", "A bits", "A FL", "W SQNR dB"):
         layers.add_column(col)

@@ -166,3 +166,12 @@ def test_help_and_version():
     result = RUNNER.invoke(app, ["--help"])
     assert result.exit_code == 0 and "compile" in result.output
     assert RUNNER.invoke(app, ["--version"]).output.startswith("qcompile ")
+
+
+def test_kernel_gap_is_explained():
+    from qcompiler.api import runtime_notes
+
+    metrics = {"simulated": {"sqnr_db": 40.0}, "ort_kernel": {"sqnr_db": 20.0}}
+    (note,) = runtime_notes(metrics, {"vnni": False})
+    assert "20.0 dB below" in note and "without VNNI" in note
+    assert runtime_notes({"simulated": {"sqnr_db": 40.0}, "ort_kernel": {"sqnr_db": 39.5}}, {"vnni": False}) == []
