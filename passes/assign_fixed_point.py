@@ -15,6 +15,7 @@ import onnx_ir as ir
 from qcompiler import annotations as ann
 from qcompiler.errors import AnnotationError
 from qcompiler.graph import const_array, values_by_name
+from qcompiler.passes.calibrate import range_key
 from qcompiler.passes.detect_layers import quantizable_nodes
 from qcompiler.quantizers import channel_absmax, no_overflow_fl
 
@@ -29,11 +30,16 @@ class AssignFixedPointPass(ir.passes.InPlacePass):
         weight_bits: weight word length (2..16).
         activation_bits: activation word length (2..16).
         per_channel: one weight FL per output channel (else one per tensor).
+        range_method: the calibrated activation range to use: ``minmax``, ``percentile``,
+            ``entropy`` or ``mse`` (the latter two at ``activation_bits``).
+        percentile: the percentile of the ``percentile`` range.
     """
 
     weight_bits: int = 8
     activation_bits: int = 8
     per_channel: bool = True
+    range_method: str = "minmax"
+    percentile: float = 99.99
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "activation_bits"):
@@ -67,8 +73,13 @@ class AssignFixedPointPass(ir.passes.InPlacePass):
     def _activation_format(self, value: ir.Value) -> ann.FixedPoint:
         stats = ann.require(value, ann.TensorStats, where="AssignFixedPointPass")
         signed = stats.min < 0.0
-        fl = no_overflow_fl(stats.absmax, self.activation_bits, signed)
-        return ann.FixedPoint(wl=self.activation_bits, fl=fl, signed=signed, axis=None, rule="minmax")
+        key = range_key(self.range_method, self.activation_bits, self.percentile)
+        try:
+            clip = stats.range(key)
+        except AnnotationError as exc:
+            raise AnnotationError(f"value {value.name!r}: {exc}; calibrate with that method and bit width") from None
+        fl = no_overflow_fl(clip, self.activation_bits, signed)
+        return ann.FixedPoint(wl=self.activation_bits, fl=fl, signed=signed, axis=None, rule=key)
 
     def _weight_format(self, value: ir.Value, layer: ann.QuantizableLayer) -> ann.FixedPoint:
         w = const_array(value)

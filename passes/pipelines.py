@@ -30,6 +30,13 @@ def default_pipeline(
     """Canonicalisation, calibration, then the target's own passes."""
     return [
         *canonical_pipeline(),
-        CalibratePass(data=calib, batch_size=batch_size, show_progress=show_progress),
+        CalibratePass(
+            data=calib,
+            batch_size=batch_size,
+            methods=("minmax", config.range_method) if config.range_method != "minmax" else ("minmax",),
+            bits=(config.activation_bits,),
+            percentile=config.percentile,
+            show_progress=show_progress,
+        ),
         *target.passes(config),
     ]

@@ -133,14 +133,18 @@ class QuantizableLayer(Annotation):
 
 @dataclasses.dataclass(frozen=True)
 class TensorStats(Annotation):
-    """On a value: streamed calibration statistics.
+    """On a value: streamed calibration statistics and the ranges the choosers picked.
 
     Attributes:
         count: number of elements seen.
         samples: number of samples (batch rows) seen.
         min, max, absmax, mean, std: per-tensor statistics.
+        abs_quantiles: ``((q, |x| quantile), ...)`` from the histogram.
+        ranges: ``((key, clip), ...)`` with keys ``minmax``, ``percentile:<p>``,
+            ``entropy:<bits>``, ``mse:<bits>``.
         channel_axis: the axis of the per-channel statistics, or None.
-        channel_min, channel_max: per-channel minima and maxima (empty without an axis).
+        channel_min, channel_max, channel_mean, channel_std: per-channel statistics.
+        sidecar: path (relative to the IR file) of the npz with histograms and the reservoir.
     """
 
     KIND: ClassVar[str] = "stats"
@@ -151,9 +155,24 @@ class TensorStats(Annotation):
     absmax: float
     mean: float
     std: float
+    abs_quantiles: tuple[tuple[float, float], ...] = ()
+    ranges: tuple[tuple[str, float], ...] = ()
     channel_axis: int | None = None
     channel_min: tuple[float, ...] = ()
     channel_max: tuple[float, ...] = ()
+    channel_mean: tuple[float, ...] = ()
+    channel_std: tuple[float, ...] = ()
+    sidecar: str | None = None
+
+    def range(self, key: str) -> float:
+        """The clip range chosen by ``key`` (e.g. ``"mse:8"``); ``minmax`` is always known."""
+        if key == "minmax":
+            return self.absmax
+        for name, value in self.ranges:
+            if name == key:
+                return value
+        known = ", ".join(["minmax", *(name for name, _ in self.ranges)])
+        raise AnnotationError(f"no calibrated range {key!r} (calibrated: {known})")
 
 
 @dataclasses.dataclass(frozen=True)

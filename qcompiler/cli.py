@@ -116,6 +116,10 @@ def compile_command(
     weight_bits: int = typer.Option(8, "--weight-bits", help="Weight word length."),
     activation_bits: int = typer.Option(8, "--activation-bits", help="Activation word length."),
     per_tensor: bool = typer.Option(False, "--per-tensor", help="One weight scale per tensor instead of per channel."),
+    calib_method: str = typer.Option(
+        "minmax", "--calib-method", help="Activation range chooser: minmax, percentile, entropy or mse."
+    ),
+    percentile: float = typer.Option(99.99, "--percentile", help="Percentile of |x| for --calib-method percentile."),
     batch_size: int = typer.Option(64, "--batch-size", help="Batch size for calibration and validation."),
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="Write the IR after every pass into this folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no summary tables."),
@@ -131,7 +135,13 @@ def compile_command(
     config = CompileConfig(
         calib=calib,
         eval=eval_data,
-        target=TargetConfig(weight_bits=weight_bits, activation_bits=activation_bits, per_channel=not per_tensor),
+        target=TargetConfig(
+            weight_bits=weight_bits,
+            activation_bits=activation_bits,
+            per_channel=not per_tensor,
+            range_method=calib_method,
+            percentile=percentile,
+        ),
         batch_size=batch_size,
         dump_ir=dump_ir,
         show_progress=not quiet,
@@ -140,6 +150,10 @@ def compile_command(
     def checked() -> Any:
         if weight_bits < 2 or activation_bits < 2 or batch_size < 1:
             raise QCompilerError("--weight-bits and --activation-bits must be >= 2 and --batch-size >= 1")
+        if calib_method not in ("minmax", "percentile", "entropy", "mse"):
+            raise QCompilerError(f"--calib-method {calib_method!r} is not one of minmax, percentile, entropy, mse")
+        if not 0.0 < percentile <= 100.0:
+            raise QCompilerError(f"--percentile {percentile} is not in (0, 100]")
         return compile_model(model, target, config, out_dir)
 
     result = _run(debug, checked)

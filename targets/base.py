@@ -18,11 +18,15 @@ class TargetConfig:
         weight_bits: weight word length.
         activation_bits: activation word length.
         per_channel: per-output-channel weight scales.
+        range_method: calibrated activation range (``minmax``, ``percentile``, ``entropy``, ``mse``).
+        percentile: the percentile of the ``percentile`` range.
     """
 
     weight_bits: int = 8
     activation_bits: int = 8
     per_channel: bool = True
+    range_method: str = "minmax"
+    percentile: float = 99.99
 
 
 @dataclasses.dataclass(frozen=True)

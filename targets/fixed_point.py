@@ -37,6 +37,8 @@ class FixedPointTarget:
                 weight_bits=config.weight_bits,
                 activation_bits=config.activation_bits,
                 per_channel=config.per_channel,
+                range_method=config.range_method,
+                percentile=config.percentile,
             )
         ]
 

@@ -1,0 +1,136 @@
+"""Streaming statistics against numpy, and the range choosers on distributions with known optima."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qcompiler.ranges import entropy_range, expected_sq_error, levels_per_side, mse_range, percentile_range
+from qcompiler.streaming import StreamingStats, histogram_quantile, power_of_two_above
+
+RNG = np.random.default_rng(11)
+
+
+def _feed(stats, x, splits):
+    for part in np.array_split(x, splits):
+        stats.update(part)
+
+
+@settings(max_examples=25, deadline=None)
+@given(splits=st.integers(1, 9), scale=st.floats(1e-3, 1e3), seed=st.integers(0, 10))
+def test_histogram_is_exact_for_any_batch_split(splits, scale, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_t(3, size=(40, 3, 5)) * scale).astype(np.float32)
+    x[: 40 // splits] *= 1e-2  # the first batches have a small range: the histogram must rescale
+    s = StreamingStats(bins=1024, channel_bins=64)
+    _feed(s, x, splits)
+    a = np.abs(x.astype(np.float64))
+    assert s.range == power_of_two_above(a.max())
+    want = np.bincount(np.minimum(np.floor(a.reshape(-1) * (1024 / s.range)).astype(int), 1023), minlength=1024)
+    assert np.array_equal(s.hist, want)
+    per_channel = a.transpose(1, 0, 2).reshape(3, -1)
+    for c in range(3):
+        want_c = np.bincount(np.minimum(np.floor(per_channel[c] * (64 / s.range)).astype(int), 63), minlength=64)
+        assert np.array_equal(s.chist[c], want_c)
+    assert s.min == x.min() and s.max == x.max() and s.count == x.size and s.samples == 40
+    assert s.mean == pytest.approx(x.astype(np.float64).mean(), rel=1e-9, abs=1e-12)
+    assert s.std == pytest.approx(x.astype(np.float64).std(), rel=1e-9)
+    assert np.array_equal(s.cmin, x.min(axis=(0, 2))) and np.array_equal(s.cmax, x.max(axis=(0, 2)))
+    assert np.allclose(s.channel_mean(), x.astype(np.float64).mean(axis=(0, 2)), rtol=1e-9, atol=1e-12)
+    assert np.allclose(s.channel_std(), x.astype(np.float64).std(axis=(0, 2)), rtol=1e-9, atol=1e-12)
+
+
+def test_quantiles_are_within_one_bin_of_numpy():
+    x = RNG.lognormal(size=(1000, 4)).astype(np.float32)
+    s = StreamingStats(bins=1 << 16)
+    s.update(x)
+    width = s.range / s.bins
+    for q in (0.1, 0.5, 0.9, 0.99, 0.999):
+        assert abs(float(s.abs_quantile(q)) - np.quantile(np.abs(x), q, method="inverted_cdf")) <= width
+    assert float(s.abs_quantile(1.0)) == pytest.approx(np.abs(x).max(), abs=width)
+    assert histogram_quantile(np.zeros(8, np.int64), 1.0, 0.5, 0.0) == 0.0
+
+
+def test_reservoir_is_seeded_uniform_and_bounded():
+    x = np.arange(100_000, dtype=np.float32).reshape(-1, 1)
+    a, b = StreamingStats(reservoir=2000, seed=3), StreamingStats(reservoir=2000, seed=3)
+    _feed(a, x, 7)
+    _feed(b, x, 7)
+    sample = a.reservoir_sample()
+    assert np.array_equal(sample, b.reservoir_sample()) and sample.size == 2000
+    assert len(np.unique(sample)) == 2000
+    # uniform over the stream: the mean index is near the middle (std of the mean ~ 645)
+    assert abs(sample.mean() - 50_000) < 4 * 645
+    small = StreamingStats(reservoir=2000)
+    small.update(x[:10])
+    assert np.array_equal(small.reservoir_sample(), x[:10, 0])
+
+
+def test_memory_does_not_grow_with_samples():
+    s = StreamingStats(reservoir=1000)
+    s.update(RNG.normal(size=(8, 4, 16)).astype(np.float32))
+    sizes = (s.hist.nbytes, s.chist.nbytes, s.reservoir.nbytes)
+    for _ in range(50):
+        s.update(RNG.normal(size=(8, 4, 16)).astype(np.float32))
+    assert (s.hist.nbytes, s.chist.nbytes, s.reservoir.nbytes) == sizes
+
+
+def test_nan_is_refused():
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        StreamingStats().update(np.array([[1.0, np.nan]], np.float32))
+
+
+def _stats(x):
+    s = StreamingStats()
+    s.update(x.astype(np.float32).reshape(-1, 1))
+    return s
+
+
+def _sample_mse(x, clip, bits, signed):
+    levels = levels_per_side(bits, signed)
+    step = clip / levels
+    lo = -levels if signed else 0
+    return np.mean((np.clip(np.rint(x / step), lo, levels) * step - x) ** 2)
+
+
+@pytest.mark.parametrize("dist", ["gauss", "laplace", "uniform"])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_mse_chooser_matches_brute_force_on_samples(dist, bits):
+    x = {"gauss": RNG.normal(size=100_000), "laplace": RNG.laplace(size=100_000),
+         "uniform": RNG.uniform(-1, 1, 100_000)}[dist].astype(np.float32).astype(np.float64)
+    s = _stats(x)
+    clip = mse_range(s.hist, s.range, bits, True, s.absmax)
+    grid = np.linspace(s.absmax / 500, s.absmax, 500)
+    best = min(_sample_mse(x, c, bits, True) for c in grid)
+    assert _sample_mse(x, clip, bits, True) <= best * 1.01
+    if dist == "uniform" and bits == 8:
+        assert clip > 0.9  # no clipping of a bounded distribution at any width worth having
+    if dist == "gauss" and bits == 4:
+        assert 2.3 < clip < 2.7  # the known optimum for 7 levels per side is about 2.5 sigma
+
+
+def test_mse_chooser_unsigned():
+    x = RNG.exponential(size=50_000)
+    s = _stats(x)
+    clip = mse_range(s.hist, s.range, 4, False, s.absmax)
+    grid = np.linspace(s.absmax / 400, s.absmax, 400)
+    assert _sample_mse(x, clip, 4, False) <= min(_sample_mse(x, c, 4, False) for c in grid) * 1.01
+    assert expected_sq_error(s.hist, s.range, clip, 15) > 0
+
+
+def test_entropy_chooser_clips_heavy_tails_only():
+    uniform = _stats(RNG.uniform(-1, 1, 200_000))
+    assert entropy_range(uniform.hist, uniform.range, 8, True, uniform.absmax) == pytest.approx(uniform.absmax, rel=0.01)
+    heavy = _stats(RNG.standard_t(2, size=200_000))
+    clip = entropy_range(heavy.hist, heavy.range, 8, True, heavy.absmax)
+    assert clip < 0.5 * heavy.absmax
+    assert clip > np.quantile(np.abs(RNG.standard_t(2, size=200_000)), 0.99)
+
+
+def test_percentile_chooser():
+    s = _stats(RNG.uniform(0, 1, 100_000))
+    assert percentile_range(s.abs_quantile, 99.0) == pytest.approx(0.99, abs=2e-3)
+    with pytest.raises(ValueError, match="percentile must be in"):
+        percentile_range(s.abs_quantile, 0.0)
