@@ -207,6 +207,36 @@ class FixedPoint(Annotation):
 
 
 @dataclasses.dataclass(frozen=True)
+class ErrorProfile(Annotation):
+    """On a weight or activation value: its rate-distortion curve, one entry per candidate.
+
+    Attributes:
+        tensor_kind: ``weight`` or ``activation``.
+        elements: N (per sample for activations).
+        candidates: candidate labels (``kind:bits[:rratio]``).
+        bits: bit width of each candidate.
+        rate_fixed: fixed-length rate N·b in bits.
+        rate_entropy: entropy rate N·H in bits.
+        distortion: output-logit MSE against float with only this tensor quantized.
+        measured: True where the distortion was measured, False where predicted (fast mode).
+        mode: ``exact``, ``fast`` or ``full``.
+        split: the calibration split the distortion was measured on.
+    """
+
+    KIND: ClassVar[str] = "error_profile"
+    tensor_kind: str
+    elements: int
+    candidates: tuple[str, ...]
+    bits: tuple[int, ...]
+    rate_fixed: tuple[float, ...]
+    rate_entropy: tuple[float, ...]
+    distortion: tuple[float, ...]
+    measured: tuple[bool, ...]
+    mode: str = "exact"
+    split: str = "calib"
+
+
+@dataclasses.dataclass(frozen=True)
 class Provenance(Annotation):
     """On the model: the passes that produced it, in order.
 

@@ -40,8 +40,10 @@ def with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
         value = values.get(name)
         if value is None:
             raise UnsupportedModelError(f"model has no value named {name!r}")
-        if value.is_initializer() or value.is_graph_input():
-            raise UnsupportedModelError(f"value {name!r} is an input or initializer, not an intermediate")
+        if value.is_graph_input():
+            continue  # Runner.run returns graph inputs from the feed
+        if value.is_initializer():
+            raise UnsupportedModelError(f"value {name!r} is an initializer, not an intermediate")
         if value.type is None:
             raise UnsupportedModelError(f"value {name!r} has no inferred type; run shape inference")
         clone.graph.outputs.append(value)
@@ -76,12 +78,18 @@ class Runner:
             raise UnsupportedModelError(f"onnxruntime cannot load the model: {detail}") from exc
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.model_outputs = [v.name for v in model.graph.outputs]
+        self.input_names = [i.name for i in self.session.get_inputs()]
 
     def run(self, feed: Mapping[str, np.ndarray], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Run one batch; return the requested outputs (default: all) by name."""
+        """Run one batch; return the requested outputs (default: all) by name.
+
+        Names of graph inputs are answered from ``feed``; extra feed entries are ignored.
+        """
         wanted = list(names) if names is not None else self.output_names
-        results = self.session.run(wanted, dict(feed))
-        return dict(zip(wanted, results))
+        fetched = [n for n in wanted if n not in self.input_names]
+        inputs = {n: feed[n] for n in self.input_names}
+        results = dict(zip(fetched, self.session.run(fetched, inputs))) if fetched else {}
+        return {n: (feed[n] if n in self.input_names and n not in results else results[n]) for n in wanted}
 
     def stream(
         self, feeds: Iterable[Mapping[str, np.ndarray]], names: Sequence[str] | None = None

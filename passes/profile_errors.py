@@ -1,0 +1,339 @@
+"""Error profiling: the output distortion of every candidate quantizer of every tensor, alone.
+
+For each quantizable weight and each activation entering a quantizable layer, and for each
+candidate (kind × bit width [× dead-zone ratio]), the distortion is the MSE of the model's
+logits (before a final Softmax) against float over the calibration set, with **only that
+tensor** quantized (seed 000's error curves). Rates are given fixed-length (N·b) and as
+entropy (N·H). Modes (algorithms.md §2.3-2.4):
+
+- ``exact`` (suffix-cached): the float model runs once per batch and exposes every suffix's
+  external inputs; per tensor only the downstream subgraph runs, with up to ``K`` candidates
+  stacked on the batch axis (``K`` from the memory budget; 1 when a suffix mixes samples).
+  Weight candidates run the layer alone, then the shared suffix.
+- ``fast``: the additive-noise linear model ``D(c) ≈ g·σ²(c)``; ``σ²`` is exact and needs no
+  forward pass, ``g`` is fitted by least squares through the origin to 1-3 exact probes.
+- ``full``: the naive reference, a full forward pass per candidate (for tests and benchmarks).
+
+Results are :class:`~qcompiler.annotations.ErrorProfile` annotations on the tensors' values.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler import annotations as ann
+from qcompiler.candidates import Candidate, Fitted, apply, candidate_set, fit, rates
+from qcompiler.data import ArrayDataset, iter_feeds
+from qcompiler.errors import DataError, UnsupportedModelError
+from qcompiler.graph import const_array, set_initializer, values_by_name
+from qcompiler.passes.calibrate import META_KEY
+from qcompiler.passes.detect_layers import quantizable_nodes
+from qcompiler.progress import progress_bar
+from qcompiler.runtime import Runner
+from qcompiler.suffix import Suffix, build_suffix, logits_names, node_model
+
+MODES = ("exact", "fast", "full")
+PROBE_BITS = (4, 5, 6)
+
+
+@dataclasses.dataclass
+class _Tensor:
+    """One profiled tensor and everything needed to measure it."""
+
+    name: str
+    kind: str  # weight | activation
+    elements: int
+    fitted: list[Fitted]
+    sample: np.ndarray  # the weight, or an activation sample, for sigma^2 and entropy rates
+    suffix: Suffix
+    node: ir.Node | None = None
+    layer_input: str | None = None
+    node_runner: Runner | None = None
+    quantized_weights: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+
+def _activation_sample(value: ir.Value, fallback: np.ndarray | None) -> np.ndarray | None:
+    stats = value.meta.get(META_KEY)
+    if stats is not None and stats.reservoir_size and stats.count:
+        return stats.reservoir_sample()
+    return fallback
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileErrorPass(ir.passes.InPlacePass):
+    """Measure rate-distortion curves for weights and activations (see module docstring).
+
+    Attributes:
+        data: calibration data (an :class:`ArrayDataset` or an iterable of feed dicts).
+        candidates: the candidate set (default: :func:`~qcompiler.candidates.candidate_set`).
+        mode: ``exact``, ``fast`` or ``full``.
+        tensors: ``all``, ``weights`` or ``activations``.
+        only: profile only these value names (empty: all of the selected kind).
+        batch_size: batch size used with an :class:`ArrayDataset`.
+        memory_budget_mb: bound on a stacked suffix batch, which sets ``K``.
+        max_candidates_per_run: upper bound on ``K``.
+        split: name of the calibration split, recorded in the annotation.
+        workers: threads measuring tensors in parallel (each onnxruntime session uses one).
+        show_progress: show a progress bar (only on a terminal).
+    """
+
+    data: ArrayDataset | Iterable[Mapping[str, np.ndarray]] = dataclasses.field(repr=False, compare=False)
+    candidates: tuple[Candidate, ...] = tuple(candidate_set())
+    mode: str = "exact"
+    tensors: str = "all"
+    only: tuple[str, ...] = ()
+    batch_size: int = 64
+    memory_budget_mb: int = 256
+    max_candidates_per_run: int = 64
+    split: str = "calib"
+    workers: int = dataclasses.field(default_factory=lambda: max(1, os.cpu_count() or 1), repr=False, compare=False)
+    show_progress: bool = dataclasses.field(default=True, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.tensors not in ("all", "weights", "activations"):
+            raise ValueError(f"tensors must be all, weights or activations, got {self.tensors!r}")
+        if not self.candidates:
+            raise ValueError("the candidate set is empty")
+
+    def requires(self, model: ir.Model) -> None:
+        if not quantizable_nodes(model):
+            raise ir.passes.PreconditionError("no QuantizableLayer annotations: run DetectLayersPass first")
+        values = values_by_name(model.graph)
+        missing = [name for name in self.only if name not in values]
+        if missing:
+            raise ir.passes.PreconditionError(f"cannot profile {missing}: the model has no such values")
+
+    # ------------------------------------------------------------------ set-up
+    def _targets(self, model: ir.Model) -> list[tuple[str, str, ir.Node | None]]:
+        out: list[tuple[str, str, ir.Node | None]] = []
+        seen: set[str] = set()
+        for node, layer in quantizable_nodes(model):
+            if self.tensors in ("all", "weights") and layer.weight not in seen:
+                out.append(("weight", layer.weight, node))
+                seen.add(layer.weight)
+            if self.tensors in ("all", "activations") and layer.activation_input not in seen:
+                out.append(("activation", layer.activation_input, None))
+                seen.add(layer.activation_input)
+        if self.only:
+            out = [t for t in out if t[1] in self.only]
+            missing = sorted(set(self.only) - {t[1] for t in out})
+            if missing:
+                raise UnsupportedModelError(f"{missing} are not weights or activation inputs of quantizable layers")
+        return out
+
+    def _prepare(self, model: ir.Model, first_batch: Mapping[str, np.ndarray]) -> list[_Tensor]:
+        import onnx  # noqa: F401  (Extractor needs the protobuf)
+
+        proto = ir.to_proto(model)
+        values = values_by_name(model.graph)
+        targets = self._targets(model)
+        # One float run on the first batch gives activation samples when calibration's
+        # reservoir is not in memory (e.g. the model was loaded from a file).
+        act_names = [n for k, n, _ in targets if k == "activation" and n not in first_batch]
+        first = Runner(model, act_names).run(first_batch, act_names) if act_names else {}
+        first.update(first_batch)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.workers) as pool:
+            jobs = [pool.submit(self._prepare_one, model, proto, values, first, kind, name, node) for kind, name, node in targets]
+            return [job.result() for job in jobs]
+
+    def _prepare_one(
+        self,
+        model: ir.Model,
+        proto: object,
+        values: Mapping[str, ir.Value],
+        first: Mapping[str, np.ndarray],
+        kind: str,
+        name: str,
+        node: ir.Node | None,
+    ) -> _Tensor:
+        """Fit every candidate to one tensor and build its suffix (runs on a worker thread)."""
+        value = values[name]
+        if kind == "weight":
+            w = const_array(value)
+            layer = ann.require(node, ann.QuantizableLayer)
+            fitted = [fit(c, w, True, axis=layer.channel_axis if c.kind == "uniform" else None) for c in self.candidates]
+            tensor = _Tensor(name, kind, int(w.size), fitted, w, build_suffix(model, proto, node.outputs[0].name, threads=1),
+                             node=node, layer_input=layer.activation_input)
+            tensor.node_runner = node_model(model, node)
+            tensor.quantized_weights = [apply(f, w) for f in fitted]
+            return tensor
+        sample = _activation_sample(value, first[name])
+        stats = ann.get(value, ann.TensorStats)
+        signed = (stats.min < 0) if stats is not None else bool((sample < 0).any())
+        clip = stats.absmax if stats is not None else None
+        fitted = [fit(c, sample, signed, None, clip) for c in self.candidates]
+        per_sample = int(np.prod(first[name].shape[1:])) if first[name].ndim > 1 else 1
+        return _Tensor(name, kind, per_sample, fitted, sample, build_suffix(model, proto, name, threads=1))
+
+    # ------------------------------------------------------------------ measurement
+    def _chunk_size(self, suffix: Suffix, batch: int, count: int) -> int:
+        if not suffix.batch_safe:
+            return 1
+        if suffix.per_sample_bytes == 0:
+            return min(count, self.max_candidates_per_run)
+        k = (self.memory_budget_mb << 20) // max(1, batch * suffix.per_sample_bytes)
+        return int(max(1, min(count, k, self.max_candidates_per_run)))
+
+    def _start_values(self, t: _Tensor, out: Mapping[str, np.ndarray], indices: Sequence[int]) -> list[np.ndarray]:
+        if t.kind == "activation":
+            return [apply(t.fitted[i], out[t.name]) for i in indices]
+        x = out[t.layer_input]
+        return [t.node_runner.run({t.layer_input: x, t.name: t.quantized_weights[i]})[t.node.outputs[0].name] for i in indices]
+
+    def _measure_batch(self, t: _Tensor, out: Mapping[str, np.ndarray], indices: Sequence[int], sq: np.ndarray) -> None:
+        batch = next(iter(out.values())).shape[0]
+        k = self._chunk_size(t.suffix, batch, len(indices))
+        refs = {name: out[name].astype(np.float64) for name in t.suffix.outputs}
+        for lo in range(0, len(indices), k):
+            chunk = list(indices[lo : lo + k])
+            starts = self._start_values(t, out, chunk)
+            feeds = {t.suffix.start: np.concatenate(starts, axis=0)}
+            for name in t.suffix.inputs[1:]:
+                feeds[name] = np.concatenate([out[name]] * len(chunk), axis=0)
+            result = t.suffix.run(feeds)
+            for name, ref in refs.items():
+                blocks = result[name].reshape(len(chunk), *ref.shape).astype(np.float64)
+                sq[chunk] += ((blocks - ref) ** 2).reshape(len(chunk), -1).sum(axis=1) / ref[0].size
+
+    def _measure(self, model: ir.Model, tensors: list[_Tensor], which: Mapping[str, list[int]]) -> dict[str, np.ndarray]:
+        """Suffix-cached measurement of the candidates ``which[name]`` of each tensor."""
+        needed: list[str] = []
+        graph_inputs = {v.name for v in model.graph.inputs}
+        for t in tensors:
+            for name in [*t.suffix.inputs, *t.suffix.outputs, *([t.layer_input] if t.layer_input else [])]:
+                if name not in needed and name not in graph_inputs:
+                    needed.append(name)
+        runner = Runner(model, needed)
+        sums = {t.name: np.zeros(len(self.candidates)) for t in tensors}
+        samples = 0
+        total = self.data.num_samples if isinstance(self.data, ArrayDataset) else None
+        active = [t for t in tensors if which.get(t.name)]
+        # Tensors are independent (own sessions, own accumulators) and onnxruntime releases the
+        # GIL: measuring them on parallel threads, each session single-threaded, keeps every core
+        # busy even when one small suffix cannot.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.workers) as pool, progress_bar(
+            f"profile ({self.mode})", total, enabled=self.show_progress
+        ) as advance:
+            for feed in iter_feeds(self.data, self.batch_size):
+                out = dict(feed)
+                out.update(runner.run(feed, needed))
+                batch = next(iter(feed.values())).shape[0]
+                jobs = [pool.submit(self._measure_batch, t, out, which[t.name], sums[t.name]) for t in active]
+                for job in jobs:
+                    job.result()
+                samples += batch
+                advance(batch)
+        if samples == 0:
+            raise DataError("profiling data is empty")
+        return {name: s / samples for name, s in sums.items()}
+
+    def _measure_full(self, model: ir.Model, tensors: list[_Tensor]) -> dict[str, np.ndarray]:
+        """The naive reference: a full forward pass per (tensor, candidate, batch)."""
+        logits = logits_names(model)
+        float_runner = Runner(model, [n for n in logits if n not in {v.name for v in model.graph.outputs}])
+        result: dict[str, np.ndarray] = {}
+        for t in tensors:
+            sums = np.zeros(len(self.candidates))
+            for i in range(len(self.candidates)):
+                samples = 0
+                if t.kind == "weight":
+                    clone = model.clone()
+                    set_initializer(clone.graph, values_by_name(clone.graph)[t.name], t.quantized_weights[i])
+                    quantized = Runner(clone, logits)
+                for feed in iter_feeds(self.data, self.batch_size):
+                    ref = float_runner.run(feed, logits)
+                    if t.kind == "weight":
+                        got = quantized.run(feed, logits)
+                    else:  # the full graph up to t, quantize t, the rest of the graph
+                        prefix = Runner(model, [t.name] + [n for n in t.suffix.inputs[1:]])
+                        out = dict(feed)
+                        out.update(prefix.run(feed, [t.name, *t.suffix.inputs[1:]]))
+                        feeds = {t.name: apply(t.fitted[i], out[t.name]), **{n: out[n] for n in t.suffix.inputs[1:]}}
+                        got = t.suffix.run(feeds)
+                    for name in t.suffix.outputs:
+                        r = ref[name].astype(np.float64)
+                        sums[i] += ((got[name].astype(np.float64) - r) ** 2).reshape(r.shape[0], -1).mean(axis=1).sum()
+                    samples += next(iter(feed.values())).shape[0]
+                sums[i] /= samples
+            result[t.name] = sums
+        return result
+
+    # ------------------------------------------------------------------ the pass
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        first = next(iter(iter_feeds(self.data, self.batch_size)), None)
+        if first is None:
+            raise DataError("profiling data is empty")
+        tensors = self._prepare(model, first)
+        sigma2 = {t.name: np.array([float(np.mean((apply(f, t.sample).astype(np.float64) - t.sample) ** 2)) for f in t.fitted]) for t in tensors}
+        measured = {t.name: np.ones(len(self.candidates), bool) for t in tensors}
+        if self.mode == "full":
+            distortion = self._measure_full(model, tensors)
+        elif self.mode == "exact":
+            distortion = self._measure(model, tensors, {t.name: list(range(len(self.candidates))) for t in tensors})
+        else:
+            probes = probe_indices(self.candidates)
+            exact = self._measure(model, tensors, {t.name: probes for t in tensors})
+            distortion = {}
+            for t in tensors:
+                gain = fit_gain(exact[t.name][probes], sigma2[t.name][probes])
+                distortion[t.name] = gain * sigma2[t.name]
+                distortion[t.name][probes] = exact[t.name][probes]
+                measured[t.name] = np.zeros(len(self.candidates), bool)
+                measured[t.name][probes] = True
+        values = values_by_name(model.graph)
+        for t in tensors:
+            rate_pairs = [rates(f, t.sample, t.elements) for f in t.fitted]
+            ann.set(
+                values[t.name],
+                ann.ErrorProfile(
+                    tensor_kind=t.kind,
+                    elements=t.elements,
+                    candidates=tuple(c.label for c in self.candidates),
+                    bits=tuple(c.bits for c in self.candidates),
+                    rate_fixed=tuple(r for r, _ in rate_pairs),
+                    rate_entropy=tuple(h for _, h in rate_pairs),
+                    distortion=tuple(float(d) for d in distortion[t.name]),
+                    measured=tuple(bool(m) for m in measured[t.name]),
+                    mode=self.mode,
+                    split=self.split,
+                ),
+            )
+        return ir.passes.PassResult(model, True)
+
+
+def probe_indices(candidates: Sequence[Candidate]) -> list[int]:
+    """1-3 mid-rate probes for the linear model: uniform 4/5/6-bit candidates (else mid bits)."""
+    probes = [i for i, c in enumerate(candidates) if c.kind == "uniform" and c.bits in PROBE_BITS]
+    if not probes:
+        order = sorted(range(len(candidates)), key=lambda i: abs(candidates[i].bits - 5))
+        probes = order[:2]
+    return probes[:3]
+
+
+def fit_gain(distortion: np.ndarray, sigma2: np.ndarray) -> float:
+    """Least squares through the origin: g = Σ D·σ² / Σ σ⁴."""
+    denominator = float(np.sum(sigma2**2))
+    return float(np.sum(distortion * sigma2) / denominator) if denominator > 0 else 0.0
+
+
+def agreement(exact: ann.ErrorProfile, fast: ann.ErrorProfile) -> dict[str, float]:
+    """How well ``fast`` predicts ``exact``: Spearman rank correlation and relative errors."""
+    from scipy.stats import spearmanr
+
+    e, f = np.asarray(exact.distortion), np.asarray(fast.distortion)
+    predicted = ~np.asarray(fast.measured)
+    rel = np.abs(f - e)[predicted] / np.maximum(e[predicted], 1e-30)
+    rho = spearmanr(e, f).statistic if len(e) > 2 and np.ptp(e) > 0 and np.ptp(f) > 0 else float("nan")
+    return {
+        "spearman": float(rho),
+        "median_relative_error": float(np.median(rel)) if rel.size else 0.0,
+        "predicted": int(predicted.sum()),
+    }

@@ -1,0 +1,270 @@
+"""Quantization candidates for error profiling: a kind, a bit width, fitted parameters, rates.
+
+Kinds (algorithms.md §1):
+
+- ``uniform``: symmetric b-bit grid (signed tensors) or unsigned ``[0, 2**b - 1]`` (tensors that
+  are never negative); weights per output channel, activations per tensor; 1 bit is the sign
+  quantizer ``±s`` (``s`` = mean ``|x|``) for signed tensors;
+- ``deadzone``: seed 000's dead-zone quantizer with ``L = 2**b - 1`` levels and a zero bin holding
+  ``ratio`` of the values (λ = the ratio quantile of ``|x|``, δ by a 200-point grid then a
+  golden-section refinement of the squared error);
+- ``log``: power-of-two levels ``{0} ∪ {±2**e}`` with ``2**(b-1) - 1`` exponents below the
+  largest, rounding in the log domain;
+- ``fixed``: fixed point (wl = b, the no-overflow fractional length), per tensor.
+
+Rates: ``fixed`` = N·b bits; ``entropy`` = N·H over the histogram of codes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numba
+import numpy as np
+
+from qcompiler.quantizers import channel_absmax, code_range, no_overflow_fl
+
+KINDS = ("uniform", "deadzone", "log", "fixed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One way to quantize a tensor.
+
+    Attributes:
+        kind: ``uniform``, ``deadzone``, ``log`` or ``fixed``.
+        bits: bit width (16 means "nearly float").
+        ratio: dead-zone ratio in [0, 1) (``deadzone`` only).
+    """
+
+    kind: str
+    bits: int
+    ratio: float = 0.0
+
+    @property
+    def label(self) -> str:
+        """A stable name, e.g. ``uniform:4`` or ``deadzone:4:r0.3``."""
+        return f"{self.kind}:{self.bits}" + (f":r{self.ratio:g}" if self.kind == "deadzone" else "")
+
+
+def candidate_set(
+    bits: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 16),
+    kinds: tuple[str, ...] = KINDS,
+    deadzone_ratios: tuple[float, ...] = (0.1, 0.3, 0.5),
+) -> list[Candidate]:
+    """The default candidate grid: every legal (kind, bits[, ratio])."""
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        raise ValueError(f"unknown quantizer kinds {unknown} (known: {', '.join(KINDS)})")
+    out = []
+    for kind in kinds:
+        for b in bits:
+            if kind == "deadzone":
+                out += [Candidate(kind, b, r) for r in deadzone_ratios if b >= 2]
+            elif kind in ("log", "fixed") and b < 2:
+                continue
+            else:
+                out.append(Candidate(kind, b))
+    if not out:
+        raise ValueError("the candidate set is empty")
+    return out
+
+
+# --------------------------------------------------------------------------- dead zone (seed 000)
+
+
+def deadzone_quantize(x: np.ndarray, lam: float, delta: float, levels: int) -> np.ndarray:
+    """Seed 000's dead-zone quantizer (algorithms.md §1.3); ``levels`` odd >= 3."""
+    k = (levels - 1) // 2
+    a = np.abs(x)
+    idx = np.clip(np.floor((a - lam) / delta), 0, k - 1)
+    q = np.sign(x) * (lam + delta / 2 + delta * idx)
+    return np.where(a < lam, 0.0, q).astype(x.dtype, copy=False)
+
+
+@numba.njit(cache=True, nogil=True)
+def _deadzone_sse(a: np.ndarray, lam: float, delta: float, k: int) -> float:
+    """Σ (Q(x) − x)² over magnitudes ``a`` (the error of the symmetric quantizer depends on |x| only)."""
+    total = 0.0
+    for v in a:
+        if v < lam:
+            total += v * v
+        else:
+            i = math.floor((v - lam) / delta)
+            i = 0 if i < 0 else (k - 1 if i > k - 1 else i)
+            e = lam + delta / 2 + delta * i - v
+            total += e * e
+    return total
+
+
+@numba.njit(cache=True, nogil=True)
+def _deadzone_sse_sorted(a: np.ndarray, p1: np.ndarray, p2: np.ndarray, lam: float, delta: float, k: int) -> float:
+    """The same sum from sorted magnitudes and prefix sums: O(k log N) instead of O(N).
+
+    Bin i holds |x| in [λ + iδ, λ + (i + 1)δ) (the last bin is open above) and reconstructs to
+    c_i = λ + δ/2 + iδ, so its error is n·c² − 2c·Σv + Σv² from the prefix sums.
+    """
+    j0 = np.searchsorted(a, lam)
+    total = p2[j0]
+    for i in range(k):
+        j1 = a.shape[0] if i == k - 1 else np.searchsorted(a, lam + (i + 1) * delta)
+        c = lam + delta / 2 + delta * i
+        total += (j1 - j0) * c * c - 2.0 * c * (p1[j1] - p1[j0]) + (p2[j1] - p2[j0])
+        j0 = j1
+    return total
+
+
+def fit_deadzone(values: np.ndarray, ratio: float, levels: int) -> tuple[float, float]:
+    """(λ, δ): λ = the ratio quantile of |x| (inverted CDF), δ by grid search + golden section."""
+    if levels < 3 or levels % 2 == 0:
+        raise ValueError(f"a dead-zone quantizer needs an odd number of levels >= 3, got {levels}")
+    a = np.abs(values.astype(np.float64).reshape(-1))
+    lam = float(np.quantile(a, ratio, method="inverted_cdf")) if ratio > 0 else 0.0
+    k = (levels - 1) // 2
+    bound = 1.5 * float(a.max())
+    if bound <= lam:
+        return lam, max(bound, 1e-12)
+
+    if k * math.log2(max(a.size, 2)) < a.size:  # few bins: sorted prefix sums are cheaper
+        a_sorted = np.sort(a)
+        p1 = np.concatenate(([0.0], np.cumsum(a_sorted)))
+        p2 = np.concatenate(([0.0], np.cumsum(a_sorted * a_sorted)))
+
+        def sse(delta: float) -> float:
+            return _deadzone_sse_sorted(a_sorted, p1, p2, lam, delta, k)
+    else:
+
+        def sse(delta: float) -> float:
+            return _deadzone_sse(a, lam, delta, k)
+
+    grid = (bound - lam) * np.arange(1, 201) / (200 * k)
+    costs = np.array([sse(d) for d in grid])
+    i = int(np.argmin(costs))
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, 199)]
+    golden = (math.sqrt(5) - 1) / 2
+    c, d = hi - golden * (hi - lo), lo + golden * (hi - lo)
+    fc, fd = sse(c), sse(d)
+    for _ in range(30):  # golden section, one new evaluation per step
+        if fc <= fd:
+            hi, d, fd = d, c, fc
+            c = hi - golden * (hi - lo)
+            fc = sse(c)
+        else:
+            lo, c, fc = c, d, fd
+            d = lo + golden * (hi - lo)
+            fd = sse(d)
+    best = (lo + hi) / 2
+    return lam, best if sse(best) <= costs[i] else float(grid[i])
+
+
+# --------------------------------------------------------------------------- the quantizers
+
+
+@dataclasses.dataclass(frozen=True)
+class Fitted:
+    """A candidate with parameters fitted to one tensor; ``apply`` quantizes, ``codes`` indexes."""
+
+    candidate: Candidate
+    signed: bool
+    axis: int | None
+    params: tuple[float, ...] | np.ndarray
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """Quantize-dequantize ``x`` (same shape and dtype)."""
+        return apply(self, x)
+
+
+def _scale_shape(x: np.ndarray, axis: int | None) -> tuple[int, ...]:
+    if axis is None:
+        return ()
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return tuple(shape)
+
+
+def fit(candidate: Candidate, values: np.ndarray, signed: bool, axis: int | None = None, clip: float | None = None) -> Fitted:
+    """Fit ``candidate`` to ``values`` (a weight, or an activation sample).
+
+    Args:
+        candidate: the candidate.
+        values: the tensor (weights) or a sample of it (activations).
+        signed: whether the tensor takes negative values.
+        axis: per-channel axis for weights (uniform only), else None.
+        clip: the activation's calibrated range (defaults to max |values|).
+    """
+    b = candidate.bits
+    absmax = float(np.abs(values).max()) if clip is None else float(clip)
+    if candidate.kind == "uniform":
+        if b == 1 and signed:
+            return Fitted(candidate, signed, None, (float(np.mean(np.abs(values))),))
+        levels = (1 << (b - 1)) - 1 if signed else (1 << b) - 1
+        if axis is not None:
+            ranges = channel_absmax(values, axis)
+            return Fitted(candidate, signed, axis, np.where(ranges > 0, ranges / levels, 1.0))
+        return Fitted(candidate, signed, None, (absmax / levels if absmax > 0 else 1.0,))
+    if candidate.kind == "deadzone":
+        lam, delta = fit_deadzone(values, candidate.ratio, (1 << b) - 1)
+        return Fitted(candidate, signed, None, (lam, delta))
+    if candidate.kind == "log":
+        e_max = round(math.log2(absmax)) if absmax > 0 else 0
+        return Fitted(candidate, signed, None, (float(e_max - ((1 << (b - 1)) - 2)), float(e_max)))
+    if candidate.kind == "fixed":
+        return Fitted(candidate, signed, None, (float(no_overflow_fl(absmax, b, signed)),))
+    raise ValueError(f"unknown quantizer kind {candidate.kind!r}")
+
+
+def codes(f: Fitted, x: np.ndarray) -> np.ndarray:
+    """Integer codes of ``x`` (for the entropy rate)."""
+    c, b = f.candidate, f.candidate.bits
+    x64 = x.astype(np.float64)
+    if c.kind == "uniform":
+        if b == 1 and f.signed:
+            return (x64 >= 0).astype(np.int64)
+        step = np.asarray(f.params, dtype=np.float64).reshape(_scale_shape(x, f.axis)) if f.axis is not None else f.params[0]
+        levels = (1 << (b - 1)) - 1 if f.signed else (1 << b) - 1
+        lo = -levels if f.signed else 0
+        return np.clip(np.rint(x64 / step), lo, levels).astype(np.int64)
+    if c.kind == "deadzone":
+        lam, delta = f.params
+        k = ((1 << b) - 2) // 2
+        idx = np.clip(np.floor((np.abs(x64) - lam) / delta), 0, k - 1) + 1
+        return (np.sign(x64) * np.where(np.abs(x64) < lam, 0, idx)).astype(np.int64)
+    if c.kind == "log":
+        e_min, e_max = f.params
+        a = np.abs(x64)
+        with np.errstate(divide="ignore"):
+            e = np.clip(np.rint(np.log2(np.where(a > 0, a, 1.0))), e_min, e_max)
+        zero = a < 2.0 ** (e_min - 1)
+        return np.where(zero, 0, np.sign(x64) * (e - e_min + 1)).astype(np.int64)
+    lo, hi = code_range(b, f.signed)
+    return np.clip(np.rint(np.ldexp(x64, int(f.params[0]))), lo, hi).astype(np.int64)
+
+
+def apply(f: Fitted, x: np.ndarray) -> np.ndarray:
+    """Quantize-dequantize ``x`` with fitted candidate ``f``."""
+    c, b = f.candidate, f.candidate.bits
+    q = codes(f, x).astype(np.float64)
+    if c.kind == "uniform":
+        if b == 1 and f.signed:
+            out = np.where(q > 0, f.params[0], -f.params[0])
+        else:
+            step = np.asarray(f.params, dtype=np.float64).reshape(_scale_shape(x, f.axis)) if f.axis is not None else f.params[0]
+            out = q * step
+    elif c.kind == "deadzone":
+        out = deadzone_quantize(x.astype(np.float64), f.params[0], f.params[1], (1 << b) - 1)
+    elif c.kind == "log":
+        e_min = f.params[0]
+        out = np.where(q == 0, 0.0, np.sign(q) * np.exp2(np.abs(q) - 1 + e_min))
+    else:
+        out = np.ldexp(q, -int(f.params[0]))
+    return out.astype(x.dtype)
+
+
+def rates(f: Fitted, x: np.ndarray, elements: int) -> tuple[float, float]:
+    """(fixed-length rate N·b, entropy rate N·H) in bits for ``elements`` elements."""
+    q = codes(f, x).reshape(-1)
+    _, counts = np.unique(q, return_counts=True)
+    p = counts / counts.sum()
+    entropy = float(-(p * np.log2(p)).sum())
+    return float(elements * f.candidate.bits), float(elements * entropy)
