@@ -1,0 +1,115 @@
+"""Candidate quantizers: spec fixtures for dead zones, rates, fitting against brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qcompiler.candidates import (
+    Candidate,
+    _deadzone_sse,
+    _deadzone_sse_sorted,
+    apply,
+    candidate_set,
+    codes,
+    deadzone_quantize,
+    fit,
+    fit_deadzone,
+    rates,
+)
+
+RNG = np.random.default_rng(5)
+
+
+def test_deadzone_fixtures():
+    # algorithms.md §1.10
+    x = np.array([0.2, 0.25, 0.7, 0.75, 3.0, -0.8])
+    assert deadzone_quantize(x, 0.25, 0.5, 5).tolist() == [0, 0.5, 0.5, 1.0, 1.0, -1.0]
+    assert deadzone_quantize(np.array([1.25]), 0.25, 0.5, 7).tolist() == [1.5]  # rha, where rne gives 1.0
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(-20, 0), st.integers(1, 6))
+def test_half_step_dead_zone_is_round_half_away(exp, kbits):
+    delta = 2.0**exp
+    levels = 2 * (2**kbits - 1) + 1
+    k = (levels - 1) // 2
+    x = RNG.integers(-(2**22), 2**22, size=200) * 2.0**-20  # dyadic: ties are exact
+    x = np.concatenate([x, (np.arange(-5, 6) + 0.5) * delta])
+    rha = np.sign(x) * np.floor(np.abs(x) / delta + 0.5)
+    assert np.array_equal(deadzone_quantize(x, delta / 2, delta, levels), delta * np.clip(rha, -k, k))
+
+
+@pytest.mark.parametrize("m", [0, 1, 3])
+def test_integer_dead_zone_stays_on_the_grid(m):
+    delta = 0.125
+    lam = (m + 0.5) * delta
+    x = RNG.normal(size=1000)
+    q = deadzone_quantize(x, lam, delta, 15)
+    assert np.allclose(q / delta, np.rint(q / delta))
+    assert np.count_nonzero(q == 0) == np.count_nonzero(np.abs(x) < lam)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.5])
+def test_deadzone_fit_matches_quantile_and_brute_force(ratio):
+    x = RNG.laplace(size=5000)
+    lam, delta = fit_deadzone(x, ratio, 7)
+    a = np.abs(x)
+    assert lam == (np.quantile(a, ratio, method="inverted_cdf") if ratio else 0.0)
+    grid = (1.5 * a.max() - lam) * np.arange(1, 201) / (200 * 3)
+    brute = min(np.sum((deadzone_quantize(x, lam, d, 7) - x) ** 2) for d in grid)
+    assert np.sum((deadzone_quantize(x, lam, delta, 7) - x) ** 2) <= brute * (1 + 1e-9)
+    with pytest.raises(ValueError, match="odd number of levels"):
+        fit_deadzone(x, ratio, 4)
+
+
+def test_sorted_and_direct_sse_agree():
+    a = np.abs(RNG.normal(size=20000))
+    s = np.sort(a)
+    p1, p2 = np.concatenate(([0.0], np.cumsum(s))), np.concatenate(([0.0], np.cumsum(s * s)))
+    for lam, delta, k in [(0.0, 0.1, 7), (0.4, 0.05, 127), (2.0, 1.0, 1)]:
+        assert _deadzone_sse_sorted(s, p1, p2, lam, delta, k) == pytest.approx(_deadzone_sse(a, lam, delta, k), rel=1e-9)
+
+
+def test_rate_fixture():
+    # algorithms.md §1.10: N = 864, L = 3 (2 bits), code histogram (1/4, 1/2, 1/4)
+    x = np.array([-1.0] * 216 + [0.0] * 432 + [1.0] * 216)
+    f = fit(Candidate("uniform", 2), x, signed=True)
+    assert sorted(np.unique(codes(f, x)).tolist()) == [-1, 0, 1]
+    fixed, entropy = rates(f, x, 864)
+    assert fixed == 1728 and entropy == pytest.approx(1296)
+
+
+@pytest.mark.parametrize("candidate", candidate_set(bits=(2, 3, 4, 8), deadzone_ratios=(0.3,)), ids=lambda c: c.label)
+def test_every_candidate_has_few_levels_and_bounded_error(candidate):
+    w = RNG.normal(size=(16, 40)).astype(np.float32)
+    f = fit(candidate, w, True, axis=0 if candidate.kind == "uniform" else None)
+    q = apply(f, w)
+    assert q.shape == w.shape and q.dtype == w.dtype
+    per_row = [len(np.unique(r)) for r in q] if candidate.kind == "uniform" else [len(np.unique(q))]
+    assert max(per_row) <= 2**candidate.bits
+    assert np.mean((q - w) ** 2) < np.mean(w**2)
+
+
+def test_more_bits_less_error_for_uniform_and_fixed():
+    w = RNG.normal(size=4000)
+    for kind in ("uniform", "fixed"):
+        errors = [np.mean((apply(fit(Candidate(kind, b), w, True), w) - w) ** 2) for b in (3, 4, 5, 6, 8)]
+        assert errors == sorted(errors, reverse=True)
+
+
+def test_unsigned_activations_use_all_codes():
+    x = RNG.uniform(0, 3, size=5000)
+    f = fit(Candidate("uniform", 3), x, signed=False)
+    assert set(np.unique(codes(f, x)).tolist()) == set(range(8))
+
+
+def test_candidate_set_validation():
+    assert [c.label for c in candidate_set(bits=(1, 2), kinds=("uniform", "deadzone"), deadzone_ratios=(0.5,))] == [
+        "uniform:1", "uniform:2", "deadzone:2:r0.5"]
+    with pytest.raises(ValueError, match="unknown quantizer kinds"):
+        candidate_set(kinds=("kmeans",))
+    with pytest.raises(ValueError, match="empty"):
+        candidate_set(bits=(1,), kinds=("log",))
