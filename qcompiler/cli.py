@@ -161,6 +161,48 @@ def compile_command(
         _print_summary(result)
 
 
+@app.command("profile")
+def profile_command(
+    model: Path = typer.Argument(..., help="The float model (.onnx)."),
+    calib: Path = typer.Option(..., "--calib", help="Calibration data (.npz keyed by input name, or .npy)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+    mode: str = typer.Option("exact", "--mode", help="exact, fast, or both (measures and compares)."),
+    bits: str = typer.Option("1,2,3,4,5,6,7,8,16", "--bits", help="Candidate bit widths, comma-separated."),
+    kinds: str = typer.Option("uniform,deadzone,log,fixed", "--kinds", help="Quantizer kinds, comma-separated."),
+    ratios: str = typer.Option("0.1,0.3,0.5", "--deadzone-ratios", help="Dead-zone ratios, comma-separated."),
+    tensors: str = typer.Option("all", "--tensors", help="all, weights or activations."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Measure rate-distortion curves of every weight and activation; export JSON and plots."""
+    from qcompiler.candidates import candidate_set
+    from qcompiler.profiling import ProfileConfig, profile_model
+
+    def run() -> Any:
+        try:
+            candidates = candidate_set(
+                bits=tuple(int(b) for b in bits.split(",")),
+                kinds=tuple(k.strip() for k in kinds.split(",")),
+                deadzone_ratios=tuple(float(r) for r in ratios.split(",")),
+            )
+        except ValueError as exc:
+            raise QCompilerError(f"bad candidate options: {exc}") from None
+        if tensors not in ("all", "weights", "activations"):
+            raise QCompilerError(f"--tensors {tensors!r} is not one of all, weights, activations")
+        config = ProfileConfig(calib=calib, mode=mode, candidates=tuple(candidates), tensors=tensors,
+                               batch_size=batch_size, plots=not no_plots, show_progress=not quiet)
+        return profile_model(model, config, out)
+
+    report = _run(debug, run)
+    if not quiet:
+        typer.echo(f"profiled {len(report['tensors'])} tensors x {sum(1 for _ in bits.split(','))} bit widths -> {out}/")
+        if "fast_vs_exact" in report:
+            fv = report["fast_vs_exact"]
+            typer.echo(f"fast vs exact: mean Spearman {fv['mean_spearman']:.3f}, median relative error {fv['median_relative_error']:.3f}")
+
+
 def version_callback(value: bool) -> None:
     if value:
         typer.echo(f"qcompile {__version__}")

@@ -175,3 +175,35 @@ def test_kernel_gap_is_explained():
     (note,) = runtime_notes(metrics, {"vnni": False})
     assert "20.0 dB below" in note and "without VNNI" in note
     assert runtime_notes({"simulated": {"sqnr_db": 40.0}, "ort_kernel": {"sqnr_db": 39.5}}, {"vnni": False}) == []
+
+
+def test_profile_command_exports_json_plots_and_annotations(tmp_path):
+    out = tmp_path / "prof"
+    result = RUNNER.invoke(app, ["profile", MODEL, "--calib", CALIB, "-o", str(out), "--mode", "both",
+                                 "--bits", "3,4,6", "--kinds", "uniform,fixed", "--tensors", "weights", "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "profiles.json").read_text())
+    assert sorted(report["tensors"]) == ["0.weight", "12.weight", "14.weight", "3.weight", "7.weight"]
+    entry = report["tensors"]["3.weight"]
+    rows = entry["exact"]["rows"]
+    assert [r["candidate"] for r in rows] == ["uniform:3", "uniform:4", "uniform:6", "fixed:3", "fixed:4", "fixed:6"]
+    assert rows[0]["distortion"] > rows[1]["distortion"] > rows[2]["distortion"] > 0
+    assert rows[1]["rate_fixed"] == 4 * 4608 and all(r["measured"] for r in rows)
+    assert not all(r["measured"] for r in entry["fast"]["rows"])
+    assert -1 <= entry["fast_vs_exact"]["spearman"] <= 1
+    assert report["fast_vs_exact"]["mean_spearman"] > 0.5
+    pngs = sorted(p.name for p in (out / "plots").iterdir())
+    assert pngs == ["0.weight.png", "12.weight.png", "14.weight.png", "3.weight.png", "7.weight.png"]
+    assert (out / "plots" / "3.weight.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from qcompiler import annotations as ann
+    from qcompiler.ir import load
+
+    model = load(out / "model.profiled.onnx")
+    profile = ann.get(model.graph.initializers["3.weight"], ann.ErrorProfile)
+    assert profile.candidates[0] == "uniform:3" and profile.mode == "fast"
+
+
+def test_profile_bad_options(tmp_path):
+    _bad(tmp_path, ["profile", MODEL, "--calib", CALIB, "--kinds", "kmeans"], "unknown quantizer kinds")
+    _bad(tmp_path, ["profile", MODEL, "--calib", CALIB, "--mode", "guess"], "profile mode must be")
+    _bad(tmp_path, ["profile", MODEL, "--calib", str(tmp_path / "none.npz")], "none.npz: no such file")

@@ -1,0 +1,161 @@
+"""``qcompile profile``: calibrate, measure rate-distortion curves, export JSON and plots.
+
+Writes into the output folder (atomically):
+
+- ``model.profiled.onnx``: the IR with :class:`TensorStats` and :class:`ErrorProfile` annotations;
+- ``stats/``: the calibration sidecar (histograms and reservoirs per activation);
+- ``profiles.json``: every curve (candidate, bits, rates, distortion, measured flag) per tensor,
+  plus, in ``both`` mode, how well ``fast`` predicts ``exact`` (Spearman, relative error);
+- ``plots/<tensor>.png``: rate (bits per element) against distortion on a log scale, one line
+  per quantizer kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler import annotations as ann
+from qcompiler.candidates import Candidate, candidate_set
+from qcompiler.data import DataSource, load_dataset
+from qcompiler.fsutil import atomic_dir, write_json
+from qcompiler.graph import values_by_name
+from qcompiler.ir import ModelLike, load_normalized, save
+from qcompiler.passes.calibrate import CalibratePass, safe_filename
+from qcompiler.passes.pipelines import canonical_pipeline
+from qcompiler.passes.profile_errors import ProfileErrorPass, agreement
+from qcompiler.pipeline import run_pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+    """Options of ``qcompile profile``.
+
+    Attributes:
+        calib: calibration data.
+        mode: ``exact``, ``fast`` or ``both`` (both measures and compares).
+        candidates: the candidate set.
+        tensors: ``all``, ``weights`` or ``activations``.
+        batch_size: batch size.
+        plots: write one PNG per tensor.
+        show_progress: progress bars on a terminal.
+    """
+
+    calib: DataSource
+    mode: str = "exact"
+    candidates: tuple[Candidate, ...] = tuple(candidate_set())
+    tensors: str = "all"
+    batch_size: int = 64
+    plots: bool = True
+    show_progress: bool = True
+
+
+def _profiles(model: ir.Model) -> dict[str, ann.ErrorProfile]:
+    return {n: p for n, v in values_by_name(model.graph).items() if (p := ann.get(v, ann.ErrorProfile)) is not None}
+
+
+def profile_model(model: ModelLike, config: ProfileConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Run the profile and write its outputs; return the ``profiles.json`` content."""
+    if config.mode not in ("exact", "fast", "both"):
+        from qcompiler.errors import QCompilerError
+
+        raise QCompilerError(f"profile mode must be exact, fast or both, got {config.mode!r}")
+    ir_model = load_normalized(model)
+    calib = load_dataset(config.calib, ir_model)
+    with atomic_dir(out_dir) as folder:
+        passes = [
+            *canonical_pipeline(),
+            CalibratePass(data=calib, batch_size=config.batch_size, sidecar_dir=folder / "stats",
+                          show_progress=config.show_progress),
+        ]
+        prepared = run_pipeline(ir_model, passes).model
+        modes = ("exact", "fast") if config.mode == "both" else (config.mode,)
+        results: dict[str, dict[str, ann.ErrorProfile]] = {}
+        final = prepared
+        for mode in modes:
+            target = prepared if mode == modes[-1] else prepared.clone()
+            _copy_meta(prepared, target)
+            run_pipeline(target, [ProfileErrorPass(data=calib, candidates=config.candidates, mode=mode,
+                                                   tensors=config.tensors, batch_size=config.batch_size,
+                                                   show_progress=config.show_progress)])
+            results[mode] = _profiles(target)
+            final = target
+        report = _report(results)
+        save(final, folder / "model.profiled.onnx")
+        write_json(folder / "profiles.json", report)
+        if config.plots:
+            for name, profile in results[modes[0]].items():
+                plot_curve(name, profile, folder / "plots" / f"{safe_filename(name)}.png")
+    return report
+
+
+def _copy_meta(source: ir.Model, target: ir.Model) -> None:
+    """Carry calibration's in-memory reservoirs to a clone (``meta`` is not cloned)."""
+    src, dst = values_by_name(source.graph), values_by_name(target.graph)
+    for name, value in src.items():
+        if name in dst and dst[name] is not value:
+            for key, item in value.meta.items():
+                dst[name].meta[key] = item
+
+
+def _report(results: dict[str, dict[str, ann.ErrorProfile]]) -> dict[str, Any]:
+    first = next(iter(results.values()))
+    tensors = {}
+    for name, profile in first.items():
+        entry = {mode: json_profile(profiles[name]) for mode, profiles in results.items()}
+        if "exact" in results and "fast" in results:
+            entry["fast_vs_exact"] = agreement(results["exact"][name], results["fast"][name])
+        tensors[name] = entry
+    out: dict[str, Any] = {"tensors": tensors}
+    if "exact" in results and "fast" in results:
+        rhos = [t["fast_vs_exact"]["spearman"] for t in tensors.values() if np.isfinite(t["fast_vs_exact"]["spearman"])]
+        rels = [t["fast_vs_exact"]["median_relative_error"] for t in tensors.values()]
+        out["fast_vs_exact"] = {
+            "mean_spearman": float(np.mean(rhos)) if rhos else None,
+            "median_relative_error": float(np.median(rels)) if rels else None,
+        }
+    return out
+
+
+def json_profile(profile: ann.ErrorProfile) -> dict[str, Any]:
+    """An ErrorProfile as rows, for JSON export."""
+    rows = [
+        {"candidate": c, "bits": b, "rate_fixed": rf, "rate_entropy": re, "distortion": d, "measured": m}
+        for c, b, rf, re, d, m in zip(profile.candidates, profile.bits, profile.rate_fixed, profile.rate_entropy,
+                                      profile.distortion, profile.measured)
+    ]
+    return {"kind": profile.tensor_kind, "elements": profile.elements, "mode": profile.mode, "rows": rows}
+
+
+def plot_curve(name: str, profile: ann.ErrorProfile, path: Path) -> None:
+    """Rate (bits per element, entropy and fixed) vs distortion on a log scale, per quantizer kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    kinds: dict[str, list[int]] = {}
+    for i, label in enumerate(profile.candidates):
+        key = label.split(":")[0] + (":" + label.split(":")[2] if label.startswith("deadzone") else "")
+        kinds.setdefault(key, []).append(i)
+    for key, idx in sorted(kinds.items()):
+        idx = sorted(idx, key=lambda i: profile.rate_entropy[i])
+        rate = [profile.rate_entropy[i] / profile.elements for i in idx]
+        dist = [max(profile.distortion[i], 1e-12) for i in idx]
+        ax.plot(rate, dist, marker="o", markersize=3, label=key)
+    ax.set_yscale("log")
+    ax.set_xlabel("rate (entropy bits per element)")
+    ax.set_ylabel("logit MSE")
+    ax.set_title(f"{name} ({profile.tensor_kind}, {profile.mode})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    # PNG metadata carries the matplotlib version only: same data, same bytes.
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
