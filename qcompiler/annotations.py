@@ -237,6 +237,35 @@ class ErrorProfile(Annotation):
 
 
 @dataclasses.dataclass(frozen=True)
+class ChannelAllocation(Annotation):
+    """On a feature value: seed 001's channel-wise interval allocation and its evaluation.
+
+    Attributes:
+        quantizer: ``uniform``, ``log`` or ``log_faithful``.
+        bits: the nominal bit widths b (budget C·(2**b − 1) intervals each).
+        table: per bit width, the offline table's column sums T (one per channel).
+        gains: the closed-form model's per-channel gains w_c.
+        closed_form: per bit width, the closed-form counts n_c.
+        mse_uniform, mse_allocated, mse_closed_form, mse_dorefa: logit MSE per bit width.
+        alpha, beta, reserve: the online allocation's parameters.
+    """
+
+    KIND: ClassVar[str] = "channel_allocation"
+    quantizer: str
+    bits: tuple[int, ...]
+    table: tuple[tuple[float, ...], ...]
+    gains: tuple[float, ...]
+    closed_form: tuple[tuple[int, ...], ...]
+    mse_uniform: tuple[float, ...]
+    mse_allocated: tuple[float, ...]
+    mse_closed_form: tuple[float, ...]
+    mse_dorefa: tuple[float, ...]
+    alpha: float = 0.9
+    beta: float = 0.1
+    reserve: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
 class Provenance(Annotation):
     """On the model: the passes that produced it, in order.
 

@@ -203,6 +203,36 @@ def profile_command(
             typer.echo(f"fast vs exact: mean Spearman {fv['mean_spearman']:.3f}, median relative error {fv['median_relative_error']:.3f}")
 
 
+@app.command("channels")
+def channels_command(
+    model: Path = typer.Argument(..., help="The float model (.onnx)."),
+    tensor: str = typer.Option(..., "--tensor", help="The feature tensor to allocate (a split point)."),
+    calib: Path = typer.Option(..., "--calib", help="Calibration data for the offline table."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval", help="Evaluation data (default: --calib)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+    quantizer: str = typer.Option("uniform", "--quantizer", help="uniform, log or log_faithful."),
+    alpha: float = typer.Option(0.9, "--alpha", help="Mean priority of the online score."),
+    beta: float = typer.Option(0.1, "--beta", help="Spread priority of the online score."),
+    reserve: int = typer.Option(10, "--reserve-interval", help="Intervals kept for online refinement."),
+    table_samples: int = typer.Option(32, "--table-samples"),
+    eval_samples: int = typer.Option(128, "--eval-samples"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Channel-wise interval allocation for one feature (seed 001): mse.csv and channels.json."""
+    from qcompiler.channels_cli import run_channels
+
+    def run() -> Any:
+        return run_channels(model, tensor, calib, eval_data, out, quantizer, alpha, beta, reserve,
+                            table_samples, eval_samples)
+
+    rows = _run(debug, run)
+    if not quiet:
+        typer.echo("bits,uniform,allocated,closed_form,dorefa")
+        for row in rows:
+            typer.echo(",".join(f"{v:.6g}" for v in row))
+
+
 def version_callback(value: bool) -> None:
     if value:
         typer.echo(f"qcompile {__version__}")

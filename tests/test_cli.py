@@ -207,3 +207,23 @@ def test_profile_bad_options(tmp_path):
     _bad(tmp_path, ["profile", MODEL, "--calib", CALIB, "--kinds", "kmeans"], "unknown quantizer kinds")
     _bad(tmp_path, ["profile", MODEL, "--calib", CALIB, "--mode", "guess"], "profile mode must be")
     _bad(tmp_path, ["profile", MODEL, "--calib", str(tmp_path / "none.npz")], "none.npz: no such file")
+
+
+def test_channels_command(tmp_path):
+    out = tmp_path / "ch"
+    result = RUNNER.invoke(app, ["channels", MODEL, "--tensor", "relu", "--calib", CALIB, "--eval", EVAL, "-o", str(out),
+                                 "--table-samples", "4", "--eval-samples", "16", "--reserve-interval", "4"])
+    assert result.exit_code == 0, result.output
+    lines = (out / "mse.csv").read_text().splitlines()
+    assert lines[0] == "bits,uniform,allocated,closed_form,dorefa" and len(lines) == 7
+    rows = [list(map(float, l.split(","))) for l in lines[1:]]
+    assert [r[0] for r in rows] == [2, 3, 4, 5, 6, 7]
+    assert all(rows[i][1] > rows[i + 1][1] for i in range(5))  # uniform MSE falls with bits
+    assert sum(r[2] < r[1] for r in rows) >= 4  # the allocation beats per-tensor uniform at most widths
+    doc = json.loads((out / "channels.json").read_text())["pkg.qcompiler.channel_allocation"]
+    assert len(doc["gains"]) == 16 and all(sum(n) == 16 * (2**b - 1) for n, b in zip(doc["closed_form"], doc["bits"]))
+
+
+def test_channels_bad_tensor(tmp_path):
+    _bad(tmp_path, ["channels", MODEL, "--tensor", "nope", "--calib", CALIB], "the model has no value named 'nope'")
+    _bad(tmp_path, ["channels", MODEL, "--tensor", "relu", "--calib", CALIB, "--quantizer", "dorefa"], "quantizer must be one of")
