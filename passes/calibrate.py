@@ -12,6 +12,7 @@ to a sidecar folder when one is given. Named tensors can be dumped batch by batc
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import re
 from collections.abc import Iterable, Mapping
@@ -88,7 +89,7 @@ class CalibratePass(ir.passes.InPlacePass):
     percentile: float = 99.99
     bins: int = 1 << 16
     channel_bins: int = 256
-    reservoir: int = 50_000
+    reservoir: int = 16_384
     seed: int = 0
     sidecar_dir: Path | None = dataclasses.field(default=None, repr=False)
     dump: tuple[str, ...] = ()
@@ -126,19 +127,32 @@ class CalibratePass(ir.passes.InPlacePass):
         }
         total = self.data.num_samples if isinstance(self.data, ArrayDataset) else None
         batches = 0
-        with progress_bar("calibrate", total, enabled=self.show_progress) as advance:
+
+        def fold(index: int, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
+            for name in names:
+                tensor = feed[name] if name in graph_inputs else outputs[name]
+                try:
+                    stats[name].update(tensor)
+                except ValueError as exc:
+                    raise DataError(f"calibration: value {name!r} {exc}") from None
+                if name in self.dump:
+                    self._dump(name, index, tensor)
+
+        # Statistics of batch i are folded on a worker thread while onnxruntime computes batch
+        # i + 1 (both release the GIL); at most two batches of intermediates are alive.
+        pending: concurrent.futures.Future | None = None
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool, progress_bar(
+            "calibrate", total, enabled=self.show_progress
+        ) as advance:
             for feed in iter_feeds(self.data, self.batch_size):
                 outputs = runner.run(feed, fetched)
-                for name in names:
-                    tensor = feed[name] if name in graph_inputs else outputs[name]
-                    try:
-                        stats[name].update(tensor)
-                    except ValueError as exc:
-                        raise DataError(f"calibration: value {name!r} {exc}") from None
-                    if name in self.dump:
-                        self._dump(name, batches, tensor)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(fold, batches, feed, outputs)
                 batches += 1
                 advance(len(next(iter(feed.values()))))
+            if pending is not None:
+                pending.result()
         if batches == 0:
             raise DataError("calibration data is empty")
         values = values_by_name(model.graph)

@@ -90,7 +90,7 @@ class ProfileErrorPass(ir.passes.InPlacePass):
     only: tuple[str, ...] = ()
     batch_size: int = 64
     memory_budget_mb: int = 256
-    max_candidates_per_run: int = 64
+    max_candidates_per_run: int = 8
     split: str = "calib"
     workers: int = dataclasses.field(default_factory=lambda: max(1, os.cpu_count() or 1), repr=False, compare=False)
     show_progress: bool = dataclasses.field(default=True, repr=False, compare=False)

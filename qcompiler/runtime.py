@@ -26,6 +26,9 @@ def session_options(optimize: bool, threads: int = 0) -> ort.SessionOptions:
     )
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    # onnxruntime's workers spin after each run; qcompiler runs numpy/numba work between runs
+    # (statistics, quantizers), which would compete with spinning threads for the same cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 

@@ -34,44 +34,61 @@ def _minmax(x: np.ndarray) -> tuple[float, float, int]:
     return lo, hi, nans
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def _accumulate(
     x: np.ndarray,  # (N, C, S) float32, C-contiguous
     inv_width: float,
     inv_cwidth: float,
-    hist: np.ndarray,  # (B,) int64
+    hist2d: np.ndarray,  # (T, B) int32: one private histogram per worker (fits L2), summed by the caller
     chist: np.ndarray,  # (C, Bc) int64
     csum: np.ndarray,
     csq: np.ndarray,
     cmin: np.ndarray,
     cmax: np.ndarray,
-) -> tuple[float, float]:
-    nb = hist.shape[0]
+) -> None:
+    workers = hist2d.shape[0]
+    nb = hist2d.shape[1]
     ncb = chist.shape[1]
-    total, total_sq = 0.0, 0.0
-    for n in range(x.shape[0]):
-        for c in range(x.shape[1]):
+    channels = x.shape[1]
+    # Channels are dealt round-robin to workers; every per-channel accumulator has one writer.
+    for t in numba.prange(workers):
+        for c in range(t, channels, workers):
             s1, s2 = 0.0, 0.0
             lo, hi = cmin[c], cmax[c]
-            for s in range(x.shape[2]):
-                v = np.float64(x[n, c, s])
-                s1 += v
-                s2 += v * v
-                if v < lo:
-                    lo = v
-                if v > hi:
-                    hi = v
-                a = abs(v)
-                b = int(a * inv_width)
-                hist[b if b < nb else nb - 1] += 1
-                bc = int(a * inv_cwidth)
-                chist[c, bc if bc < ncb else ncb - 1] += 1
+            for n in range(x.shape[0]):
+                for s in range(x.shape[2]):
+                    v = np.float64(x[n, c, s])
+                    s1 += v
+                    s2 += v * v
+                    if v < lo:
+                        lo = v
+                    if v > hi:
+                        hi = v
+                    a = abs(v)
+                    b = int(a * inv_width)
+                    hist2d[t, b if b < nb else nb - 1] += 1
+                    bc = int(a * inv_cwidth)
+                    chist[c, bc if bc < ncb else ncb - 1] += 1
             cmin[c], cmax[c] = lo, hi
             csum[c] += s1
             csq[c] += s2
-            total += s1
-            total_sq += s2
-    return total, total_sq
+
+
+@numba.njit(cache=True, nogil=True)
+def _algorithm_l(
+    flat: np.ndarray, offset: int, reservoir: np.ndarray, next_index: int, w: float, uniforms: np.ndarray
+) -> tuple[int, float]:
+    """Replace reservoir slots until the next index leaves this batch or the uniforms run out."""
+    k = reservoir.shape[0]
+    end = offset + flat.shape[0]
+    i = 0
+    while next_index < end and i + 3 <= uniforms.shape[0]:
+        slot = min(int(uniforms[i] * k), k - 1)
+        reservoir[slot] = flat[next_index - offset]
+        w *= math.exp(math.log(uniforms[i + 1]) / k)
+        next_index += int(math.floor(math.log(uniforms[i + 2]) / math.log1p(-w))) + 1
+        i += 3
+    return next_index, w
 
 
 def _as_ncs(x: np.ndarray) -> np.ndarray:
@@ -131,6 +148,8 @@ class StreamingStats:
         self.reservoir_size = reservoir
         self.reservoir = np.zeros(reservoir, np.float32)
         self._rng = np.random.default_rng(seed)
+        self._w = 0.0  # Algorithm L state: current weight and index of the next replacement
+        self._next = 0
 
     # ------------------------------------------------------------------ updates
     def update(self, batch: np.ndarray) -> None:
@@ -151,17 +170,15 @@ class StreamingStats:
         elif x.shape[1] != self.channels:
             raise ValueError(f"channel count changed from {self.channels} to {x.shape[1]}")
         self._grow_range(max(abs(lo), abs(hi)))
-        total, total_sq = _accumulate(
-            x,
-            self.bins / self.range,
-            self.channel_bins / self.range,
-            self.hist,
-            self.chist,
-            self.csum,
-            self.csq,
-            self.cmin,
-            self.cmax,
+        before_sum, before_sq = self.csum.sum(), self.csq.sum()
+        workers = min(numba.get_num_threads(), x.shape[1])
+        partial = np.zeros((workers, self.bins), np.int32)  # < 2**31 elements per batch and worker
+        _accumulate(
+            x, self.bins / self.range, self.channel_bins / self.range, partial, self.chist,
+            self.csum, self.csq, self.cmin, self.cmax,
         )
+        self.hist += partial.sum(axis=0)
+        total, total_sq = self.csum.sum() - before_sum, self.csq.sum() - before_sq
         self._reservoir_update(flat)
         self.count += flat.size
         self.ccount += x.shape[0] * x.shape[2]
@@ -189,6 +206,13 @@ class StreamingStats:
             self.chist = _merge_pairs(self.chist, times)
 
     def _reservoir_update(self, flat: np.ndarray) -> None:
+        """Algorithm L (Li, 1994): uniform reservoir sampling with geometric skips.
+
+        The cost is proportional to the number of replacements (about k·log(N/k) over the whole
+        stream), not to the number of elements. The loop runs in numba on uniforms drawn in
+        bulk from the seeded generator, so the sample is deterministic for a seed and a batch
+        split.
+        """
         k = self.reservoir_size
         if k == 0:
             return
@@ -196,15 +220,17 @@ class StreamingStats:
         fill = max(0, min(k - seen, flat.size))
         if fill:
             self.reservoir[seen : seen + fill] = flat[:fill]
-        rest = flat[fill:]
-        if rest.size == 0:
+            if seen + fill == k:
+                u = 1.0 - self._rng.random(2)  # in (0, 1]
+                self._w = math.exp(math.log(u[0]) / k)
+                self._next = k - 1 + int(math.floor(math.log(u[1]) / math.log1p(-self._w))) + 1
+        if seen + fill < k:
             return
-        # Algorithm R, vectorised: element with global index i replaces slot j ~ U[0, i] if j < k.
-        positions = np.arange(seen + fill, seen + fill + rest.size, dtype=np.int64)
-        slots = (self._rng.random(rest.size) * (positions + 1)).astype(np.int64)
-        hit = slots < k
-        # Later elements overwrite earlier ones in the same slot, as the sequential algorithm does.
-        self.reservoir[slots[hit]] = rest[hit]
+        end = seen + flat.size
+        while self._next < end:
+            expected = int(k * math.log(end / max(self._next, 1))) + 64
+            uniforms = 1.0 - self._rng.random(3 * expected)
+            self._next, self._w = _algorithm_l(flat, seen, self.reservoir, self._next, self._w, uniforms)
 
     # ------------------------------------------------------------------ results
     @property
