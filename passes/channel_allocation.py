@@ -110,6 +110,8 @@ class ChannelAllocationPass(ir.passes.InPlacePass):
                 bits=tuple(self.bits),
                 table=tuple(tuple(float(v) for v in tables[b].sum(axis=0)) for b in self.bits),
                 gains=tuple(float(g) for g in gains),
+                curves=tuple(tuple(float(v) for v in row)
+                             for row in cw.channel_curves(backend, self.quantizer, x_table, tuple(self.bits))),
                 closed_form=closed,
                 mse_uniform=report.uniform,
                 mse_allocated=report.allocated,

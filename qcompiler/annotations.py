@@ -245,6 +245,7 @@ class ChannelAllocation(Annotation):
         bits: the nominal bit widths b (budget C·(2**b − 1) intervals each).
         table: per bit width, the offline table's column sums T (one per channel).
         gains: the closed-form model's per-channel gains w_c.
+        curves: per channel, D_c(2**b − 1) for each bit width (only channel c quantized).
         closed_form: per bit width, the closed-form counts n_c.
         mse_uniform, mse_allocated, mse_closed_form, mse_dorefa: logit MSE per bit width.
         alpha, beta, reserve: the online allocation's parameters.
@@ -255,6 +256,7 @@ class ChannelAllocation(Annotation):
     bits: tuple[int, ...]
     table: tuple[tuple[float, ...], ...]
     gains: tuple[float, ...]
+    curves: tuple[tuple[float, ...], ...]
     closed_form: tuple[tuple[int, ...], ...]
     mse_uniform: tuple[float, ...]
     mse_allocated: tuple[float, ...]

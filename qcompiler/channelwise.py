@@ -282,6 +282,17 @@ def closed_form_allocation(w: np.ndarray, budget: int, rule: str = "intervals", 
     return n
 
 
+def channel_curves(backend: Backend, quantizer: str, x: np.ndarray, bits: tuple[int, ...] = BITS) -> np.ndarray:
+    """Per-channel distortion curves: ``D_c(2**b − 1)`` averaged over samples, shape (C, len(bits))."""
+    quantize = QUANTIZERS[quantizer]
+    ref = backend(x)
+    curves = np.empty((x.shape[1], len(bits)))
+    for j, b in enumerate(bits):
+        counts = np.full((x.shape[0], x.shape[1]), (1 << b) - 1, np.int64)
+        curves[:, j] = all_channel_distortions(backend, quantize, x, ref, counts).mean(axis=0)
+    return curves
+
+
 # --------------------------------------------------------------------------- evaluation
 
 

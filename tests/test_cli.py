@@ -221,6 +221,8 @@ def test_channels_command(tmp_path):
     assert all(rows[i][1] > rows[i + 1][1] for i in range(5))  # uniform MSE falls with bits
     assert sum(r[2] < r[1] for r in rows) >= 4  # the allocation beats per-tensor uniform at most widths
     doc = json.loads((out / "channels.json").read_text())["pkg.qcompiler.channel_allocation"]
+    curves = np.array(doc["curves"])
+    assert curves.shape == (16, 6) and np.all(np.diff(curves, axis=1) <= 0)  # more intervals, less error
     assert len(doc["gains"]) == 16 and all(sum(n) == 16 * (2**b - 1) for n, b in zip(doc["closed_form"], doc["bits"]))
 
 
