@@ -24,7 +24,7 @@ import onnx_ir as ir
 from qcompiler import annotations as ann
 from qcompiler.data import ArrayDataset, iter_feeds
 from qcompiler.errors import DataError
-from qcompiler.fsutil import write_bytes
+from qcompiler.fsutil import write_npy, write_npz
 from qcompiler.graph import values_by_name
 from qcompiler.passes.detect_layers import quantizable_nodes
 from qcompiler.progress import progress_bar
@@ -162,11 +162,7 @@ class CalibratePass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, True)
 
     def _dump(self, name: str, index: int, tensor: np.ndarray) -> None:
-        import io
-
-        buffer = io.BytesIO()
-        np.save(buffer, tensor)
-        write_bytes(Path(self.dump_dir) / safe_filename(name) / f"{index:05d}.npy", buffer.getvalue())
+        write_npy(Path(self.dump_dir) / safe_filename(name) / f"{index:05d}.npy", tensor)
 
     def _ranges(self, s: StreamingStats) -> list[tuple[str, float]]:
         signed = s.min < 0.0
@@ -187,12 +183,9 @@ class CalibratePass(ir.passes.InPlacePass):
     def _annotation(self, name: str, s: StreamingStats) -> ann.TensorStats:
         sidecar = None
         if self.sidecar_dir is not None:
-            import io
-
-            buffer = io.BytesIO()
-            np.savez(buffer, hist=s.hist, channel_hist=s.chist, range=np.float64(s.range), reservoir=s.reservoir_sample())
             sidecar = f"{safe_filename(name)}.stats.npz"
-            write_bytes(Path(self.sidecar_dir) / sidecar, buffer.getvalue())
+            write_npz(Path(self.sidecar_dir) / sidecar, hist=s.hist, channel_hist=s.chist,
+                      range=np.float64(s.range), reservoir=s.reservoir_sample())
         quantiles = s.abs_quantile(np.array(QUANTILES))
         per_channel = s.channels > 0 and s.count != s.samples
         return ann.TensorStats(

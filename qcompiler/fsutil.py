@@ -52,6 +52,28 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     write_bytes(path, text.encode())
 
 
+def write_npy(path: str | os.PathLike[str], array: Any) -> None:
+    """Write one array as ``.npy``, atomically."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    write_bytes(path, buffer.getvalue())
+
+
+def write_npz(path: str | os.PathLike[str], **arrays: Any) -> None:
+    """Write named arrays as an uncompressed ``.npz`` (stable bytes), atomically."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: arrays[k] for k in sorted(arrays)})
+    write_bytes(path, buffer.getvalue())
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a fresh temporary folder; on success it replaces ``path`` as a whole.

@@ -14,7 +14,6 @@ in annotations and outputs with tolerances) and, with ``update=True``, rewrites 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 from collections.abc import Mapping
@@ -25,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import annotations as ann
-from qcompiler.fsutil import write_bytes, write_json
+from qcompiler.fsutil import write_bytes, write_json, write_npz
 from qcompiler.runtime import Runner
 
 
@@ -103,9 +102,7 @@ def write(folder: Path, name: str, snap: Snapshot) -> None:
     """Write the three golden files of case ``name``."""
     write_bytes(folder / f"{name}.onnxtxt", snap.structure.encode())
     write_json(folder / f"{name}.annotations.json", snap.annotations)
-    buffer = io.BytesIO()
-    np.savez(buffer, **{k: np.asarray(v) for k, v in sorted(snap.outputs.items())})
-    write_bytes(folder / f"{name}.outputs.npz", buffer.getvalue())
+    write_npz(folder / f"{name}.outputs.npz", **{k: np.asarray(v) for k, v in snap.outputs.items()})
 
 
 def read(folder: Path, name: str) -> Snapshot:
