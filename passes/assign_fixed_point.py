@@ -1,6 +1,7 @@
 """Assign fixed-point formats (WL/FL, power-of-two scales) to weights, biases and activations.
 
-Rule ``minmax``: every format is the largest fractional length that holds the tensor's range
+Word lengths come from the allocator's :class:`~qcompiler.annotations.BitWidth` where present
+(mixed precision), else from ``weight_bits``/``activation_bits``. Rule ``minmax``: every format is the largest fractional length that holds the tensor's range
 without saturation (weights per output channel by default, activations per tensor from the
 calibrated min/max, unsigned when the calibrated minimum is >= 0). Biases get 32-bit codes in
 the accumulator's format, ``fl_bias = fl_input + fl_weight`` per output channel.
@@ -73,20 +74,28 @@ class AssignFixedPointPass(ir.passes.InPlacePass):
     def _activation_format(self, value: ir.Value) -> ann.FixedPoint:
         stats = ann.require(value, ann.TensorStats, where="AssignFixedPointPass")
         signed = stats.min < 0.0
-        key = range_key(self.range_method, self.activation_bits, self.percentile)
+        bits = _allocated_bits(value, self.activation_bits)
+        key = range_key(self.range_method, bits, self.percentile)
         try:
             clip = stats.range(key)
         except AnnotationError as exc:
             raise AnnotationError(f"value {value.name!r}: {exc}; calibrate with that method and bit width") from None
-        fl = no_overflow_fl(clip, self.activation_bits, signed)
-        return ann.FixedPoint(wl=self.activation_bits, fl=fl, signed=signed, axis=None, rule=key)
+        fl = no_overflow_fl(clip, bits, signed)
+        return ann.FixedPoint(wl=bits, fl=fl, signed=signed, axis=None, rule=key)
 
     def _weight_format(self, value: ir.Value, layer: ann.QuantizableLayer) -> ann.FixedPoint:
         w = const_array(value)
         if w is None:
             raise AnnotationError(f"weight {value.name!r} is not constant")
+        bits = _allocated_bits(value, self.weight_bits)
         if self.per_channel:
-            fls = tuple(no_overflow_fl(float(m), self.weight_bits) for m in channel_absmax(w, layer.channel_axis))
-            return ann.FixedPoint(wl=self.weight_bits, fl=fls, signed=True, axis=layer.channel_axis, rule="minmax")
-        fl = no_overflow_fl(float(abs(w).max()), self.weight_bits)
-        return ann.FixedPoint(wl=self.weight_bits, fl=fl, signed=True, axis=None, rule="minmax")
+            fls = tuple(no_overflow_fl(float(m), bits) for m in channel_absmax(w, layer.channel_axis))
+            return ann.FixedPoint(wl=bits, fl=fls, signed=True, axis=layer.channel_axis, rule="minmax")
+        fl = no_overflow_fl(float(abs(w).max()), bits)
+        return ann.FixedPoint(wl=bits, fl=fl, signed=True, axis=None, rule="minmax")
+
+
+def _allocated_bits(value: ir.Value, default: int) -> int:
+    """The word length the allocator chose for ``value`` (a BitWidth annotation), else ``default``."""
+    chosen = ann.get(value, ann.BitWidth)
+    return chosen.bits if chosen is not None else default

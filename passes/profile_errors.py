@@ -39,6 +39,8 @@ from qcompiler.runtime import Runner
 from qcompiler.suffix import Suffix, build_suffix, logits_names, node_model
 
 MODES = ("exact", "fast", "full")
+#: Candidate kinds fitted per output channel for weights (the others are per tensor).
+PER_CHANNEL_KINDS = ("uniform", "fixed")
 PROBE_BITS = (4, 5, 6)
 
 
@@ -159,7 +161,7 @@ class ProfileErrorPass(ir.passes.InPlacePass):
         if kind == "weight":
             w = const_array(value)
             layer = ann.require(node, ann.QuantizableLayer)
-            fitted = [fit(c, w, True, axis=layer.channel_axis if c.kind == "uniform" else None) for c in self.candidates]
+            fitted = [fit(c, w, True, axis=layer.channel_axis if c.kind in PER_CHANNEL_KINDS else None) for c in self.candidates]
             tensor = _Tensor(name, kind, int(w.size), fitted, w, build_suffix(model, proto, node.outputs[0].name, threads=1),
                              node=node, layer_input=layer.activation_input)
             tensor.node_runner = node_model(model, node)

@@ -268,6 +268,52 @@ class ChannelAllocation(Annotation):
 
 
 @dataclasses.dataclass(frozen=True)
+class BitWidth(Annotation):
+    """On a weight or activation value: the candidate the allocator chose.
+
+    Attributes:
+        candidate: the candidate label (``kind:bits[:rratio]``).
+        kind: the quantizer kind.
+        bits: the bit width (the word length on fixed-point targets).
+        rate: the rate counted against the budget, in bits.
+        distortion: the profiled distortion of this choice.
+        method: the allocator that chose it.
+    """
+
+    KIND: ClassVar[str] = "bits"
+    candidate: str
+    kind: str
+    bits: int
+    rate: float
+    distortion: float
+    method: str
+
+
+@dataclasses.dataclass(frozen=True)
+class AllocationSummary(Annotation):
+    """On the model: the budget, what the allocation used and its predicted distortion.
+
+    Attributes:
+        method: the allocator.
+        rate_model: ``fixed`` or ``entropy``.
+        scope: ``weights`` or ``all`` (weights and per-sample activations).
+        budget_bits: the budget.
+        used_bits: the rate of the chosen candidates.
+        elements: the number of elements the budget covers.
+        predicted_distortion: Σ D of the chosen candidates (additive model).
+    """
+
+    KIND: ClassVar[str] = "allocation"
+    method: str
+    rate_model: str
+    scope: str
+    budget_bits: float
+    used_bits: float
+    elements: int
+    predicted_distortion: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Provenance(Annotation):
     """On the model: the passes that produced it, in order.
 

@@ -226,7 +226,13 @@ def build_report(
     """The ``report.json`` content."""
     layers = layer_table(model)
     cpu = _cpu()
+    summary = ann.get(model, ann.AllocationSummary)
+    allocation = None
+    if summary is not None:
+        allocation = dataclasses.asdict(summary)
+        allocation["bits"] = {r["weight"]: r.get("weight_bits") for r in layers}
     return {
+        "allocation": allocation,
         "notes": runtime_notes(metrics, cpu),
         "qcompiler": __version__,
         "model": source,

@@ -10,7 +10,8 @@ Kinds (algorithms.md §1):
   golden-section refinement of the squared error);
 - ``log``: power-of-two levels ``{0} ∪ {±2**e}`` with ``2**(b-1) - 1`` exponents below the
   largest, rounding in the log domain;
-- ``fixed``: fixed point (wl = b, the no-overflow fractional length), per tensor.
+- ``fixed``: fixed point (wl = b, the no-overflow fractional length), per output channel for
+  weights (as the fixed-point target emits them) and per tensor for activations.
 
 Rates: ``fixed`` = N·b bits; ``entropy`` = N·H over the histogram of codes.
 """
@@ -190,7 +191,7 @@ def fit(candidate: Candidate, values: np.ndarray, signed: bool, axis: int | None
         candidate: the candidate.
         values: the tensor (weights) or a sample of it (activations).
         signed: whether the tensor takes negative values.
-        axis: per-channel axis for weights (uniform only), else None.
+        axis: per-channel axis for weights (uniform and fixed), else None.
         clip: the activation's calibrated range (defaults to max |values|).
     """
     b = candidate.bits
@@ -210,6 +211,9 @@ def fit(candidate: Candidate, values: np.ndarray, signed: bool, axis: int | None
         e_max = round(math.log2(absmax)) if absmax > 0 else 0
         return Fitted(candidate, signed, None, (float(e_max - ((1 << (b - 1)) - 2)), float(e_max)))
     if candidate.kind == "fixed":
+        if axis is not None:  # per output channel, as the fixed-point target emits weights
+            fls = [float(no_overflow_fl(float(m), b, signed)) for m in channel_absmax(values, axis)]
+            return Fitted(candidate, signed, axis, np.array(fls))
         return Fitted(candidate, signed, None, (float(no_overflow_fl(absmax, b, signed)),))
     raise ValueError(f"unknown quantizer kind {candidate.kind!r}")
 
@@ -238,7 +242,8 @@ def codes(f: Fitted, x: np.ndarray) -> np.ndarray:
         zero = a < 2.0 ** (e_min - 1)
         return np.where(zero, 0, np.sign(x64) * (e - e_min + 1)).astype(np.int64)
     lo, hi = code_range(b, f.signed)
-    return np.clip(np.rint(np.ldexp(x64, int(f.params[0]))), lo, hi).astype(np.int64)
+    fl = _fl(f, x)
+    return np.clip(np.rint(np.ldexp(x64, fl)), lo, hi).astype(np.int64)
 
 
 def apply(f: Fitted, x: np.ndarray) -> np.ndarray:
@@ -257,8 +262,15 @@ def apply(f: Fitted, x: np.ndarray) -> np.ndarray:
         e_min = f.params[0]
         out = np.where(q == 0, 0.0, np.sign(q) * np.exp2(np.abs(q) - 1 + e_min))
     else:
-        out = np.ldexp(q, -int(f.params[0]))
+        out = np.ldexp(q, -_fl(f, x))
     return out.astype(x.dtype)
+
+
+def _fl(f: Fitted, x: np.ndarray) -> np.ndarray | int:
+    """The fixed-point fractional length(s), shaped to broadcast over ``x``."""
+    if f.axis is None:
+        return int(f.params[0])
+    return np.asarray(f.params, dtype=np.int64).reshape(_scale_shape(x, f.axis))
 
 
 def rates(f: Fitted, x: np.ndarray, elements: int) -> tuple[float, float]:

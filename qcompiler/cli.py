@@ -120,6 +120,10 @@ def compile_command(
         "minmax", "--calib-method", help="Activation range chooser: minmax, percentile, entropy or mse."
     ),
     percentile: float = typer.Option(99.99, "--percentile", help="Percentile of |x| for --calib-method percentile."),
+    avg_bits: Optional[float] = typer.Option(None, "--avg-bits", help="Mixed precision: average bits per element."),
+    total_bytes: Optional[float] = typer.Option(None, "--total-bytes", help="Mixed precision: size budget in bytes."),
+    allocator: str = typer.Option("knapsack", "--allocator", help="knapsack, pareto, pareto-faithful, hull, hull-fill or uniform."),
+    allocate_scope: str = typer.Option("weights", "--allocate", help="What the budget covers: weights or all."),
     batch_size: int = typer.Option(64, "--batch-size", help="Batch size for calibration and validation."),
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="Write the IR after every pass into this folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no summary tables."),
@@ -141,6 +145,10 @@ def compile_command(
             per_channel=not per_tensor,
             range_method=calib_method,
             percentile=percentile,
+            avg_bits=avg_bits,
+            total_bytes=total_bytes,
+            allocator=allocator,
+            allocate_scope=allocate_scope,
         ),
         batch_size=batch_size,
         dump_ir=dump_ir,
@@ -154,6 +162,14 @@ def compile_command(
             raise QCompilerError(f"--calib-method {calib_method!r} is not one of minmax, percentile, entropy, mse")
         if not 0.0 < percentile <= 100.0:
             raise QCompilerError(f"--percentile {percentile} is not in (0, 100]")
+        from qcompiler.passes.allocate_bits import METHODS
+
+        if allocator not in METHODS:
+            raise QCompilerError(f"--allocator {allocator!r} is not one of {', '.join(METHODS)}")
+        if allocate_scope not in ("weights", "all"):
+            raise QCompilerError(f"--allocate {allocate_scope!r} is not one of weights, all")
+        if (avg_bits is not None and avg_bits <= 0) or (total_bytes is not None and total_bytes <= 0):
+            raise QCompilerError("--avg-bits and --total-bytes must be positive")
         return compile_model(model, target, config, out_dir)
 
     result = _run(debug, checked)

@@ -20,6 +20,10 @@ class TargetConfig:
         per_channel: per-output-channel weight scales.
         range_method: calibrated activation range (``minmax``, ``percentile``, ``entropy``, ``mse``).
         percentile: the percentile of the ``percentile`` range.
+        avg_bits: mixed precision: average bits per element the allocator may spend, or None.
+        total_bytes: mixed precision: total size budget in bytes, or None.
+        allocator: ``knapsack``, ``pareto``, ``pareto-faithful``, ``hull``, ``hull-fill``, ``uniform``.
+        allocate_scope: ``weights`` or ``all`` (weights and activations).
     """
 
     weight_bits: int = 8
@@ -27,6 +31,10 @@ class TargetConfig:
     per_channel: bool = True
     range_method: str = "minmax"
     percentile: float = 99.99
+    avg_bits: float | None = None
+    total_bytes: float | None = None
+    allocator: str = "knapsack"
+    allocate_scope: str = "weights"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,11 @@ class FixedPointTarget:
     """The ``fixed-point`` target."""
 
     name: ClassVar[str] = "fixed-point"
+    #: Word lengths the allocator may choose (algorithms.md §2.6).
+    legal_weight_bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 7, 8, 16)
+    legal_activation_bits: ClassVar[tuple[int, ...]] = (8, 16)
+    #: Quantizer kinds the target represents exactly (power-of-two scales).
+    legal_kinds: ClassVar[tuple[str, ...]] = ("fixed",)
 
     def passes(self, config: TargetConfig) -> Sequence[ir.passes.PassBase]:
         """Assign WL/FL formats with the configured bit widths."""

@@ -229,3 +229,16 @@ def test_channels_command(tmp_path):
 def test_channels_bad_tensor(tmp_path):
     _bad(tmp_path, ["channels", MODEL, "--tensor", "nope", "--calib", CALIB], "the model has no value named 'nope'")
     _bad(tmp_path, ["channels", MODEL, "--tensor", "relu", "--calib", CALIB, "--quantizer", "dorefa"], "quantizer must be one of")
+
+
+def test_avg_bits_knapsack_cli(tmp_path):
+    out = tmp_path / "mixed"
+    result = RUNNER.invoke(app, [MODEL, "--target", "fixed-point", "--avg-bits", "4", "--allocator", "knapsack",
+                                 "--calib", CALIB, "--eval", EVAL, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["allocation"]["method"] == "knapsack"
+    assert report["allocation"]["used_bits"] <= report["allocation"]["budget_bits"] == 4 * report["allocation"]["elements"]
+    assert "W bits" in result.output  # the summary lists the bits of each layer
+    _bad(tmp_path, [MODEL, "--calib", CALIB, "--avg-bits", "4", "--allocator", "magic"], "--allocator 'magic' is not one of")
+    _bad(tmp_path, [MODEL, "--calib", CALIB, "--avg-bits", "0.5"], "impossible budget")

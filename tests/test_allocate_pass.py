@@ -1,0 +1,111 @@
+"""AllocateBitsPass on profiled models, mixed precision through the fixed-point target."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qcompiler import annotations as ann
+from qcompiler.allocation import AllocationError
+from qcompiler.api import CompileConfig, compile_model
+from qcompiler.candidates import candidate_set
+from qcompiler.data import ArrayDataset
+from qcompiler.graph import values_by_name
+from qcompiler.ir import normalize
+from qcompiler.passes import AllocateBitsPass, CalibratePass, DetectLayersPass, ProfileErrorPass
+from qcompiler.pipeline import PipelineError, run_pipeline
+from qcompiler.targets import TargetConfig
+from tests.conftest import DIGITS, make_model
+
+TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 8] x) => (float[N, 4] y) {
+    h = Gemm <transB = 1> (x, w1)
+    r = Relu (h)
+    y = Gemm <transB = 1> (r, w2)
+}
+"""
+RNG = np.random.default_rng(4)
+INITS = {"w1": RNG.normal(size=(64, 8)).astype(np.float32), "w2": RNG.normal(0, 0.1, size=(4, 64)).astype(np.float32)}
+DATA = ArrayDataset({"x": RNG.normal(size=(64, 8)).astype(np.float32)})
+
+
+@pytest.fixture(scope="module")
+def profiled():
+    model = normalize(make_model(TEXT, INITS))
+    run_pipeline(model, [DetectLayersPass(), CalibratePass(data=DATA, show_progress=False),
+                         ProfileErrorPass(data=DATA, candidates=tuple(candidate_set(bits=(2, 3, 4, 8), kinds=("fixed", "uniform"))),
+                                          tensors="all", show_progress=False)])
+    return model
+
+
+def _run(model, **kwargs):
+    clone = model.clone()
+    AllocateBitsPass(**kwargs)(clone)
+    values = values_by_name(clone.graph)
+    return clone, {n: ann.get(values[n], ann.BitWidth) for n in ("w1", "w2", "x", "r")}
+
+
+def test_budget_is_respected_and_matches_the_curves(profiled):
+    model, chosen = _run(profiled, avg_bits=3.0)
+    summary = ann.require(model, ann.AllocationSummary)
+    assert summary.elements == 512 + 256 and summary.budget_bits == 3.0 * 768
+    assert summary.used_bits <= summary.budget_bits
+    assert chosen["x"] is None and chosen["r"] is None  # scope: weights
+    assert chosen["w1"].kind == "fixed" and chosen["w1"].rate == chosen["w1"].bits * 512
+    assert summary.used_bits == chosen["w1"].rate + chosen["w2"].rate
+    profile = ann.get(values_by_name(model.graph)["w2"], ann.ErrorProfile)
+    assert chosen["w2"].distortion == profile.distortion[profile.candidates.index(chosen["w2"].candidate)]
+
+
+def test_knapsack_never_worse_than_pareto_and_uniform(profiled):
+    results = {}
+    for method in ("knapsack", "pareto", "uniform", "hull-fill"):
+        model, _ = _run(profiled, avg_bits=3.0, method=method)
+        results[method] = ann.require(model, ann.AllocationSummary).predicted_distortion
+    assert results["knapsack"] <= results["pareto"] + 1e-12
+    assert results["knapsack"] <= results["uniform"] + 1e-12
+    assert results["knapsack"] <= results["hull-fill"] + 1e-12
+
+
+def test_legal_sets_and_scope_all(profiled):
+    _, chosen = _run(profiled, avg_bits=8.0, legal_bits=(2, 4))
+    assert chosen["w1"].bits in (2, 4) and chosen["w2"].bits in (2, 4)
+    _, chosen = _run(profiled, avg_bits=5.0, scope="all", legal_activation_bits=(8,))
+    assert chosen["x"].bits == 8 and chosen["r"].bits == 8
+    _, chosen = _run(profiled, total_bytes=200, kinds=("uniform",))
+    assert chosen["w1"].kind == "uniform" and (chosen["w1"].rate + chosen["w2"].rate) <= 1600
+
+
+def test_bad_budgets(profiled):
+    with pytest.raises(AllocationError, match="impossible budget"):
+        _run(profiled, avg_bits=1.0)
+    with pytest.raises(AllocationError, match="no profiled candidate is legal"):
+        _run(profiled, avg_bits=4.0, legal_bits=(5,))
+    with pytest.raises(ValueError, match="give avg_bits or total_bytes"):
+        AllocateBitsPass()
+    with pytest.raises(ValueError, match="unknown allocator"):
+        AllocateBitsPass(avg_bits=3, method="magic")
+    bare = normalize(make_model(TEXT, INITS))
+    DetectLayersPass()(bare)
+    with pytest.raises(PipelineError, match="run ProfileErrorPass first"):
+        run_pipeline(bare, [AllocateBitsPass(avg_bits=4)])
+
+
+def test_mixed_precision_compile_on_digits():
+    config = CompileConfig(calib=DIGITS / "calib.npz", eval=DIGITS / "eval.npz", show_progress=False,
+                           target=TargetConfig(avg_bits=3.5, allocator="knapsack"))
+    result = compile_model(DIGITS / "digits_cnn.onnx", "fixed-point", config)
+    report = result.report
+    bits = [layer["weight_bits"] for layer in report["layers"]]
+    assert len(set(bits)) > 1  # really mixed
+    weights = sum(layer["weight_shape"][0] * int(np.prod(layer["weight_shape"][1:])) for layer in report["layers"])
+    assert report["allocation"]["used_bits"] <= 3.5 * weights
+    assert sum(b * int(np.prod(l["weight_shape"])) for b, l in zip(bits, report["layers"])) == report["allocation"]["used_bits"]
+    # the emitted QDQ model keeps each layer's integer codes inside its word length
+    inits = result.simulation_model.graph.initializers
+    for layer in report["layers"]:
+        codes = inits[f"{layer['weight']}_quantized"].const_value.numpy()
+        lim = 2 ** (layer["weight_bits"] - 1)
+        assert codes.min() >= -lim and codes.max() <= lim - 1
+    assert report["metrics"]["simulated"]["top1"] >= report["metrics"]["float"]["top1"] - 0.01
