@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx_ir as ir
 
 from qcompiler import annotations as ann
@@ -18,9 +19,11 @@ from qcompiler.errors import AnnotationError
 from qcompiler.graph import const_array, values_by_name
 from qcompiler.passes.calibrate import range_key
 from qcompiler.passes.detect_layers import quantizable_nodes
-from qcompiler.quantizers import channel_absmax, no_overflow_fl
+from qcompiler.fl_search import fl_table, ristretto_fl, search_fl_faithful
+from qcompiler.quantizers import no_overflow_fl
 
 BIAS_BITS = 32
+FL_RULES = ("minmax", "mse", "mae", "seed002", "ristretto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +37,9 @@ class AssignFixedPointPass(ir.passes.InPlacePass):
         range_method: the calibrated activation range to use: ``minmax``, ``percentile``,
             ``entropy`` or ``mse`` (the latter two at ``activation_bits``).
         percentile: the percentile of the ``percentile`` range.
+        fl_rule: how weight FLs are chosen: ``minmax`` (largest FL without overflow), ``mse``
+            or ``mae`` (search over fl₀ ± 3, cached per tensor and WL), ``seed002`` (the
+            seed's bisection on the MAE over [−16, 16]) or ``ristretto`` (max-range rule).
     """
 
     weight_bits: int = 8
@@ -41,12 +47,15 @@ class AssignFixedPointPass(ir.passes.InPlacePass):
     per_channel: bool = True
     range_method: str = "minmax"
     percentile: float = 99.99
+    fl_rule: str = "minmax"
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "activation_bits"):
             bits = getattr(self, name)
             if not 2 <= bits <= 16:
                 raise ValueError(f"{name} must be in 2..16, got {bits}")
+        if self.fl_rule not in FL_RULES:
+            raise ValueError(f"fl_rule must be one of {', '.join(FL_RULES)}, got {self.fl_rule!r}")
 
     def requires(self, model: ir.Model) -> None:
         values = values_by_name(model.graph)
@@ -89,10 +98,21 @@ class AssignFixedPointPass(ir.passes.InPlacePass):
             raise AnnotationError(f"weight {value.name!r} is not constant")
         bits = _allocated_bits(value, self.weight_bits)
         if self.per_channel:
-            fls = tuple(no_overflow_fl(float(m), bits) for m in channel_absmax(w, layer.channel_axis))
-            return ann.FixedPoint(wl=bits, fl=fls, signed=True, axis=layer.channel_axis, rule="minmax")
-        fl = no_overflow_fl(float(abs(w).max()), bits)
-        return ann.FixedPoint(wl=bits, fl=fl, signed=True, axis=None, rule="minmax")
+            moved = np.moveaxis(w, layer.channel_axis, 0)
+            fls = tuple(self._weight_fl(f"{value.name}[{c}]", moved[c], bits) for c in range(moved.shape[0]))
+            return ann.FixedPoint(wl=bits, fl=fls, signed=True, axis=layer.channel_axis, rule=self.fl_rule)
+        fl = self._weight_fl(value.name, w, bits)
+        return ann.FixedPoint(wl=bits, fl=fl, signed=True, axis=None, rule=self.fl_rule)
+
+    def _weight_fl(self, name: str, w: np.ndarray, bits: int) -> int:
+        absmax = float(np.abs(w).max()) if w.size else 0.0
+        if self.fl_rule == "minmax":
+            return no_overflow_fl(absmax, bits)
+        if self.fl_rule == "ristretto":
+            return ristretto_fl(absmax, bits, parameters=True)
+        if self.fl_rule == "seed002":
+            return search_fl_faithful(w, bits, "mae")
+        return fl_table(w, bits, self.fl_rule)[0]
 
 
 def _allocated_bits(value: ir.Value, default: int) -> int:

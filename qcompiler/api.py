@@ -23,6 +23,7 @@ import onnx_ir as ir
 from qcompiler import __version__
 from qcompiler import annotations as ann
 from qcompiler.data import ArrayDataset, DataSource, load_dataset
+from qcompiler.fl_search import compression_rate
 from qcompiler.fsutil import atomic_dir, write_json
 from qcompiler.graph import const_array, values_by_name
 from qcompiler.ir import ModelLike, load_normalized, save
@@ -177,6 +178,19 @@ def layer_table(model: ir.Model) -> list[dict[str, Any]]:
     return rows
 
 
+def _compression(model: ir.Model) -> float | None:
+    """Seed 002's compression rate Σ wl·N / (32·Σ N) over quantized weights and biases."""
+    values = values_by_name(model.graph)
+    wls, counts = [], []
+    for _, layer in quantizable_nodes(model):
+        for name in (layer.weight, layer.bias):
+            fmt = ann.get(values[name], ann.FixedPoint) if name else None
+            if fmt is not None:
+                wls.append(fmt.wl)
+                counts.append(int(const_array(values[name]).size))
+    return compression_rate(wls, counts) if wls else None
+
+
 def _cpu() -> dict[str, Any]:
     """CPU model and whether it has VNNI (ORT's u8s8 kernels saturate without it)."""
     name, flags = platform.processor(), ""
@@ -244,6 +258,7 @@ def build_report(
             "quantized_layers": len(layers),
             "params": sum(r["params"] for r in layers),
             "weight_bytes": sum(r.get("weight_bytes", 0) for r in layers),
+            "compression": _compression(model),
         },
         "pipeline": [
             {"pass": s.name, "config": s.config, "seconds": round(s.seconds, 4), "modified": s.modified}

@@ -124,6 +124,7 @@ def compile_command(
     total_bytes: Optional[float] = typer.Option(None, "--total-bytes", help="Mixed precision: size budget in bytes."),
     allocator: str = typer.Option("knapsack", "--allocator", help="knapsack, pareto, pareto-faithful, hull, hull-fill or uniform."),
     allocate_scope: str = typer.Option("weights", "--allocate", help="What the budget covers: weights or all."),
+    fl_rule: str = typer.Option("minmax", "--fl-rule", help="Weight FL: minmax, mse, mae, seed002 or ristretto."),
     batch_size: int = typer.Option(64, "--batch-size", help="Batch size for calibration and validation."),
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="Write the IR after every pass into this folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no summary tables."),
@@ -149,6 +150,7 @@ def compile_command(
             total_bytes=total_bytes,
             allocator=allocator,
             allocate_scope=allocate_scope,
+            fl_rule=fl_rule,
         ),
         batch_size=batch_size,
         dump_ir=dump_ir,
@@ -166,6 +168,10 @@ def compile_command(
 
         if allocator not in METHODS:
             raise QCompilerError(f"--allocator {allocator!r} is not one of {', '.join(METHODS)}")
+        from qcompiler.passes.assign_fixed_point import FL_RULES
+
+        if fl_rule not in FL_RULES:
+            raise QCompilerError(f"--fl-rule {fl_rule!r} is not one of {', '.join(FL_RULES)}")
         if allocate_scope not in ("weights", "all"):
             raise QCompilerError(f"--allocate {allocate_scope!r} is not one of weights, all")
         if (avg_bits is not None and avg_bits <= 0) or (total_bytes is not None and total_bytes <= 0):

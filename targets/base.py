@@ -24,6 +24,7 @@ class TargetConfig:
         total_bytes: mixed precision: total size budget in bytes, or None.
         allocator: ``knapsack``, ``pareto``, ``pareto-faithful``, ``hull``, ``hull-fill``, ``uniform``.
         allocate_scope: ``weights`` or ``all`` (weights and activations).
+        fl_rule: weight FL choice: ``minmax``, ``mse``, ``mae``, ``seed002`` or ``ristretto``.
     """
 
     weight_bits: int = 8
@@ -35,6 +36,7 @@ class TargetConfig:
     total_bytes: float | None = None
     allocator: str = "knapsack"
     allocate_scope: str = "weights"
+    fl_rule: str = "minmax"
 
 
 @dataclasses.dataclass(frozen=True)

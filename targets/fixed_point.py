@@ -44,6 +44,7 @@ class FixedPointTarget:
                 per_channel=config.per_channel,
                 range_method=config.range_method,
                 percentile=config.percentile,
+                fl_rule=config.fl_rule,
             )
         ]
 
