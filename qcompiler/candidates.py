@@ -116,8 +116,9 @@ def _deadzone_sse_sorted(a: np.ndarray, p1: np.ndarray, p2: np.ndarray, lam: flo
     return total
 
 
-def fit_deadzone(values: np.ndarray, ratio: float, levels: int) -> tuple[float, float]:
-    """(λ, δ): λ = the ratio quantile of |x| (inverted CDF), δ by grid search + golden section."""
+def fit_deadzone(values: np.ndarray, ratio: float, levels: int, refine: bool = True) -> tuple[float, float]:
+    """(λ, δ): λ = the ratio quantile of |x| (inverted CDF), δ by the seed's 200-point grid
+    (first minimum), then golden-section refinement unless ``refine`` is False (faithful)."""
     if levels < 3 or levels % 2 == 0:
         raise ValueError(f"a dead-zone quantizer needs an odd number of levels >= 3, got {levels}")
     a = np.abs(values.astype(np.float64).reshape(-1))
@@ -142,6 +143,8 @@ def fit_deadzone(values: np.ndarray, ratio: float, levels: int) -> tuple[float, 
     grid = (bound - lam) * np.arange(1, 201) / (200 * k)
     costs = np.array([sse(d) for d in grid])
     i = int(np.argmin(costs))
+    if not refine:
+        return lam, float(grid[i])
     lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, 199)]
     golden = (math.sqrt(5) - 1) / 2
     c, d = hi - golden * (hi - lo), lo + golden * (hi - lo)

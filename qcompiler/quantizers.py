@@ -78,3 +78,117 @@ def channel_absmax(w: np.ndarray, axis: int) -> np.ndarray:
     """max |w| over every axis but ``axis`` (float64)."""
     axes = tuple(a for a in range(w.ndim) if a != axis)
     return np.abs(w.astype(np.float64)).max(axis=axes) if axes else np.abs(w.astype(np.float64))
+
+
+# --------------------------------------------------------------------------- uniform integer grids
+
+
+def uniform_grid(bits: int, kind: str = "signed") -> tuple[int, int]:
+    """(q_min, q_max) of a b-bit grid: ``signed`` full, ``narrow`` signed, or ``unsigned``."""
+    if kind == "signed":
+        return code_range(bits, True)
+    if kind == "narrow":
+        lo, hi = code_range(bits, True)
+        return lo + 1, hi
+    if kind == "unsigned":
+        return code_range(bits, False)
+    raise ValueError(f"grid kind must be signed, narrow or unsigned, got {kind!r}")
+
+
+def quantize_uniform(x: np.ndarray, scale: float | np.ndarray, zero_point: int | np.ndarray, q_min: int, q_max: int) -> np.ndarray:
+    """``clip(rne(x/s) + z, q_min, q_max)`` as int64: exactly ONNX QuantizeLinear."""
+    return np.clip(np.rint(x.astype(np.float64) / scale) + zero_point, q_min, q_max).astype(np.int64)
+
+
+def dequantize_uniform(q: np.ndarray, scale: float | np.ndarray, zero_point: int | np.ndarray) -> np.ndarray:
+    """``s·(q − z)``: ONNX DequantizeLinear (in float64)."""
+    return (q.astype(np.float64) - zero_point) * scale
+
+
+def symmetric_params(x: np.ndarray, bits: int, narrow: bool = False, alphabet_scalar: float = 1.0) -> tuple[float, int]:
+    """(scale, 0) with s = C·max|x| / (2**(b−1) − 1) (algorithms.md §1.1)."""
+    if bits < 2:
+        raise ValueError("a symmetric integer grid needs at least 2 bits")
+    absmax = float(np.abs(x).max()) if x.size else 0.0
+    levels = (1 << (bits - 1)) - 1
+    scale = alphabet_scalar * absmax / levels
+    return (scale if scale > 0 else 1.0), 0
+
+
+def asymmetric_params(x: np.ndarray, bits: int) -> tuple[float, int]:
+    """(scale, zero point) covering [min(x, 0), max(x, 0)] on the unsigned grid, 0 exact."""
+    q_min, q_max = uniform_grid(bits, "unsigned")
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    if hi == lo:
+        return 1.0, 0
+    scale = (hi - lo) / (q_max - q_min)
+    zero = int(np.clip(np.rint(q_min - lo / scale), q_min, q_max))
+    return scale, zero
+
+
+# --------------------------------------------------------------------------- unsigned activations (seed 000)
+
+
+def unsigned_activation(x: np.ndarray, delta: float, levels: int) -> np.ndarray:
+    """``δ·clip(rne(x/δ), 0, L − 1)`` (algorithms.md §1.4)."""
+    return delta * np.clip(np.rint(x.astype(np.float64) / delta), 0, levels - 1)
+
+
+def fit_unsigned_activation(x: np.ndarray, levels: int) -> float:
+    """δ* = argmin over 1.5·max(x)·i/(200·(L − 1)), i = 1..200, then golden-section refinement.
+
+    Fitted for unsigned use, so all L codes are reachable (the seed's symmetric fit, Q000-4,
+    leaves about half of them unused; see :func:`fit_unsigned_activation_faithful`).
+    """
+    top = float(x.max())
+    if top <= 0:
+        return 1.0
+    x64 = x.astype(np.float64).reshape(-1)
+
+    def sse(delta: float) -> float:
+        return float(np.sum((unsigned_activation(x64, delta, levels) - x64) ** 2))
+
+    grid = 1.5 * top * np.arange(1, 201) / (200 * (levels - 1))
+    costs = [sse(d) for d in grid]
+    i = int(np.argmin(costs))
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, 199)]
+    golden = (math.sqrt(5) - 1) / 2
+    c, d = hi - golden * (hi - lo), lo + golden * (hi - lo)
+    fc, fd = sse(c), sse(d)
+    for _ in range(40):
+        if fc <= fd:
+            hi, d, fd = d, c, fc
+            c = hi - golden * (hi - lo)
+            fc = sse(c)
+        else:
+            lo, c, fc = c, d, fd
+            d = lo + golden * (hi - lo)
+            fd = sse(d)
+    best = (lo + hi) / 2
+    return best if sse(best) <= costs[i] else float(grid[i])
+
+
+def fit_unsigned_activation_faithful(x: np.ndarray, levels: int) -> float:
+    """Seed 000's δ: the symmetric dead-zone codebook fitted with ratio 0 (Q000-4)."""
+    from qcompiler.candidates import fit_deadzone
+
+    _, delta = fit_deadzone(x.astype(np.float64), 0.0, levels, refine=False)
+    return delta
+
+
+# --------------------------------------------------------------------------- power of two, DoReFa
+
+
+def power_of_two(x: np.ndarray, e_min: int, e_max: int) -> np.ndarray:
+    """Levels {0} ∪ {±2**e : e_min ≤ e ≤ e_max}, rounding in the log domain (algorithms.md §1.6)."""
+    x64 = x.astype(np.float64)
+    a = np.abs(x64)
+    with np.errstate(divide="ignore"):
+        e = np.clip(np.rint(np.log2(np.where(a > 0, a, 1.0))), e_min, e_max)
+    return np.where(a < 2.0 ** (e_min - 1), 0.0, np.sign(x64) * np.exp2(e))
+
+
+def dorefa(x: np.ndarray, bits: int, clip: float = 1.0) -> np.ndarray:
+    """Standard DoReFa with clip value c: ``c·rne(clip(x, 0, c)/c·(2**b − 1))/(2**b − 1)``."""
+    levels = (1 << bits) - 1
+    return clip * np.rint(np.clip(x.astype(np.float64), 0.0, clip) / clip * levels) / levels
