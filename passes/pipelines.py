@@ -14,6 +14,7 @@ from qcompiler.passes.calibrate import CalibratePass
 from qcompiler.passes.canonicalize import CanonicalizePass
 from qcompiler.passes.detect_layers import DetectLayersPass
 from qcompiler.passes.fold_batchnorm import FoldBatchNormPass
+from qcompiler.passes.max_loss_allocate import MaxLossAllocatePass, Metric
 from qcompiler.passes.profile_errors import ProfileErrorPass
 from qcompiler.targets.base import Target, TargetConfig
 
@@ -29,20 +30,30 @@ def allocation_passes(
     calib: ArrayDataset | Iterable[Mapping[str, np.ndarray]],
     batch_size: int = 64,
     show_progress: bool = True,
+    metric: Metric | None = None,
+    reference: float | None = None,
 ) -> list[ir.passes.PassBase]:
-    """Profile the target-legal candidates, then allocate bits (only with a size budget)."""
-    if config.avg_bits is None and config.total_bytes is None:
+    """Profile the target-legal candidates, then allocate bits (with a size budget), or bisect
+    the budget against ``metric`` when ``config.max_loss`` is set."""
+    if config.avg_bits is None and config.total_bytes is None and config.max_loss is None:
         return []
     weight_bits = tuple(target.legal_weight_bits)
     activation_bits = tuple(target.legal_activation_bits) if config.allocate_scope == "all" else ()
     candidates = tuple(candidate_set(bits=tuple(sorted(set(weight_bits) | set(activation_bits))), kinds=tuple(target.legal_kinds)))
+    allocate = AllocateBitsPass(
+        avg_bits=config.avg_bits if config.avg_bits is not None else (None if config.total_bytes else 8.0),
+        total_bytes=config.total_bytes, scope=config.allocate_scope, method=config.allocator,
+        legal_bits=weight_bits, legal_activation_bits=activation_bits or None, kinds=tuple(target.legal_kinds),
+    )
+    if config.max_loss is not None and metric is None:
+        raise ValueError("max_loss needs a metric callback and a reference value")
     return [
         ProfileErrorPass(data=calib, candidates=candidates, mode="exact",
                          tensors="all" if config.allocate_scope == "all" else "weights",
                          batch_size=batch_size, show_progress=show_progress),
-        AllocateBitsPass(avg_bits=config.avg_bits, total_bytes=config.total_bytes, scope=config.allocate_scope,
-                         method=config.allocator, legal_bits=weight_bits, legal_activation_bits=activation_bits or None,
-                         kinds=tuple(target.legal_kinds)),
+        allocate if config.max_loss is None else MaxLossAllocatePass(
+            metric=metric, reference=reference, max_loss=config.max_loss, allocate=allocate
+        ),
     ]
 
 
@@ -52,6 +63,8 @@ def default_pipeline(
     calib: ArrayDataset | Iterable[Mapping[str, np.ndarray]],
     batch_size: int = 64,
     show_progress: bool = True,
+    metric: Metric | None = None,
+    reference: float | None = None,
 ) -> Sequence[ir.passes.PassBase]:
     """Canonicalisation, calibration, [profiling + allocation], then the target's own passes."""
     return [
@@ -64,6 +77,6 @@ def default_pipeline(
             percentile=config.percentile,
             show_progress=show_progress,
         ),
-        *allocation_passes(target, config, calib, batch_size, show_progress),
+        *allocation_passes(target, config, calib, batch_size, show_progress, metric, reference),
         *target.passes(config),
     ]

@@ -314,6 +314,24 @@ class AllocationSummary(Annotation):
 
 
 @dataclasses.dataclass(frozen=True)
+class AccuracySearch(Annotation):
+    """On the model: the accuracy-aware budget search (``--max-loss``).
+
+    Attributes:
+        max_loss: the allowed metric drop.
+        reference: the float model's metric.
+        chosen_avg_bits: the budget kept (bits per element).
+        probes: ``((avg_bits, loss), ...)`` in the order evaluated.
+    """
+
+    KIND: ClassVar[str] = "accuracy_search"
+    max_loss: float
+    reference: float
+    chosen_avg_bits: float
+    probes: tuple[tuple[float, float], ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class Provenance(Annotation):
     """On the model: the passes that produced it, in order.
 

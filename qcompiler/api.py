@@ -23,6 +23,7 @@ import onnx_ir as ir
 from qcompiler import __version__
 from qcompiler import annotations as ann
 from qcompiler.data import ArrayDataset, DataSource, load_dataset
+from qcompiler.errors import DataError
 from qcompiler.fl_search import compression_rate
 from qcompiler.fsutil import atomic_dir, write_json
 from qcompiler.graph import const_array, values_by_name
@@ -93,7 +94,12 @@ def compile_model(
     float_model = ir_model.clone()
     calib = load_dataset(config.calib, ir_model)
     evaluation = load_dataset(config.eval, ir_model) if config.eval is not None else None
-    passes = default_pipeline(backend, config.target, calib, config.batch_size, config.show_progress)
+    metric, reference = None, None
+    if config.target.max_loss is not None:
+        if evaluation is None or evaluation.labels is None:
+            raise DataError("--max-loss needs held-out data with labels (--eval)")
+        metric, reference = accuracy_metric(backend, config.target, float_model, evaluation, config.batch_size)
+    passes = default_pipeline(backend, config.target, calib, config.batch_size, config.show_progress, metric, reference)
     result = run_pipeline(ir_model, passes, dump_ir=config.dump_ir)
     annotated = result.model
     backend.validate(annotated)
@@ -111,6 +117,22 @@ def compile_model(
     return CompileResult(
         annotated, artifact.simulation_model, report, result.stats, Path(out_dir) if out_dir is not None else None
     )
+
+
+def accuracy_metric(
+    backend: Any, config: TargetConfig, float_model: ir.Model, data: ArrayDataset, batch_size: int
+) -> tuple[Any, float]:
+    """(metric, float top-1): the metric annotates a clone with the target's passes, simulates it
+    in onnxruntime and returns its top-1 on ``data``."""
+    labels = data.labels
+    reference = top1(_first_output(Runner(float_model), data, batch_size), labels)
+
+    def metric(model: ir.Model) -> float:
+        for pass_ in backend.passes(config):
+            pass_(model)
+        return top1(_first_output(Runner(backend.simulate(model)), data, batch_size), labels)
+
+    return metric, reference
 
 
 def _first_output(runner: Runner, data: ArrayDataset, batch_size: int) -> np.ndarray:
@@ -245,6 +267,9 @@ def build_report(
     if summary is not None:
         allocation = dataclasses.asdict(summary)
         allocation["bits"] = {r["weight"]: r.get("weight_bits") for r in layers}
+        search = ann.get(model, ann.AccuracySearch)
+        if search is not None:
+            allocation["max_loss_search"] = dataclasses.asdict(search)
     return {
         "allocation": allocation,
         "notes": runtime_notes(metrics, cpu),

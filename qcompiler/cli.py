@@ -124,6 +124,9 @@ def compile_command(
     total_bytes: Optional[float] = typer.Option(None, "--total-bytes", help="Mixed precision: size budget in bytes."),
     allocator: str = typer.Option("knapsack", "--allocator", help="knapsack, pareto, pareto-faithful, hull, hull-fill or uniform."),
     allocate_scope: str = typer.Option("weights", "--allocate", help="What the budget covers: weights or all."),
+    max_loss: Optional[float] = typer.Option(
+        None, "--max-loss", help="Accuracy-aware: smallest budget whose held-out top-1 drops at most this (0.01 = 1 point)."
+    ),
     fl_rule: str = typer.Option("minmax", "--fl-rule", help="Weight FL: minmax, mse, mae, seed002 or ristretto."),
     batch_size: int = typer.Option(64, "--batch-size", help="Batch size for calibration and validation."),
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="Write the IR after every pass into this folder."),
@@ -151,6 +154,7 @@ def compile_command(
             allocator=allocator,
             allocate_scope=allocate_scope,
             fl_rule=fl_rule,
+            max_loss=max_loss,
         ),
         batch_size=batch_size,
         dump_ir=dump_ir,
@@ -174,6 +178,8 @@ def compile_command(
             raise QCompilerError(f"--fl-rule {fl_rule!r} is not one of {', '.join(FL_RULES)}")
         if allocate_scope not in ("weights", "all"):
             raise QCompilerError(f"--allocate {allocate_scope!r} is not one of weights, all")
+        if max_loss is not None and not 0.0 <= max_loss < 1.0:
+            raise QCompilerError(f"--max-loss {max_loss} is not a fraction in [0, 1)")
         if (avg_bits is not None and avg_bits <= 0) or (total_bytes is not None and total_bytes <= 0):
             raise QCompilerError("--avg-bits and --total-bytes must be positive")
         return compile_model(model, target, config, out_dir)

@@ -25,6 +25,8 @@ class TargetConfig:
         allocator: ``knapsack``, ``pareto``, ``pareto-faithful``, ``hull``, ``hull-fill``, ``uniform``.
         allocate_scope: ``weights`` or ``all`` (weights and activations).
         fl_rule: weight FL choice: ``minmax``, ``mse``, ``mae``, ``seed002`` or ``ristretto``.
+        max_loss: accuracy-aware mode: the smallest budget whose held-out top-1 drop is at most
+            this (a fraction, 0.01 = one point); needs evaluation data with labels.
     """
 
     weight_bits: int = 8
@@ -37,6 +39,7 @@ class TargetConfig:
     allocator: str = "knapsack"
     allocate_scope: str = "weights"
     fl_rule: str = "minmax"
+    max_loss: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,10 @@ class Target(Protocol):
 
     def validate(self, model: ir.Model) -> None:
         """Raise :class:`~qcompiler.errors.TargetError` naming the node and the rule."""
+        ...
+
+    def simulate(self, model: ir.Model) -> ir.Model:
+        """The standard-op simulation ONNX of an annotated model (nothing written)."""
         ...
 
     def emit(self, model: ir.Model, out_dir: Path) -> Artifact:

@@ -59,8 +59,12 @@ class FixedPointTarget:
                         "(rule: every quantized layer needs WL/FL for weight and input)"
                     )
 
+    def simulate(self, model: ir.Model) -> ir.Model:
+        """The QDQ simulation model."""
+        return lower_to_qdq(model)
+
     def emit(self, model: ir.Model, out_dir: Path) -> Artifact:
         """Write ``model.qdq.onnx``."""
-        simulation = lower_to_qdq(model)
+        simulation = self.simulate(model)
         save(simulation, out_dir / SIMULATION_FILE)
         return Artifact(files=(SIMULATION_FILE,), simulation_model=simulation)

@@ -109,3 +109,54 @@ def test_mixed_precision_compile_on_digits():
         lim = 2 ** (layer["weight_bits"] - 1)
         assert codes.min() >= -lim and codes.max() <= lim - 1
     assert report["metrics"]["simulated"]["top1"] >= report["metrics"]["float"]["top1"] - 0.01
+
+
+def test_max_loss_bisection_with_a_synthetic_oracle(profiled):
+    from qcompiler.passes.max_loss_allocate import MaxLossAllocatePass
+
+    calls = []
+
+    def oracle(model):  # accuracy rises with the allocated bits: monotone in the budget
+        summary = ann.require(model, ann.AllocationSummary)
+        calls.append(summary.used_bits / summary.elements)
+        return 1.0 - 0.5 * 2.0 ** (-(summary.used_bits / summary.elements))
+
+    model = profiled.clone()
+    MaxLossAllocatePass(metric=oracle, reference=1.0, max_loss=0.05, allocate=AllocateBitsPass(avg_bits=8.0),
+                        probes=8)(model)
+    search = ann.require(model, ann.AccuracySearch)
+    assert len(calls) <= 8 and len(search.probes) == len(calls)
+    summary = ann.require(model, ann.AllocationSummary)
+    # the kept budget meets the loss, and no cheaper probed budget did
+    assert 0.5 * 2.0 ** (-(summary.used_bits / summary.elements)) <= 0.05 + 1e-12
+    feasible = [avg for avg, loss in search.probes if loss <= 0.05]
+    assert search.chosen_avg_bits == min(feasible)
+
+
+def test_max_loss_that_cannot_be_met(profiled):
+    from qcompiler.errors import QCompilerError
+    from qcompiler.passes.max_loss_allocate import MaxLossAllocatePass
+
+    with pytest.raises(QCompilerError, match="cannot be met"):
+        MaxLossAllocatePass(metric=lambda m: 0.0, reference=1.0, max_loss=0.01,
+                            allocate=AllocateBitsPass(avg_bits=8.0))(profiled.clone())
+
+
+def test_max_loss_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from qcompiler.cli import app
+
+    out = tmp_path / "ml"
+    result = CliRunner().invoke(app, [str(DIGITS / "digits_cnn.onnx"), "--calib", str(DIGITS / "calib.npz"),
+                                      "--eval", str(DIGITS / "eval.npz"), "--max-loss", "0.01", "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    report = json.loads((out / "report.json").read_text())
+    search = report["allocation"]["max_loss_search"]
+    assert report["metrics"]["float"]["top1"] - report["metrics"]["simulated"]["top1"] <= 0.01 + 1e-9
+    assert len(search["probes"]) <= 8 and search["chosen_avg_bits"] < 8
+    missing = CliRunner().invoke(app, [str(DIGITS / "digits_cnn.onnx"), "--calib", str(DIGITS / "calib.npz"),
+                                       "--max-loss", "0.01", "-o", str(tmp_path / "x")])
+    assert missing.exit_code == 2 and "--max-loss needs held-out data with labels" in missing.output
