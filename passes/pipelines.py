@@ -9,11 +9,13 @@ import onnx_ir as ir
 
 from qcompiler.candidates import candidate_set
 from qcompiler.data import ArrayDataset
+from qcompiler.errors import QCompilerError
 from qcompiler.passes.allocate_bits import AllocateBitsPass
 from qcompiler.passes.calibrate import CalibratePass
 from qcompiler.passes.canonicalize import CanonicalizePass
 from qcompiler.passes.detect_layers import DetectLayersPass
 from qcompiler.passes.fold_batchnorm import FoldBatchNormPass
+from qcompiler.passes.greedy_allocate import GreedyAllocatePass
 from qcompiler.passes.max_loss_allocate import MaxLossAllocatePass, Metric
 from qcompiler.passes.profile_errors import ProfileErrorPass
 from qcompiler.targets.base import Target, TargetConfig
@@ -35,6 +37,8 @@ def allocation_passes(
 ) -> list[ir.passes.PassBase]:
     """Profile the target-legal candidates, then allocate bits (with a size budget), or bisect
     the budget against ``metric`` when ``config.max_loss`` is set."""
+    if config.allocator == "greedy" and config.max_loss is None:
+        raise QCompilerError("--allocator greedy needs --max-loss (and --eval): it is driven by accuracy")
     if config.avg_bits is None and config.total_bytes is None and config.max_loss is None:
         return []
     weight_bits = tuple(target.legal_weight_bits)
@@ -42,11 +46,15 @@ def allocation_passes(
     candidates = tuple(candidate_set(bits=tuple(sorted(set(weight_bits) | set(activation_bits))), kinds=tuple(target.legal_kinds)))
     allocate = AllocateBitsPass(
         avg_bits=config.avg_bits if config.avg_bits is not None else (None if config.total_bytes else 8.0),
-        total_bytes=config.total_bytes, scope=config.allocate_scope, method=config.allocator,
+        total_bytes=config.total_bytes, scope=config.allocate_scope,
+        method=config.allocator if config.allocator != "greedy" else "knapsack",
         legal_bits=weight_bits, legal_activation_bits=activation_bits or None, kinds=tuple(target.legal_kinds),
     )
     if config.max_loss is not None and metric is None:
         raise ValueError("max_loss needs a metric callback and a reference value")
+    if config.allocator == "greedy":
+        return [GreedyAllocatePass(metric=metric, reference=reference, max_loss=config.max_loss,
+                                   legal_bits=tuple(b for b in weight_bits if b <= 8))]
     return [
         ProfileErrorPass(data=calib, candidates=candidates, mode="exact",
                          tensors="all" if config.allocate_scope == "all" else "weights",

@@ -122,7 +122,7 @@ def compile_command(
     percentile: float = typer.Option(99.99, "--percentile", help="Percentile of |x| for --calib-method percentile."),
     avg_bits: Optional[float] = typer.Option(None, "--avg-bits", help="Mixed precision: average bits per element."),
     total_bytes: Optional[float] = typer.Option(None, "--total-bytes", help="Mixed precision: size budget in bytes."),
-    allocator: str = typer.Option("knapsack", "--allocator", help="knapsack, pareto, pareto-faithful, hull, hull-fill or uniform."),
+    allocator: str = typer.Option("knapsack", "--allocator", help="knapsack, pareto, pareto-faithful, hull, hull-fill, uniform, or greedy (seed 002, with --max-loss)."),
     allocate_scope: str = typer.Option("weights", "--allocate", help="What the budget covers: weights or all."),
     max_loss: Optional[float] = typer.Option(
         None, "--max-loss", help="Accuracy-aware: smallest budget whose held-out top-1 drops at most this (0.01 = 1 point)."
@@ -170,7 +170,7 @@ def compile_command(
             raise QCompilerError(f"--percentile {percentile} is not in (0, 100]")
         from qcompiler.passes.allocate_bits import METHODS
 
-        if allocator not in METHODS:
+        if allocator not in (*METHODS, "greedy"):
             raise QCompilerError(f"--allocator {allocator!r} is not one of {', '.join(METHODS)}")
         from qcompiler.passes.assign_fixed_point import FL_RULES
 

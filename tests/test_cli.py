@@ -242,3 +242,15 @@ def test_avg_bits_knapsack_cli(tmp_path):
     assert "W bits" in result.output  # the summary lists the bits of each layer
     _bad(tmp_path, [MODEL, "--calib", CALIB, "--avg-bits", "4", "--allocator", "magic"], "--allocator 'magic' is not one of")
     _bad(tmp_path, [MODEL, "--calib", CALIB, "--avg-bits", "0.5"], "impossible budget")
+
+
+def test_greedy_allocator_cli(tmp_path):
+    out = tmp_path / "greedy"
+    result = RUNNER.invoke(app, [MODEL, "--calib", CALIB, "--eval", EVAL, "--max-loss", "0.02", "--allocator", "greedy",
+                                 "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["allocation"]["method"] == "greedy"
+    assert report["metrics"]["float"]["top1"] - report["metrics"]["simulated"]["top1"] <= 0.02 + 1e-9
+    assert report["summary"]["compression"] < 0.25  # below uniform 8-bit
+    _bad(tmp_path, [MODEL, "--calib", CALIB, "--eval", EVAL, "--allocator", "greedy"], "--allocator greedy needs --max-loss")
