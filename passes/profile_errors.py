@@ -199,7 +199,8 @@ class ProfileErrorPass(ir.passes.InPlacePass):
             starts = self._start_values(t, out, chunk)
             feeds = {t.suffix.start: np.concatenate(starts, axis=0)}
             for name in t.suffix.inputs[1:]:
-                feeds[name] = np.concatenate([out[name]] * len(chunk), axis=0)
+                tile = name not in t.suffix.unbatched
+                feeds[name] = np.concatenate([out[name]] * len(chunk), axis=0) if tile else out[name]
             result = t.suffix.run(feeds)
             for name, ref in refs.items():
                 blocks = result[name].reshape(len(chunk), *ref.shape).astype(np.float64)

@@ -28,7 +28,7 @@ from qcompiler.fl_search import compression_rate
 from qcompiler.fsutil import atomic_dir, write_json
 from qcompiler.graph import const_array, values_by_name
 from qcompiler.ir import ModelLike, load_normalized, save
-from qcompiler.metrics import finite_or_none, output_mse, sqnr_db, top1, top1_agreement
+from qcompiler.metrics import finite_or_none, mean_cosine, output_mse, sqnr_db, top1, top1_agreement
 from qcompiler.passes.detect_layers import quantizable_nodes
 from qcompiler.passes.pipelines import default_pipeline
 from qcompiler.pipeline import PassStat, run_pipeline
@@ -158,6 +158,7 @@ def validate_outputs(
             "sqnr_db": finite_or_none(sqnr_db(reference, out)),
             "top1_agreement": top1_agreement(reference, out),
             "output_mse": output_mse(reference, out),
+            "mean_cosine": mean_cosine(reference, out),
         }
         if data.labels is not None:
             entry["top1"] = top1(out, data.labels)

@@ -30,6 +30,14 @@ def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(a.reshape(n, -1).argmax(axis=1) == b.reshape(n, -1).argmax(axis=1)))
 
 
+def mean_cosine(reference: np.ndarray, test: np.ndarray) -> float:
+    """Mean over samples of the cosine similarity of the flattened outputs (for embeddings)."""
+    a = reference.reshape(reference.shape[0], -1).astype(np.float64)
+    b = test.reshape(test.shape[0], -1).astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.mean(np.sum(a * b, axis=1) / np.maximum(norms, 1e-30)))
+
+
 def output_mse(reference: np.ndarray, test: np.ndarray) -> float:
     """Mean squared difference."""
     return float(np.mean(np.square(test.astype(np.float64) - reference.astype(np.float64))))

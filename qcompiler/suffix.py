@@ -67,6 +67,7 @@ class Suffix:
     runner: Runner | None  # None when ``start`` is itself a logits value
     batch_safe: bool
     per_sample_bytes: int
+    unbatched: frozenset[str] = frozenset()  # external inputs without the batch axis: never tiled
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Logits for the given external inputs."""
@@ -97,6 +98,11 @@ def build_suffix(model: ir.Model, proto: onnx.ModelProto, start: str, threads: i
     runner = Runner(ir.from_proto(sub), threads=threads)
     symbol = _batch_symbol(model)
     safe, per_sample = symbol is not None, 0
+    values = values_by_name(model.graph)
+    unbatched = frozenset(
+        name for name in inputs[1:]
+        if values[name].shape is None or len(values[name].shape) == 0 or values[name].shape[0] != symbol
+    )
     for node in nodes:
         for value in node.outputs:
             shape = value.shape
@@ -108,7 +114,7 @@ def build_suffix(model: ir.Model, proto: onnx.ModelProto, start: str, threads: i
                 per_sample = max(per_sample, int(np.prod(rest)) * 4)
             else:
                 safe = False
-    return Suffix(start, inputs, outputs, runner, safe, per_sample)
+    return Suffix(start, inputs, outputs, runner, safe, per_sample, unbatched)
 
 
 def node_model(model: ir.Model, node: ir.Node, threads: int = 1) -> Runner:

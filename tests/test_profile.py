@@ -124,3 +124,26 @@ def test_bad_input():
         ProfileErrorPass(data=DATA, mode="guess")
     only = _profiles("exact", only=("w2",))
     assert set(only) == {"w2"}
+
+
+def test_suffix_inputs_without_batch_axis_are_not_tiled():
+    # the weight's suffix (Add) also consumes a shape-derived [1] tensor from outside it
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x) => (float[N, 3] y) {
+        h = MatMul (x, w)
+        s = Shape (x)
+        last = Slice (s, one, two)
+        f = Cast <to = 1> (last)
+        y = Add (h, f)
+    }
+    """
+    inits = {"w": RNG.normal(size=(4, 3)).astype(np.float32), "one": np.array([1], np.int64), "two": np.array([2], np.int64)}
+    data = ArrayDataset({"x": RNG.normal(size=(12, 4)).astype(np.float32)})
+    results = {}
+    for mode in ("exact", "full"):
+        model = normalize(make_model(text, inits))
+        run_pipeline(model, [DetectLayersPass(), ProfileErrorPass(data=data, candidates=CANDIDATES[:5], mode=mode,
+                                                                   tensors="weights", batch_size=4, show_progress=False)])
+        results[mode] = ann.require(model.graph.initializers["w"], ann.ErrorProfile).distortion
+    assert np.allclose(results["exact"], results["full"], rtol=1e-6)
