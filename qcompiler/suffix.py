@@ -114,6 +114,9 @@ def build_suffix(model: ir.Model, proto: onnx.ModelProto, start: str, threads: i
                 per_sample = max(per_sample, int(np.prod(rest)) * 4)
             else:
                 safe = False
+    # A non-batched external input (e.g. a shape tensor computed from the batch size) may fix
+    # the batch size inside the suffix: then candidates cannot be stacked on the batch axis.
+    safe = safe and not unbatched
     return Suffix(start, inputs, outputs, runner, safe, per_sample, unbatched)
 
 
