@@ -24,7 +24,7 @@ import math
 import numba
 import numpy as np
 
-from qcompiler.quantizers import channel_absmax, code_range, no_overflow_fl
+from qcompiler.quantizers import channel_absmax, code_range, no_overflow_fl, refine_minimum
 
 KINDS = ("uniform", "deadzone", "log", "fixed")
 
@@ -145,21 +145,7 @@ def fit_deadzone(values: np.ndarray, ratio: float, levels: int, refine: bool = T
     i = int(np.argmin(costs))
     if not refine:
         return lam, float(grid[i])
-    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, 199)]
-    golden = (math.sqrt(5) - 1) / 2
-    c, d = hi - golden * (hi - lo), lo + golden * (hi - lo)
-    fc, fd = sse(c), sse(d)
-    for _ in range(30):  # golden section, one new evaluation per step
-        if fc <= fd:
-            hi, d, fd = d, c, fc
-            c = hi - golden * (hi - lo)
-            fc = sse(c)
-        else:
-            lo, c, fc = c, d, fd
-            d = lo + golden * (hi - lo)
-            fd = sse(d)
-    best = (lo + hi) / 2
-    return lam, best if sse(best) <= costs[i] else float(grid[i])
+    return lam, refine_minimum(sse, float(grid[max(i - 1, 0)]), float(grid[min(i + 1, 199)]), float(grid[i]), float(costs[i]))
 
 
 # --------------------------------------------------------------------------- the quantizers

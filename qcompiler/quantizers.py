@@ -74,6 +74,17 @@ def fake_quant_fixed(
     return dequantize_fixed(quantize_fixed(x, wl, fl, signed, axis), fl, axis).astype(x.dtype)
 
 
+def refine_minimum(f, lo: float, hi: float, x0: float, f0: float) -> float:
+    """Refine a grid minimum ``x0`` (value ``f0``) on [lo, hi] with scipy's bounded Brent search;
+    keep ``x0`` when the refinement is not better (so a refined fit never loses to the grid)."""
+    from scipy.optimize import minimize_scalar
+
+    if not hi > lo:
+        return x0
+    result = minimize_scalar(f, bounds=(lo, hi), method="bounded", options={"xatol": (hi - lo) * 1e-6})
+    return float(result.x) if result.success and result.fun <= f0 else x0
+
+
 def channel_absmax(w: np.ndarray, axis: int) -> np.ndarray:
     """max |w| over every axis but ``axis`` (float64)."""
     axes = tuple(a for a in range(w.ndim) if a != axis)
@@ -151,21 +162,7 @@ def fit_unsigned_activation(x: np.ndarray, levels: int) -> float:
     grid = 1.5 * top * np.arange(1, 201) / (200 * (levels - 1))
     costs = [sse(d) for d in grid]
     i = int(np.argmin(costs))
-    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, 199)]
-    golden = (math.sqrt(5) - 1) / 2
-    c, d = hi - golden * (hi - lo), lo + golden * (hi - lo)
-    fc, fd = sse(c), sse(d)
-    for _ in range(40):
-        if fc <= fd:
-            hi, d, fd = d, c, fc
-            c = hi - golden * (hi - lo)
-            fc = sse(c)
-        else:
-            lo, c, fc = c, d, fd
-            d = lo + golden * (hi - lo)
-            fd = sse(d)
-    best = (lo + hi) / 2
-    return best if sse(best) <= costs[i] else float(grid[i])
+    return refine_minimum(sse, float(grid[max(i - 1, 0)]), float(grid[min(i + 1, 199)]), float(grid[i]), costs[i])
 
 
 def fit_unsigned_activation_faithful(x: np.ndarray, levels: int) -> float:

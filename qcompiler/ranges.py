@@ -19,6 +19,8 @@ import math
 import numba
 import numpy as np
 
+from qcompiler.quantizers import refine_minimum
+
 ENTROPY_BINS = 2048
 MSE_GRID = 100
 
@@ -54,22 +56,13 @@ def mse_range(hist: np.ndarray, upper: float, bits: int, signed: bool, absmax: f
     grid = absmax * np.arange(1, MSE_GRID + 1) / MSE_GRID
     costs = np.array([expected_sq_error(hist, upper, r, levels) for r in grid])
     best = int(np.argmin(costs))
-    lo = grid[best - 1] if best > 0 else grid[0] * 0.5
-    hi = grid[best + 1] if best + 1 < MSE_GRID else absmax
-    golden = (math.sqrt(5.0) - 1.0) / 2.0
-    a, b = lo + (1 - golden) * (hi - lo), lo + golden * (hi - lo)
-    fa, fb = expected_sq_error(hist, upper, a, levels), expected_sq_error(hist, upper, b, levels)
-    for _ in range(40):
-        if fa <= fb:
-            hi, b, fb = b, a, fa
-            a = lo + (1 - golden) * (hi - lo)
-            fa = expected_sq_error(hist, upper, a, levels)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + golden * (hi - lo)
-            fb = expected_sq_error(hist, upper, b, levels)
-    candidate = (lo + hi) / 2.0
-    return float(candidate if expected_sq_error(hist, upper, candidate, levels) <= costs[best] else grid[best])
+    lo = float(grid[best - 1]) if best > 0 else float(grid[0]) * 0.5
+    hi = float(grid[best + 1]) if best + 1 < MSE_GRID else absmax
+
+    def cost(r: float) -> float:
+        return expected_sq_error(hist, upper, r, levels)
+
+    return refine_minimum(cost, lo, hi, float(grid[best]), float(costs[best]))
 
 
 @numba.njit(cache=True)
