@@ -19,7 +19,7 @@ from qcompiler.errors import AnnotationError
 from qcompiler.graph import const_array, values_by_name
 from qcompiler.passes.calibrate import range_key
 from qcompiler.passes.detect_layers import quantizable_nodes
-from qcompiler.fl_search import fl_table, ristretto_fl, search_fl_faithful
+from qcompiler.fl_search import FLCache, fl_table, ristretto_fl, search_fl_faithful
 from qcompiler.quantizers import no_overflow_fl
 
 BIAS_BITS = 32
@@ -48,6 +48,8 @@ class AssignFixedPointPass(ir.passes.InPlacePass):
     range_method: str = "minmax"
     percentile: float = 99.99
     fl_rule: str = "minmax"
+    # Shared across the repeated assignments of one compile (greedy and max-loss trials).
+    fl_cache: FLCache | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "activation_bits"):
@@ -112,6 +114,8 @@ class AssignFixedPointPass(ir.passes.InPlacePass):
             return ristretto_fl(absmax, bits, parameters=True)
         if self.fl_rule == "seed002":
             return search_fl_faithful(w, bits, "mae")
+        if self.fl_cache is not None:
+            return self.fl_cache.lookup(name, w, bits, self.fl_rule)[0]
         return fl_table(w, bits, self.fl_rule)[0]
 
 

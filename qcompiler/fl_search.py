@@ -98,20 +98,25 @@ def fl_table(x: np.ndarray, wl: int, objective: str = "mse", radius: int = 3) ->
 
 
 class FLCache:
-    """fl*(tensor, wl) memoised by the tensor's name, word length and a digest of its values."""
+    """fl*(tensor, wl) memoised by name, word length, objective and a digest of the values.
+
+    The digest makes a changed tensor (e.g. after fine-tuning) miss instead of reusing a stale
+    format, so cached results are always those of a fresh search (Q002-10).
+    """
 
     def __init__(self, objective: str = "mse") -> None:
         self.objective = objective
-        self._table: dict[tuple[str, int, str], tuple[int, float]] = {}
+        self._table: dict[tuple[str, int, str, str], tuple[int, float]] = {}
         self.misses = 0
 
-    def lookup(self, name: str, x: np.ndarray, wl: int) -> tuple[int, float]:
+    def lookup(self, name: str, x: np.ndarray, wl: int, objective: str | None = None) -> tuple[int, float]:
         """(fl*, error) for ``x`` at ``wl``; searched once per distinct values."""
+        objective = objective or self.objective
         digest = hashlib.sha1(np.ascontiguousarray(x).tobytes()).hexdigest()
-        key = (name, wl, digest)
+        key = (name, wl, objective, digest)
         if key not in self._table:
             self.misses += 1
-            self._table[key] = fl_table(x, wl, self.objective)
+            self._table[key] = fl_table(x, wl, objective)
         return self._table[key]
 
 

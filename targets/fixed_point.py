@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from qcompiler import annotations as ann
 from qcompiler.errors import TargetError
+from qcompiler.fl_search import FLCache
 from qcompiler.graph import values_by_name
 from qcompiler.ir import save
 from qcompiler.passes.assign_fixed_point import AssignFixedPointPass
@@ -35,6 +36,10 @@ class FixedPointTarget:
     #: Quantizer kinds the target represents exactly (power-of-two scales).
     legal_kinds: ClassVar[tuple[str, ...]] = ("fixed",)
 
+    def __init__(self) -> None:
+        # One FL cache per compile: accuracy-driven searches re-assign formats many times.
+        self.fl_cache = FLCache()
+
     def passes(self, config: TargetConfig) -> Sequence[ir.passes.PassBase]:
         """Assign WL/FL formats with the configured bit widths."""
         return [
@@ -45,6 +50,7 @@ class FixedPointTarget:
                 range_method=config.range_method,
                 percentile=config.percentile,
                 fl_rule=config.fl_rule,
+                fl_cache=self.fl_cache,
             )
         ]
 

@@ -64,6 +64,31 @@ def test_cache_equals_re_search_and_invalidates_on_change():
     assert cache.lookup("w", w, 6) == first == fl_table(w, 6) and cache.misses == 1
     cache.lookup("w", w * 4, 6)
     assert cache.misses == 2
+    cache.lookup("w", w, 6, "mae")
+    assert cache.misses == 3
+
+
+def test_target_reuses_fl_searches_across_trials():
+    from qcompiler.data import ArrayDataset
+    from qcompiler.ir import normalize
+    from qcompiler.passes import CalibratePass, DetectLayersPass
+    from qcompiler.targets import FixedPointTarget, TargetConfig
+    from tests.conftest import make_model
+
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 16] x) => (float[N, 4] y) {
+        y = Gemm <transB = 1> (x, w)
+    }
+    """
+    target = FixedPointTarget()
+    model = normalize(make_model(text, {"w": RNG.normal(size=(4, 16)).astype(np.float32)}))
+    DetectLayersPass()(model)
+    CalibratePass(data=ArrayDataset({"x": RNG.normal(size=(8, 16)).astype(np.float32)}), show_progress=False)(model)
+    for _ in range(3):
+        for p in target.passes(TargetConfig(weight_bits=4, fl_rule="mse")):
+            p(model.clone())
+    assert target.fl_cache.misses == 4  # one search per channel, reused by the later trials
 
 
 def test_compression_rate():
