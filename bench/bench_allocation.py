@@ -120,7 +120,6 @@ def minilm() -> None:
                 continue
             AssignFixedPointPass(activation_bits=16)(trial)
             out = Runner(lower_to_qdq(trial)).collect(ev.batches(64))[model.graph.outputs[0].name]
-            summary = trial.metadata_props
             from qcompiler import annotations as ann
 
             used = ann.require(trial, ann.AllocationSummary).used_bits

@@ -54,7 +54,7 @@ def main() -> None:
     ref = run(str(DIGITS / "digits_cnn.onnx"), x, False)
     tmp = Path(tempfile.mkdtemp())
     ours, theirs = [], []
-    for i in range(RUNS):
+    for _ in range(RUNS):
         t = time.perf_counter()
         compile_model(DIGITS / "digits_cnn.onnx", "fixed-point",
                       CompileConfig(calib=DIGITS / "calib.npz", show_progress=False), tmp / "q")

@@ -48,8 +48,8 @@ def main() -> None:
     t_fast, fast = run("fast", base, data)
     worst = max(float(np.max(np.abs(np.array(exact[n].distortion) - full[n].distortion) / np.maximum(full[n].distortion, 1e-30))) for n in exact)
     print(f"tensors {len(exact)}, candidates per tensor {len(CANDIDATES)}")
-    print(f"| mode | seconds (min of 2) | speed-up vs full |")
-    print(f"|---|---|---|")
+    print("| mode | seconds (min of 2) | speed-up vs full |")
+    print("|---|---|---|")
     for name, t in (("full (naive loop)", t_full), ("exact (suffix-cached)", t_exact), ("fast (linear model)", t_fast)):
         print(f"| {name} | {t:.2f} | {t_full / t:.1f}x |")
     print(f"exact vs full: max relative difference {worst:.2e}")

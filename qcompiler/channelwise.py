@@ -118,11 +118,6 @@ def all_channel_distortions(backend: Backend, quantize: Callable, x: np.ndarray,
     return out
 
 
-def quantize_all(quantize: Callable, x: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """Every channel quantized with its count (n is (C,) or (N, C))."""
-    return quantize(x, n)
-
-
 # --------------------------------------------------------------------------- offline table
 
 
@@ -272,7 +267,10 @@ def closed_form_allocation(w: np.ndarray, budget: int, rule: str = "intervals", 
         cost = w / (n - 1).clip(min=1) ** 2 - w / n**2
         cost[n <= n_min] = np.inf
         n[int(np.argmin(cost))] -= 1
-    model = (lambda c, k: w[c] / k**2) if rule == "intervals" else (lambda c, k: w[c] / k**2)
+    # Both rules repair on the same distortion model D_c(n) = w_c/n²; they differ in the start.
+    def model(c: int, k: int) -> float:
+        return w[c] / k**2
+
     heap = [(-(model(c, n[c]) - model(c, n[c] + 1)), c) for c in range(channels)]
     heapq.heapify(heap)
     for _ in range(budget - int(n.sum())):

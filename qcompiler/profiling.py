@@ -105,7 +105,7 @@ def _copy_meta(source: ir.Model, target: ir.Model) -> None:
 def _report(results: dict[str, dict[str, ann.ErrorProfile]]) -> dict[str, Any]:
     first = next(iter(results.values()))
     tensors = {}
-    for name, profile in first.items():
+    for name in first:
         entry = {mode: json_profile(profiles[name]) for mode, profiles in results.items()}
         if "exact" in results and "fast" in results:
             entry["fast_vs_exact"] = agreement(results["exact"][name], results["fast"][name])

@@ -37,7 +37,6 @@ def _model():
 
 
 def _reference(x):
-    import onnxruntime as ort
 
     from qcompiler.runtime import Runner
 

@@ -6,7 +6,6 @@ diff of ``tests/golden/`` in the commit.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from qcompiler.api import CompileConfig, compile_model

@@ -11,7 +11,7 @@ from qcompiler import annotations as ann
 from qcompiler.data import ArrayDataset
 from qcompiler.errors import TargetError
 from qcompiler.graph import values_by_name
-from qcompiler.ir import normalize, to_bytes
+from qcompiler.ir import normalize
 from qcompiler.passes import AssignFixedPointPass, CalibratePass, DetectLayersPass
 from qcompiler.qdq import lower_to_qdq
 from qcompiler.quantizers import quantize_fixed

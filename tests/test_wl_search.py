@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 
 from qcompiler.fl_search import compression_rate
 from qcompiler.wl_search import greedy_wl_search
