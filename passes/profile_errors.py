@@ -132,8 +132,6 @@ class ProfileErrorPass(ir.passes.InPlacePass):
         return out
 
     def _prepare(self, model: ir.Model, first_batch: Mapping[str, np.ndarray]) -> list[_Tensor]:
-        import onnx  # noqa: F401  (Extractor needs the protobuf)
-
         proto = ir.to_proto(model)
         values = values_by_name(model.graph)
         targets = self._targets(model)
@@ -164,7 +162,7 @@ class ProfileErrorPass(ir.passes.InPlacePass):
             fitted = [fit(c, w, True, axis=layer.channel_axis if c.kind in PER_CHANNEL_KINDS else None) for c in self.candidates]
             tensor = _Tensor(name, kind, int(w.size), fitted, w, build_suffix(model, proto, node.outputs[0].name, threads=1),
                              node=node, layer_input=layer.activation_input)
-            tensor.node_runner = node_model(model, node)
+            tensor.node_runner = node_model(model, proto, node)
             tensor.quantized_weights = [apply(f, w) for f in fitted]
             return tensor
         sample = _activation_sample(value, first[name])

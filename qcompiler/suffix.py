@@ -120,11 +120,11 @@ def build_suffix(model: ir.Model, proto: onnx.ModelProto, start: str, threads: i
     return Suffix(start, inputs, outputs, runner, safe, per_sample, unbatched)
 
 
-def node_model(model: ir.Model, node: ir.Node, threads: int = 1) -> Runner:
-    """A one-node model of ``node`` whose weight (input 1) is a graph input."""
+def node_model(model: ir.Model, proto: onnx.ModelProto, node: ir.Node, threads: int = 1) -> Runner:
+    """A one-node model of ``node`` (taken from ``proto``, the model's serialised form, shared
+    by all callers) whose weight (input 1) is a graph input."""
     values = values_by_name(model.graph)
-    proto_node = ir.to_proto(model).graph.node
-    source = next(n for n in proto_node if n.name == node.name)
+    source = next(n for n in proto.graph.node if n.name == node.name)
     x, w = node.inputs[0], node.inputs[1]
     inits = []
     for value in node.inputs[2:]:
