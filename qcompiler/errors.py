@@ -46,3 +46,15 @@ def one_line(exc: BaseException) -> str:
     """The exception's message on one line (type name when the message is empty)."""
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
+
+
+class TargetConstraintError(TargetError):
+    """A legal operator violates a hardware limit (layer count, kernel, memory, ...)."""
+
+
+class UnsupportedOpError(TargetError):
+    """An operator or topology the target cannot represent; the message names node and op."""
+
+
+class CheckpointError(QCompilerError):
+    """A PyTorch checkpoint is missing, malformed, or refused by the safe loader."""
