@@ -38,11 +38,27 @@ QUANTILES = (0.5, 0.9, 0.99, 0.999, 0.9999, 0.99999)
 METHODS = ("minmax", "percentile", "entropy", "mse")
 
 
-def activation_names(model: ir.Model) -> list[str]:
-    """Activations entering or leaving quantizable layers, in first-use order, without repeats."""
+#: Element-wise activations whose output is "what leaves the layer" on accelerators that fuse them.
+FUSED_ACTIVATIONS = ("Relu", "Abs", "Clip")
+
+
+def activation_names(model: ir.Model, post_activation: bool = False) -> list[str]:
+    """Activations entering or leaving quantizable layers, in first-use order, without repeats.
+
+    Args:
+        model: the annotated model.
+        post_activation: also the output of a Relu/Abs/Clip that is the only consumer of a
+            layer's output (the tensor a fused accelerator layer writes, e.g. MAX78000).
+    """
     names: list[str] = []
+    by_name = values_by_name(model.graph) if post_activation else {}
     for _, layer in quantizable_nodes(model):
-        for name in (layer.activation_input, layer.output):
+        extra = []
+        if post_activation:
+            users = list(by_name[layer.output].uses())
+            if len(users) == 1 and users[0].node.op_type in FUSED_ACTIVATIONS:
+                extra.append(users[0].node.outputs[0].name)
+        for name in (layer.activation_input, layer.output, *extra):
             if name not in names:
                 names.append(name)
     return names
@@ -79,6 +95,7 @@ class CalibratePass(ir.passes.InPlacePass):
         sidecar_dir: folder for histograms and reservoirs (``<value>.stats.npz``), or None.
         dump: names of tensors whose values are dumped batch by batch into ``dump_dir``.
         dump_dir: folder of the dumps (``<value>/<batch>.npy``).
+        post_activation: also collect the outputs of the Relu/Abs/Clip fused after each layer.
         show_progress: show a progress bar (only on a terminal).
     """
 
@@ -94,6 +111,7 @@ class CalibratePass(ir.passes.InPlacePass):
     sidecar_dir: Path | None = dataclasses.field(default=None, repr=False)
     dump: tuple[str, ...] = ()
     dump_dir: Path | None = dataclasses.field(default=None, repr=False)
+    post_activation: bool = False
     # A display choice, not configuration: kept out of the repr so provenance (and therefore
     # the artifacts' bytes) do not depend on whether a terminal was attached.
     show_progress: bool = dataclasses.field(default=True, repr=False, compare=False)
@@ -116,7 +134,7 @@ class CalibratePass(ir.passes.InPlacePass):
             raise ir.passes.PreconditionError(f"cannot dump {missing}: the model has no such values")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        names = activation_names(model)
+        names = activation_names(model, self.post_activation)
         names += [n for n in self.dump if n not in names]
         graph_inputs = {v.name for v in model.graph.inputs}
         fetched = [n for n in names if n not in graph_inputs]
@@ -208,5 +226,5 @@ class CalibratePass(ir.passes.InPlacePass):
 
     def ensures(self, model: ir.Model) -> None:
         values = values_by_name(model.graph)
-        for name in activation_names(model):
+        for name in activation_names(model, self.post_activation):
             ann.require(values[name], ann.TensorStats, where="CalibratePass.ensures")

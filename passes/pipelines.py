@@ -84,6 +84,7 @@ def default_pipeline(
             bits=(config.activation_bits,),
             percentile=config.percentile,
             show_progress=show_progress,
+            post_activation=getattr(target, "calibrate_post_activation", False),
         ),
         *allocation_passes(target, config, calib, batch_size, show_progress, metric, reference),
         *target.passes(config),

@@ -1,0 +1,98 @@
+"""Rescaling a generic float network to MAX78000 Q7 arithmetic (max78000.md §6.2–6.5).
+
+Every layer output ``a_l`` is represented as ``λ_l·x_l/128`` with int8 ``x_l``. Because ReLU,
+Abs and pooling commute with positive scaling, the scales are absorbed into the weights and
+biases, ``W' = W·λ_{l−1}/λ_l`` and ``B' = B/λ_l``, which are then quantized exactly as
+``quantize.py`` does in QAT mode: the power-of-two part goes into ``output_shift``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from qcompiler.targets.max78000.legalize import LegalLayer
+from qcompiler.targets.max78000.quantize import quantize_tensors
+from qcompiler.targets.max78000.simulator import LayerParams
+
+#: Q7: the calibrated range maps to code 127.
+Q7_RANGE = 128.0 / 127.0
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedLayer:
+    """One weight layer after rescaling and quantization.
+
+    Attributes:
+        params: integer weights, ``b_hw``, bits and total shift ``S``.
+        stored_bias: the checkpoint bias ``Bq·2^(b−1)`` (float32) or None.
+        output_shift: ``s`` as stored in the checkpoint.
+        bit_shift: ``−s``.
+        lambda_in: ``λ_{l−1}``.
+        lambda_out: ``λ_l`` (1 for a wide last layer).
+        clamped_weights: weights that saturated.
+        clamped_biases: biases that saturated.
+        shift_clamped: the bit shift hit its range (weights saturate or vanish).
+    """
+
+    params: LayerParams
+    stored_bias: np.ndarray | None
+    output_shift: int
+    bit_shift: int
+    lambda_in: float
+    lambda_out: float
+    clamped_weights: int
+    clamped_biases: int
+    shift_clamped: bool
+
+
+def layer_scale(absmax: float, clip_max: float | None = None, power_of_two: bool = False) -> float:
+    """``λ = R·128/127`` from a calibrated range ``R`` (``u·128/127`` for Clip(0, u))."""
+    reference = clip_max if clip_max is not None else absmax
+    scale = max(float(reference), 1e-12) * Q7_RANGE
+    return float(2.0 ** np.ceil(np.log2(scale))) if power_of_two else scale
+
+
+def quantize_layer(layer: LegalLayer, bits: int, lambda_in: float, lambda_out: float,
+                   shift_quantile: float = 1.0, bias_range: str = "int8") -> QuantizedLayer:
+    """Rescale and quantize one weight layer (§6.3 then §1.4 steps 1–7)."""
+    import torch
+
+    weight = torch.from_numpy(np.ascontiguousarray(layer.weight * np.float32(lambda_in / lambda_out), dtype=np.float32))
+    bias = None
+    if layer.bias is not None:
+        bias = torch.from_numpy(np.ascontiguousarray(layer.bias / np.float32(lambda_out), dtype=np.float32))
+    params = torch.cat((weight.flatten(), bias.flatten())) if bias is not None else weight.flatten()
+    threshold = torch.quantile(params.abs(), shift_quantile) if shift_quantile < 1.0 else params.abs().max()
+    q_w, stored, bit_shift, _, facts = quantize_tensors(weight, bias, bits, threshold, bias_range)
+    shift = -facts.bit_shift
+    b_hw = None if stored is None else np.floor_divide(stored.numpy().astype(np.int64), 2 ** (bits - 1))
+    return QuantizedLayer(
+        params=LayerParams(q_w.numpy().astype(np.int64), b_hw, bits, shift + 8 - bits),
+        stored_bias=None if stored is None else stored.numpy(),
+        output_shift=shift,
+        bit_shift=facts.bit_shift,
+        lambda_in=lambda_in,
+        lambda_out=lambda_out,
+        clamped_weights=facts.clamped_weights,
+        clamped_biases=facts.clamped_biases,
+        shift_clamped=facts.shift_clamped,
+    )
+
+
+def scales(layers: Sequence[LegalLayer], lambda_input: float, ranges: Sequence[float | None],
+           power_of_two: bool = False) -> list[tuple[float, float]]:
+    """``(λ_in, λ_out)`` per layer: passthrough layers keep the scale; a wide last layer has λ = 1."""
+    out: list[tuple[float, float]] = []
+    current = lambda_input
+    for i, (layer, absmax) in enumerate(zip(layers, ranges)):
+        if layer.hw.op == "passthrough":
+            out.append((current, current))
+            continue
+        wide = i == len(layers) - 1 and layer.hw.activation is None
+        lambda_out = 1.0 if wide else layer_scale(absmax or 0.0, layer.clip_max, power_of_two)
+        out.append((current, lambda_out))
+        current = lambda_out
+    return out
