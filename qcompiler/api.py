@@ -92,14 +92,17 @@ def compile_model(
     source = str(model) if isinstance(model, (str, Path)) else "<memory>"
     ir_model = load_normalized(model)
     float_model = ir_model.clone()
+    target_config = config.target
+    if target_config.model_name is None and source != "<memory>":
+        target_config = dataclasses.replace(target_config, model_name=Path(source).name.split(".")[0])
     calib = load_dataset(config.calib, ir_model)
     evaluation = load_dataset(config.eval, ir_model) if config.eval is not None else None
     metric, reference = None, None
-    if config.target.max_loss is not None:
+    if target_config.max_loss is not None:
         if evaluation is None or evaluation.labels is None:
             raise DataError("--max-loss needs held-out data with labels (--eval)")
-        metric, reference = accuracy_metric(backend, config.target, float_model, evaluation, config.batch_size)
-    passes = default_pipeline(backend, config.target, calib, config.batch_size, config.show_progress, metric, reference)
+        metric, reference = accuracy_metric(backend, target_config, float_model, evaluation, config.batch_size)
+    passes = default_pipeline(backend, target_config, calib, config.batch_size, config.show_progress, metric, reference)
     result = run_pipeline(ir_model, passes, dump_ir=config.dump_ir)
     annotated = result.model
     backend.validate(annotated)
@@ -109,10 +112,12 @@ def compile_model(
             folder = stack.enter_context(atomic_dir(out_dir))
         else:
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qcompile-")))
-        artifact = backend.emit(annotated, folder)
+        artifact = backend.emit(annotated, folder, data=data)
         save(annotated, folder / ANNOTATED_FILE)
         metrics = validate_outputs(float_model, artifact.simulation_model, data, config.batch_size)
         report = build_report(source, backend.name, annotated, metrics, split, result.stats, artifact.files)
+        if artifact.report:
+            report["target_details"] = dict(artifact.report)
         write_json(folder / REPORT_FILE, report)
     return CompileResult(
         annotated, artifact.simulation_model, report, result.stats, Path(out_dir) if out_dir is not None else None

@@ -106,6 +106,39 @@ def _print_summary(result: Any) -> None:
         console.print(f"wrote {result.out_dir}/ ({', '.join(result.report['artifacts'])})")
 
 
+CHECKPOINT_SUFFIXES = (".pth.tar", ".pth", ".pt", ".tar")
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A PyTorch checkpoint by name (quantize.py mode) rather than an ONNX model."""
+    return any(path.name.endswith(suffix) for suffix in CHECKPOINT_SUFFIXES)
+
+
+def quantize_checkpoint(
+    source: Path, target: str, out: Optional[Path], config_file: Optional[Path], clip_method: Optional[str],
+    qat_weight_bits: Optional[int], scale: Optional[float], stddev: Optional[float], device: str, verbose: bool,
+) -> None:
+    """The quantize.py drop-in: ``qcompile CKPT --target max78000 -o OUT.pth.tar``."""
+    from qcompiler.targets.max78000.quantize import QuantizeOptions, quantize_file
+
+    if target != "max78000":
+        raise QCompilerError(f"{source}: a PyTorch checkpoint can only be quantized for --target max78000")
+    if out is None:
+        raise QCompilerError("quantize.py mode needs the output checkpoint: -o OUT.pth.tar")
+    options = QuantizeOptions(device=device, clip_method=clip_method.upper() if clip_method else None,
+                              qat_weight_bits=qat_weight_bits, scale=scale, stddev=stddev)
+    if clip_method and clip_method.upper() == "SCALE" and scale is None:
+        typer.echo("warning: --clip-method SCALE without --scale: using 0.85", err=True)
+    if clip_method and clip_method.upper() == "STDDEV" and stddev is None:
+        typer.echo("warning: --clip-method STDDEV without --stddev: using 2.0", err=True)
+    result = quantize_file(source, out, options, config_file, echo=typer.echo if verbose else None,
+                           warn=lambda text: typer.echo(f"warning: {text}", err=True))
+    if verbose:
+        for layer in result.layers:
+            if layer.clamped_weights or layer.clamped_biases:
+                typer.echo(f"{layer.key}: {layer.clamped_weights} weights and {layer.clamped_biases} biases saturated")
+
+
 @app.command("compile")
 def compile_command(
     model: Path = typer.Argument(..., help="The float model (.onnx)."),
@@ -132,10 +165,26 @@ def compile_command(
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="Write the IR after every pass into this folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no summary tables."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    config_file: Optional[Path] = typer.Option(None, "--config-file", "-c", help="quantize.py mode: network YAML with per-layer quantization."),
+    clip_method: Optional[str] = typer.Option(None, "--clip-method", help="quantize.py mode: AVGMAX, MAX, STDDEV or SCALE (default: QAT mode)."),
+    qat_weight_bits: Optional[int] = typer.Option(None, "--qat-weight-bits", help="quantize.py mode: weight bits when neither YAML nor checkpoint sets them."),
+    scale: Optional[float] = typer.Option(None, "--scale", help="quantize.py mode: SCALE method fraction (default 0.85)."),
+    stddev: Optional[float] = typer.Option(None, "--stddev", help="quantize.py mode: STDDEV method deviations (default 2.0)."),
+    device: str = typer.Option("MAX78000", "--device", help="quantize.py mode: device (MAX78000, MAX78002, ...)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="quantize.py mode: upstream's per-layer printout."),
 ) -> None:
-    """Compile MODEL for a target and validate it in onnxruntime."""
+    """Compile MODEL for a target and validate it in onnxruntime.
+
+    Given a PyTorch checkpoint (.pth.tar) and --target max78000, acts as a drop-in replacement
+    of ai8x-synthesis quantize.py: ``qcompile CKPT.pth.tar --target max78000 -o OUT.pth.tar``.
+    """
     from qcompiler.api import CompileConfig, compile_model
     from qcompiler.targets import TargetConfig
+
+    if is_checkpoint(model):
+        _run(debug, quantize_checkpoint, model, target, out, config_file, clip_method, qat_weight_bits, scale,
+             stddev, device, verbose)
+        return
 
     if calib is None:
         _fail(QCompilerError("--calib DATA is required: activation ranges come from calibration data"), debug, EXIT_BAD_INPUT)
@@ -162,8 +211,8 @@ def compile_command(
     )
 
     def checked() -> Any:
-        if weight_bits < 2 or activation_bits < 2 or batch_size < 1:
-            raise QCompilerError("--weight-bits and --activation-bits must be >= 2 and --batch-size >= 1")
+        if weight_bits < 1 or activation_bits < 2 or batch_size < 1:
+            raise QCompilerError("--weight-bits must be >= 1, --activation-bits >= 2 and --batch-size >= 1")
         if calib_method not in ("minmax", "percentile", "entropy", "mse"):
             raise QCompilerError(f"--calib-method {calib_method!r} is not one of minmax, percentile, entropy, mse")
         if not 0.0 < percentile <= 100.0:

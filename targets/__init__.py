@@ -5,9 +5,10 @@ from __future__ import annotations
 from qcompiler.errors import QCompilerError
 from qcompiler.targets.base import Artifact, Target, TargetConfig
 from qcompiler.targets.fixed_point import FixedPointTarget
+from qcompiler.targets.max78000.target import Max78000Target
 
 #: The explicit registry of targets by CLI name.
-TARGETS: dict[str, type] = {FixedPointTarget.name: FixedPointTarget}
+TARGETS: dict[str, type] = {FixedPointTarget.name: FixedPointTarget, Max78000Target.name: Max78000Target}
 
 
 def get_target(name: str) -> Target:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import onnx_ir as ir
+
+from qcompiler.data import ArrayDataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +29,7 @@ class TargetConfig:
         fl_rule: weight FL choice: ``minmax``, ``mse``, ``mae``, ``seed002`` or ``ristretto``.
         max_loss: accuracy-aware mode: the smallest budget whose held-out top-1 drop is at most
             this (a fraction, 0.01 = one point); needs evaluation data with labels.
+        model_name: the model's name (file stem), used by targets that name their artifacts.
     """
 
     weight_bits: int = 8
@@ -40,6 +43,7 @@ class TargetConfig:
     allocate_scope: str = "weights"
     fl_rule: str = "minmax"
     max_loss: float | None = None
+    model_name: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +53,12 @@ class Artifact:
     Attributes:
         files: the files written, relative to the output folder.
         simulation_model: the standard-op ONNX that onnxruntime runs for validation.
+        report: target-specific report section (e.g. the MAX78000 memory map).
     """
 
     files: tuple[str, ...]
     simulation_model: ir.Model
+    report: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class Target(Protocol):
@@ -72,6 +78,7 @@ class Target(Protocol):
         """The standard-op simulation ONNX of an annotated model (nothing written)."""
         ...
 
-    def emit(self, model: ir.Model, out_dir: Path) -> Artifact:
-        """Write the artifacts into ``out_dir`` (a fresh folder the caller renames atomically)."""
+    def emit(self, model: ir.Model, out_dir: Path, data: ArrayDataset | None = None) -> Artifact:
+        """Write the artifacts into ``out_dir`` (a fresh folder the caller renames atomically);
+        ``data`` supplies sample inputs for targets that emit known-answer tests."""
         ...

@@ -14,6 +14,7 @@ from typing import ClassVar
 import onnx_ir as ir
 
 from qcompiler import annotations as ann
+from qcompiler.data import ArrayDataset
 from qcompiler.errors import TargetError
 from qcompiler.fl_search import FLCache
 from qcompiler.graph import values_by_name
@@ -69,7 +70,7 @@ class FixedPointTarget:
         """The QDQ simulation model."""
         return lower_to_qdq(model)
 
-    def emit(self, model: ir.Model, out_dir: Path) -> Artifact:
+    def emit(self, model: ir.Model, out_dir: Path, data: ArrayDataset | None = None) -> Artifact:
         """Write ``model.qdq.onnx``."""
         simulation = self.simulate(model)
         save(simulation, out_dir / SIMULATION_FILE)

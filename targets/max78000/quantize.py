@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -261,11 +262,8 @@ def convert_checkpoint(
         CheckpointError: malformed state_dict (non-zero zero points, un-foldable BN, 1-D weights).
     """
     torch = _torch()
-    device = canonical_device(options.device)
     warnings: list[str] = []
     state: OrderedDict[str, Any] = OrderedDict(checkpoint["state_dict"])
-    if verbose is not None:
-        verbose(f"Configuring device: {device}")
     if any(".bn." in key for key in state):
         fold_ai8x_batchnorm(state, warnings.append)
     if verbose is not None:
@@ -362,3 +360,57 @@ def _quantize_weight_key(
         out[bits_key] = torch.tensor([float(bits)])
     out[f"{layer}.output_shift"] = (-bit_shift).reshape(1).to(torch.float32)
     return dataclasses.replace(facts, key=key)
+
+
+def yaml_weight_bits(path: str | Path, warn: Callable[[str], None]) -> list[int | None]:
+    """``quantization`` of each weight layer of a network YAML (ai8xize's matching, §1.3).
+
+    Upstream indexes YAML layers by a running weight-key counter, which differs when a
+    passthrough layer precedes a weight layer; the project skips weight-less layers and warns.
+    """
+    from qcompiler.targets.max78000.network import load_network
+
+    network = load_network(path)
+    slots = network.weight_layers()
+    if slots != list(range(len(slots))):
+        warn(f"{path}: passthrough layers shift upstream's layer counter; bits are matched to weight layers instead")
+    return [network.layers[i].quantization for i in slots]
+
+
+def quantize_file(
+    source: str | Path,
+    destination: str | Path,
+    options: QuantizeOptions = QuantizeOptions(),
+    config_file: str | Path | None = None,
+    echo: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] = lambda text: None,
+) -> ConversionResult:
+    """``quantize.py INPUT OUTPUT``: load safely, quantize, write atomically.
+
+    Args:
+        source: the training checkpoint.
+        destination: the quantized checkpoint to write.
+        options: the command-line options.
+        config_file: ``-c`` network YAML with per-layer ``quantization``.
+        echo: receives the ``-v`` printout (None: quiet).
+        warn: receives warnings about upstream differences.
+
+    Raises:
+        CheckpointError: unreadable or refused checkpoint, bad options.
+        TargetError: an invalid YAML.
+    """
+    from qcompiler.targets.max78000.checkpoint import load_checkpoint, save_checkpoint
+
+    device = canonical_device(options.device)
+    if echo is not None:
+        echo(f"Configuring device: {device}")
+        echo(f"Converting checkpoint file {source} to {destination}")
+    checkpoint = load_checkpoint(source)
+    if "extras" not in checkpoint:
+        warn(f"{source}: no 'extras' in checkpoint")
+    bits = yaml_weight_bits(config_file, warn) if config_file is not None else None
+    result = convert_checkpoint(checkpoint, options, bits, echo)
+    for text in result.warnings:
+        warn(text)
+    save_checkpoint(result.checkpoint, destination)
+    return result
