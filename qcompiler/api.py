@@ -118,10 +118,22 @@ def compile_model(
         report = build_report(source, backend.name, annotated, metrics, split, result.stats, artifact.files)
         if artifact.report:
             report["target_details"] = dict(artifact.report)
+            _merge_target_layers(report)
         write_json(folder / REPORT_FILE, report)
     return CompileResult(
         annotated, artifact.simulation_model, report, result.stats, Path(out_dir) if out_dir is not None else None
     )
+
+
+def _merge_target_layers(report: dict[str, Any]) -> None:
+    """Copy a target's per-layer bits and sizes onto the generic layer rows (matched by ONNX node)."""
+    by_node = {node: row for row in report["target_details"].get("layers", []) for node in row.get("onnx_nodes", [])}
+    for row in report["layers"]:
+        target_row = by_node.get(row["name"])
+        if target_row is not None and "bits" in target_row:
+            row.setdefault("weight_bits", target_row["bits"])
+            row.setdefault("weight_bytes", target_row.get("weight_bytes"))
+    report["summary"]["weight_bytes"] = sum(r.get("weight_bytes") or 0 for r in report["layers"])
 
 
 def accuracy_metric(
