@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/qcompile examples/digits/digits_cnn.onnx --target fixed-point \
-		--calib examples/digits/calib.npz --eval examples/digits/eval.npz -o out/digits-fixed-point
+	$(BIN)/qcompile examples/digits/digits_cnn.onnx --target max78000 \
+		--calib examples/digits/calib.npz --eval examples/digits/eval.npz -o out/digits-max78000
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -52,3 +52,20 @@ def test_missing_golden_case_says_how_to_create_it(compiled, feeds, tmp_path):
     assert diffs == [f"no golden case 'nothing_here' in {tmp_path}: run pytest --update-golden to create it"]
     assert check_golden(tmp_path, "fresh", compiled.model, feeds, update=True) == []
     assert check_golden(tmp_path, "fresh", compiled.model, feeds) == []
+
+
+@pytest.fixture(scope="module")
+def compiled_max78000():
+    config = CompileConfig(calib=DIGITS / "calib.npz", eval=DIGITS / "eval.npz", show_progress=False)
+    return compile_model(DIGITS / "digits_cnn.onnx", "max78000", config)
+
+
+def test_max78000_annotated_ir_golden(compiled_max78000, feeds, update_golden):
+    diffs = check_golden(GOLDEN, "digits_max78000_annotated", compiled_max78000.model, feeds, update=update_golden)
+    assert not diffs, "\n".join(diffs)
+
+
+def test_max78000_simulation_onnx_golden(compiled_max78000, feeds, update_golden):
+    diffs = check_golden(GOLDEN, "digits_max78000_sim", compiled_max78000.simulation_model, feeds,
+                         update=update_golden)
+    assert not diffs, "\n".join(diffs)

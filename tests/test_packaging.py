@@ -19,6 +19,7 @@ def test_wheel_contains_and_imports_passes_and_targets(tmp_path):
     (wheel,) = wheels.glob("qcompiler-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "qcompiler/passes/calibrate.py" in names and "qcompiler/targets/fixed_point.py" in names
+    assert "qcompiler/targets/max78000/simulator.py" in names
     assert not [n for n in names if n.startswith(("passes/", "targets/"))]
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)], check=True)
@@ -31,4 +32,4 @@ def test_wheel_contains_and_imports_passes_and_targets(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env, capture_output=True, text=True)
     lines = out.stdout.splitlines()
     assert lines[0].startswith(str(site)) and lines[1].startswith(str(site / "qcompiler" / "passes"))
-    assert lines[2] == "['fixed-point']"
+    assert lines[2] == "['fixed-point', 'max78000']"

@@ -113,7 +113,7 @@ def test_target_validate_names_node_and_rule():
 
 def test_target_registry():
     assert isinstance(get_target("fixed-point"), FixedPointTarget)
-    with pytest.raises(QCompilerError, match="unknown target 'tpu' \\(known: fixed-point\\)"):
+    with pytest.raises(QCompilerError, match="unknown target 'tpu' \\(known: fixed-point, max78000\\)"):
         get_target("tpu")
 
 

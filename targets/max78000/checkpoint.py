@@ -24,7 +24,8 @@ OPTIMIZER_GLOBAL = re.compile(r"^torch\.optim\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+$")
 KEPT_KEYS = ("epoch", "arch", "state_dict", "extras")
 
 
-def _torch() -> Any:
+def require_torch() -> Any:
+    """Import torch, or raise a one-line CheckpointError naming the extra to install."""
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is installed with the max78000 extra
@@ -51,7 +52,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     Raises:
         CheckpointError: unreadable file, a global that is not an optimizer class, no ``state_dict``.
     """
-    torch = _torch()
+    torch = require_torch()
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -98,7 +99,7 @@ def checkpoint_bytes(checkpoint: dict[str, Any]) -> bytes:
     Saving into memory keeps the archive's inner folder name fixed ("archive"), so identical
     content gives identical bytes whatever the destination file is called.
     """
-    torch = _torch()
+    torch = require_torch()
     kept = {key: checkpoint[key] for key in KEPT_KEYS if key in checkpoint}
     kept["state_dict"] = OrderedDict(kept.get("state_dict", {}))
     kept["extras"] = plain_extras(kept.get("extras"))

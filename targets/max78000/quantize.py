@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from qcompiler.errors import CheckpointError
-from qcompiler.targets.max78000.checkpoint import _torch
+from qcompiler.targets.max78000.checkpoint import require_torch
 
 #: ``--clip-method`` choices (upstream's names).
 CLIP_METHODS = ("AVGMAX", "MAX", "STDDEV", "SCALE")
@@ -174,7 +174,7 @@ def quantize_tensors(
         stored bias ``Bq·2^(b−1)`` (None without a bias), the bit shift tensor, the factor
         ``2^(b−1)·2^bit_shift`` and the per-layer facts (key left empty).
     """
-    torch = _torch()
+    torch = require_torch()
     bit_shift = torch.clamp(torch.floor(torch.log2(1.0 / threshold)), min=-7 - bits, max=23 - bits)
     dist = 2.0**bit_shift
     factor = 2 ** (bits - 1) * dist
@@ -206,7 +206,7 @@ def fold_ai8x_batchnorm(state: OrderedDict[str, Any], warn: Callable[[str], None
     Raises:
         CheckpointError: BN keys without the running statistics or without an ``op.weight``.
     """
-    torch = _torch()
+    torch = require_torch()
     layers = sorted({key.rsplit(".bn.", 1)[0] for key in state if ".bn." in key})
     for layer in layers:
         mean, var = state.get(f"{layer}.bn.running_mean"), state.get(f"{layer}.bn.running_var")
@@ -261,7 +261,7 @@ def convert_checkpoint(
     Raises:
         CheckpointError: malformed state_dict (non-zero zero points, un-foldable BN, 1-D weights).
     """
-    torch = _torch()
+    torch = require_torch()
     warnings: list[str] = []
     state: OrderedDict[str, Any] = OrderedDict(checkpoint["state_dict"])
     if any(".bn." in key for key in state):

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from qcompiler.targets.max78000.checkpoint import require_torch
 from qcompiler.targets.max78000.legalize import LegalLayer
 from qcompiler.targets.max78000.quantize import quantize_tensors
 from qcompiler.targets.max78000.simulator import LayerParams
@@ -58,8 +59,7 @@ def layer_scale(absmax: float, clip_max: float | None = None, power_of_two: bool
 def quantize_layer(layer: LegalLayer, bits: int, lambda_in: float, lambda_out: float,
                    shift_quantile: float = 1.0, bias_range: str = "int8") -> QuantizedLayer:
     """Rescale and quantize one weight layer (§6.3 then §1.4 steps 1–7)."""
-    import torch
-
+    torch = require_torch()
     weight = torch.from_numpy(np.ascontiguousarray(layer.weight * np.float32(lambda_in / lambda_out), dtype=np.float32))
     bias = None
     if layer.bias is not None:

@@ -28,7 +28,7 @@ from qcompiler.passes.calibrate import range_key
 from qcompiler.passes.detect_layers import quantizable_nodes
 from qcompiler.targets.base import Artifact, TargetConfig
 from qcompiler.targets.max78000 import constraints
-from qcompiler.targets.max78000.checkpoint import checkpoint_bytes
+from qcompiler.targets.max78000.checkpoint import require_torch, checkpoint_bytes
 from qcompiler.targets.max78000.legalize import LegalLayer, legalize
 from qcompiler.targets.max78000.network import HwLayer, Network, network_yaml
 from qcompiler.targets.max78000.onnx_model import build_simulation, exactness_bound
@@ -215,8 +215,7 @@ def compile_network(model: ir.Model) -> CompiledNetwork:
 
 def state_dict(compiled: CompiledNetwork) -> OrderedDict[str, Any]:
     """The checkpoint state_dict of §2.5, weight layers in execution order."""
-    import torch
-
+    torch = require_torch()
     out: OrderedDict[str, Any] = OrderedDict()
     for layer, q in zip(compiled.network.layers, compiled.quantized):
         if q is None:
