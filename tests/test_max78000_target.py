@@ -277,3 +277,29 @@ def test_cli_quantize_mode_bad_input(tmp_path: Path, args: list[str], text: str)
     errors = [line for line in result.output.strip().splitlines() if not line.startswith("warning: ")]
     assert len(errors) == 1 and errors[0].startswith("error: ") and text in errors[0]
     assert not (tmp_path / "out.pth.tar").exists()
+
+
+def test_weight_threshold_rules() -> None:
+    """``max`` never clips; ``mse`` trades clipping for resolution and lowers the weight error at 2 bits;
+    ``auto`` is ``max`` at 8 bits and ``mse`` below."""
+    from qcompiler.targets.max78000.legalize import LegalLayer
+    from qcompiler.targets.max78000.network import HwLayer
+    from qcompiler.targets.max78000.rescale import quantize_layer
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_t(3, (32, 16, 3, 3)).astype(np.float32) * 0.05
+    layer = LegalLayer(HwLayer(op="conv2d"), "n", weight, np.zeros(32, np.float32), "y")
+
+    def error(q) -> float:
+        deq = q.params.weights * 2.0 ** q.output_shift / 2 ** (q.params.bits - 1)
+        return float(((deq - weight) ** 2).sum())
+
+    for bits in (2, 4, 8):
+        by_max = quantize_layer(layer, bits, 1.0, 1.0, threshold_rule="max")
+        by_mse = quantize_layer(layer, bits, 1.0, 1.0, threshold_rule="mse")
+        auto = quantize_layer(layer, bits, 1.0, 1.0, threshold_rule="auto")
+        assert by_max.clamped_weights <= 1  # only +2^(b-1) can clamp at the maximum
+        assert error(by_mse) <= error(by_max)
+        assert auto.bit_shift == (by_max if bits == 8 else by_mse).bit_shift
+    assert error(quantize_layer(layer, 2, 1.0, 1.0, threshold_rule="mse")) < 0.8 * error(
+        quantize_layer(layer, 2, 1.0, 1.0, threshold_rule="max"))

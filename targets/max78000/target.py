@@ -32,7 +32,7 @@ from qcompiler.targets.max78000.checkpoint import require_torch, checkpoint_byte
 from qcompiler.targets.max78000.legalize import LegalLayer, legalize
 from qcompiler.targets.max78000.network import HwLayer, Network, network_yaml
 from qcompiler.targets.max78000.onnx_model import build_simulation, exactness_bound
-from qcompiler.targets.max78000.rescale import QuantizedLayer, layer_scale, quantize_layer, scales
+from qcompiler.targets.max78000.rescale import THRESHOLDS, QuantizedLayer, layer_scale, quantize_layer, scales
 from qcompiler.targets.max78000.simulator import LayerParams, simulate
 
 LEGAL_WEIGHT_BITS = (1, 2, 4, 8)
@@ -68,6 +68,7 @@ class Max78000Network(ann.Annotation):
         dataset: the YAML ``dataset``.
         lambda_input: ``λ_0``: sample conversion ``x_0 = clamp(round(128·a/λ_0), −128, 127)``.
         shift_quantile: quantile of ``|[W', B']|`` that sets each layer's shift.
+        weight_threshold: ``auto``, ``max`` (quantize.py's rule) or ``mse`` (least squared weight error).
     """
 
     KIND: ClassVar[str] = "max78000_network"
@@ -75,6 +76,7 @@ class Max78000Network(ann.Annotation):
     dataset: str
     lambda_input: float
     shift_quantile: float
+    weight_threshold: str = "auto"
 
 
 def sanitize_arch(name: str) -> str:
@@ -96,6 +98,9 @@ class Max78000QuantizePass(ir.passes.InPlacePass):
         pot_scales: round every ``λ`` up to a power of two.
         arch: the ``arch`` written to the checkpoint and YAML.
         dataset: the YAML ``dataset`` (default: ``arch``).
+        weight_threshold: ``max`` is quantize.py's rule (no clipping); ``mse`` picks each layer's
+            bit shift with the least squared weight error; ``auto`` (default) is ``max`` at 8 bits
+            and ``mse`` below.
     """
 
     weight_bits: int = 8
@@ -106,8 +111,11 @@ class Max78000QuantizePass(ir.passes.InPlacePass):
     pot_scales: bool = False
     arch: str = "qcnet"
     dataset: str | None = None
+    weight_threshold: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.weight_threshold not in THRESHOLDS:
+            raise TargetError(f"max78000: weight threshold {self.weight_threshold!r} (choose {', '.join(THRESHOLDS)})")
         if self.weight_bits not in LEGAL_WEIGHT_BITS:
             raise TargetError(f"max78000: weight bits {self.weight_bits} not in 1, 2, 4, 8 (rule §4.18)")
         if not 0.0 < self.shift_quantile <= 1.0:
@@ -135,7 +143,8 @@ class Max78000QuantizePass(ir.passes.InPlacePass):
                                                                            self.pot_scales))):
             if layer.weight_node is not None:
                 ann.set(nodes[layer.weight_node], Max78000Layer(i, layer.hw.name, bits[i], lam_in, lam_out))
-        ann.set(model, Max78000Network(self.arch, self.dataset or self.arch, lambda_input, self.shift_quantile))
+        ann.set(model, Max78000Network(self.arch, self.dataset or self.arch, lambda_input, self.shift_quantile,
+                                          self.weight_threshold))
         compile_network(model)  # checks every hardware constraint now, before anything is written
         return ir.passes.PassResult(model, True)
 
@@ -200,7 +209,8 @@ def compile_network(model: ir.Model) -> CompiledNetwork:
             hw_layers.append(layer.hw)
             continue
         choice = ann.require(nodes[layer.weight_node], Max78000Layer, where="the max78000 target")
-        quantized.append(quantize_layer(layer, choice.bits, choice.lambda_in, choice.lambda_out, info.shift_quantile))
+        quantized.append(quantize_layer(layer, choice.bits, choice.lambda_in, choice.lambda_out, info.shift_quantile,
+                                        threshold_rule=info.weight_threshold))
         hw_layers.append(dataclasses.replace(layer.hw, quantization=choice.bits))
     placed = constraints.place(hw_layers)
     memory = constraints.check(
