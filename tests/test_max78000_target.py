@@ -49,6 +49,9 @@ def test_digits_artifacts_and_accuracy(digits_out) -> None:
     assert details["input_conversion"]["lambda_0"] == pytest.approx(128 / 127, rel=1e-6)
     assert [row["op"] for row in details["layers"]] == ["conv2d", "conv2d", "conv2d", "passthrough", "mlp", "mlp"]
     assert details["memory"]["kernel_words_max"] <= 768
+    for row in details["layers"]:  # §6.6: per-layer SQNR of the integer simulation and saturation
+        assert row["sqnr_db"] > 20.0
+        assert row["saturated_fraction"] is None or 0.0 <= row["saturated_fraction"] < 0.01
     assert all(row.get("weight_bits") == 8 for row in result.report["layers"])
 
 

@@ -309,8 +309,53 @@ class Max78000Target:
         save(integer_model, out_dir / files["integer_onnx"])
         save(simulation, out_dir / files["simulation_onnx"])
         details = target_report(compiled, files)
+        per_layer = layer_fidelity(model, compiled, data)
+        for row, extra in zip(details["layers"], per_layer):
+            row.update(extra)
         write_json(out_dir / files["layers"], details)
         return Artifact(files=tuple(sorted(files.values())), simulation_model=simulation, report=details)
+
+
+#: Samples used for the per-layer saturation and SQNR of the report (the numpy simulator is the reference).
+FIDELITY_SAMPLES = 64
+
+
+def layer_fidelity(model: ir.Model, compiled: CompiledNetwork, data: ArrayDataset) -> list[dict[str, Any]]:
+    """Per layer (§6.6): output SQNR of the integer simulation against the float model, and the
+    fraction of int8 outputs at the clamp (127 or −128), on up to :data:`FIDELITY_SAMPLES` samples."""
+    from qcompiler.metrics import sqnr_db
+    from qcompiler.runtime import Runner
+
+    source = model.graph.inputs[0].name
+    batch = next(iter(data.batches(FIDELITY_SAMPLES)))
+    names = [layer.output for layer in compiled.legal]
+    graph_outputs = {v.name for v in model.graph.outputs}
+    floats = Runner(model, [n for n in names if n not in graph_outputs]).run(batch, names)
+    integers = [simulate(compiled.network, compiled.params, x, keep_all=True)
+                for x in convert_input(batch[source], compiled.lambda_input)]
+    rows = []
+    for i, (layer, q) in enumerate(zip(compiled.network.layers, compiled.quantized)):
+        ints = np.stack([np.asarray(sample[i]) for sample in integers]).astype(np.float64)
+        reference = np.asarray(floats[names[i]], dtype=np.float64)
+        if layer.output_width == 32:
+            scale = compiled.output_scale()
+        else:
+            scale = (q.lambda_out if q is not None else _scale_before(compiled, i)) / 128.0
+        approx = (ints * scale).reshape(reference.shape)
+        saturated = None if layer.output_width == 32 else float(np.mean((ints >= 127) | (ints <= -128)))
+        rows.append({"sqnr_db": _finite(sqnr_db(reference, approx)), "saturated_fraction": saturated})
+    return rows
+
+
+def _scale_before(compiled: CompiledNetwork, index: int) -> float:
+    for q in reversed(compiled.quantized[:index]):
+        if q is not None:
+            return q.lambda_out
+    return compiled.lambda_input
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
 
 
 def target_report(compiled: CompiledNetwork, files: dict[str, str]) -> dict[str, Any]:
