@@ -95,6 +95,7 @@ def compile_model(
     target_config = config.target
     if target_config.model_name is None and source != "<memory>":
         target_config = dataclasses.replace(target_config, model_name=Path(source).name.split(".")[0])
+    target_config = default_weight_budget(backend, target_config, ir_model)
     calib = load_dataset(config.calib, ir_model)
     evaluation = load_dataset(config.eval, ir_model) if config.eval is not None else None
     metric, reference = None, None
@@ -123,6 +124,25 @@ def compile_model(
     return CompileResult(
         annotated, artifact.simulation_model, report, result.stats, Path(out_dir) if out_dir is not None else None
     )
+
+
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def default_weight_budget(backend: Any, config: TargetConfig, model: ir.Model) -> TargetConfig:
+    """A target with a fixed weight memory (``weight_memory_bytes``) gets it as the allocation
+    budget when the user set none and the weights at ``--weight-bits`` would not fit."""
+    memory = getattr(backend, "weight_memory_bytes", None)
+    if memory is None or config.avg_bits is not None or config.total_bytes is not None or config.max_loss is not None:
+        return config
+    count = 0
+    for node in model.graph:
+        if node.op_type in WEIGHT_OPS and len(node.inputs) > 1:
+            weight = const_array(node.inputs[1])
+            count += int(weight.size) if weight is not None else 0
+    if count * config.weight_bits / 8 <= memory:
+        return config
+    return dataclasses.replace(config, total_bytes=float(memory))
 
 
 def _merge_target_layers(report: dict[str, Any]) -> None:

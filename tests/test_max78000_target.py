@@ -306,3 +306,21 @@ def test_weight_threshold_rules() -> None:
         assert auto.bit_shift == (by_max if bits == 8 else by_mse).bit_shift
     assert error(quantize_layer(layer, 2, 1.0, 1.0, threshold_rule="mse")) < 0.8 * error(
         quantize_layer(layer, 2, 1.0, 1.0, threshold_rule="max"))
+
+
+def test_weight_memory_is_the_default_budget(tmp_path: Path) -> None:
+    """524k weights do not fit the 432 KiB weight memory at 8 bits: the knapsack gets it as budget.
+    (The byte budget is necessary, not sufficient: kernel words per processor are checked after.)"""
+    model = _net([1024], [("fc", 512), ("relu",), ("fc", 10)])
+    calib = {"x": np.random.default_rng(3).normal(0, 1, (32, 1024)).astype(np.float32)}
+    result = compile_model(model, "max78000", CompileConfig(calib=calib, show_progress=False), tmp_path / "o")
+    details = result.report["target_details"]
+    assert details["weight_bytes"] <= 442_368
+    assert details["layers"][0]["bits"] < 8
+    assert details["memory"]["kernel_words_max"] <= 768
+
+
+def test_emitted_checkpoint_needs_no_unsafe_globals(digits_out) -> None:
+    """Only tensors and containers are pickled, so weights_only loading works on old and new torch."""
+    _, out = digits_out
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(str(out / "digits_cnn.pth.tar")) == []

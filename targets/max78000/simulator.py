@@ -177,13 +177,15 @@ def simulate(network: Network, params: Sequence[LayerParams | None], sample: np.
     Args:
         network: the layers.
         params: per-layer parameters (see :func:`params_from_state_dict`).
-        sample: int64 ``(C, H, W)`` or ``(C, L)`` with values in [−128, 127].
+        sample: int64 ``(C, H, W)``, ``(C, L)`` or ``(C,)`` (as ``(C, 1, 1)``) with values in [−128, 127].
         keep_all: return every layer's output instead of the last one.
 
     Raises:
         TargetError: a sample outside int8 or of the wrong rank.
     """
     x = np.asarray(sample)
+    if x.ndim == 1:  # a feature vector enters the accelerator as C channels of 1x1
+        x = x.reshape(-1, 1, 1)
     if x.ndim not in (2, 3):
         raise TargetError(f"sample input has shape {x.shape}; expected (C, H, W) or (C, L)")
     if not np.issubdtype(x.dtype, np.integer) or x.min() < -128 or x.max() > 127:

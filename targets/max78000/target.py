@@ -256,6 +256,8 @@ class Max78000Target:
     legal_kinds: ClassVar[tuple[str, ...]] = ("fixed",)
     #: λ_l comes from the post-activation output of each layer.
     calibrate_post_activation: ClassVar[bool] = True
+    #: The default allocation budget when 8-bit weights do not fit (64 × 768 × 9 B = 432 KiB).
+    weight_memory_bytes: ClassVar[int] = constraints.WEIGHT_MEMORY_BYTES
 
     def passes(self, config: TargetConfig) -> Sequence[ir.passes.PassBase]:
         """Legalise, choose scales and bits, check the hardware constraints."""
@@ -288,6 +290,8 @@ class Max78000Target:
         source = model.graph.inputs[0]
         first = next(iter(data.batches(1)))[source.name][0]
         sample = convert_input(first, compiled.lambda_input)
+        if sample.ndim == 1:  # §4 row 24: a feature vector is written as (C, 1, 1)
+            sample = sample.reshape(-1, 1, 1)
         kat = np.asarray(simulate(compiled.network, compiled.params, sample))
         integer_model = build_simulation(compiled.network.layers, compiled.params, sample.shape)
         simulation = self.simulate(model)
