@@ -192,7 +192,8 @@ CASES = {
     "15 dims": ([4, 1100], [("conv", 4, 3, 1)], TargetConstraintError, "dims"),
     "16 data memory": ([16, 100, 100], [("conv", 16, 3, 1)], TargetConstraintError, "data memory"),
     "17 CHW channels": ([32, 80, 80], [("conv", 4, 3, 1)], TargetConstraintError, "input size"),
-    "19 kernel memory": ([1024], [("fc", 1024)], TargetConstraintError, "kernel memory"),
+    # 36,864 weight bytes fit the byte budget, but 1,024 3x3 kernels per input processor do not
+    "19 kernel memory": ([4, 4, 4], [("conv", 1024, 3, 1)], TargetConstraintError, "kernel memory"),
     "20 bias memory": ([4, 2, 2], [("conv", 600, 1, 0), ("relu",), ("conv", 4, 1, 0)], TargetConstraintError,
                        "bias bytes"),
 }

@@ -29,7 +29,9 @@ def require_torch() -> Any:
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is installed with the max78000 extra
-        raise CheckpointError("PyTorch checkpoints need torch: pip install 'qcompiler[torch]'") from None
+        raise CheckpointError(
+            "PyTorch checkpoints need torch: pip install 'qcompiler[torch]'"
+        ) from None
     return torch
 
 
@@ -83,14 +85,20 @@ def _load_with_stubbed_optimizers(torch: Any, path: Path) -> dict[str, Any]:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise CheckpointError(f"{path}: cannot be loaded safely ({type(exc).__name__}: {exc})") from None
+            raise CheckpointError(
+                f"{path}: cannot be loaded safely ({type(exc).__name__}: {exc})"
+            ) from None
 
 
 def plain_extras(extras: Any) -> dict[str, Any]:
     """Keep the ``str``/``int``/``float``/``bool`` entries so that the file loads with weights_only."""
     if not isinstance(extras, dict):
         return {}
-    return {k: v for k, v in extras.items() if isinstance(k, str) and isinstance(v, (str, int, float, bool))}
+    return {
+        k: v
+        for k, v in extras.items()
+        if isinstance(k, str) and isinstance(v, (str, int, float, bool))
+    }
 
 
 def checkpoint_bytes(checkpoint: dict[str, Any]) -> bytes:

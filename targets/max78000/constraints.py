@@ -25,7 +25,9 @@ PROCESSORS = 64
 WEIGHT_MEMORY_BYTES = PROCESSORS * KERNEL_WORDS * KERNEL_WORD_BITS // 8
 
 
-def _error(index: int, layer: HwLayer, quantity: str, value: object, limit: str, hint: str = "") -> TargetConstraintError:
+def _error(
+    index: int, layer: HwLayer, quantity: str, value: object, limit: str, hint: str = ""
+) -> TargetConstraintError:
     node = layer.nodes[0] if layer.nodes else layer.name
     text = f"max78000: layer {index} ({node}): {quantity} = {value} exceeds {limit}."
     return TargetConstraintError(f"{text} {hint}".strip())
@@ -56,7 +58,13 @@ def input_bytes(layer: HwLayer, hwc: bool = True) -> int:
 
 def output_bytes(layer: HwLayer) -> int:
     """Bytes the layer's output occupies in each data memory instance."""
-    return int(np.prod(output_dims(layer))) * math.ceil(layer.out_channels / 64) * 4 * layer.output_width // 8
+    return (
+        int(np.prod(output_dims(layer)))
+        * math.ceil(layer.out_channels / 64)
+        * 4
+        * layer.output_width
+        // 8
+    )
 
 
 def place(layers: Sequence[HwLayer]) -> list[HwLayer]:
@@ -77,11 +85,21 @@ def place(layers: Sequence[HwLayer]) -> list[HwLayer]:
             elif layer.in_channels <= 16 and area <= HALF_INSTANCE:
                 data_format, chw = "CHW", True
             else:
-                raise _error(i, layer, "input size", f"{area} x {layer.in_channels} channels", "the data memory",
-                             "Streaming/FIFO input is not supported.")
+                raise _error(
+                    i,
+                    layer,
+                    "input size",
+                    f"{area} x {layer.in_channels} channels",
+                    "the data memory",
+                    "Streaming/FIFO input is not supported.",
+                )
         width = 32 if last and layer.activation is None and layer.op != "passthrough" else 8
-        layer = dataclasses.replace(layer, data_format=data_format, output_width=width,
-                                    processors=processor_map(layer.in_channels, chw))
+        layer = dataclasses.replace(
+            layer,
+            data_format=data_format,
+            output_width=width,
+            processors=processor_map(layer.in_channels, chw),
+        )
         size_in = input_bytes(layer, hwc=not chw)
         size_out = output_bytes(layer)
         if size_in <= HALF_INSTANCE and size_out <= HALF_INSTANCE:
@@ -91,8 +109,14 @@ def place(layers: Sequence[HwLayer]) -> list[HwLayer]:
         elif 4 * math.ceil((in_offset + size_in) / 4) + size_out <= DATA_INSTANCE_BYTES:
             out_offset = 4 * math.ceil((in_offset + size_in) / 4)
         else:
-            raise _error(i, layer, "data memory (input + output bytes per instance)", size_in + size_out,
-                         f"{DATA_INSTANCE_BYTES}", "Reduce the feature map size or channels (rule §4.16).")
+            raise _error(
+                i,
+                layer,
+                "data memory (input + output bytes per instance)",
+                size_in + size_out,
+                f"{DATA_INSTANCE_BYTES}",
+                "Reduce the feature map size or channels (rule §4.16).",
+            )
         placed.append(dataclasses.replace(layer, out_offset=out_offset))
         in_offset = out_offset
     return placed
@@ -100,35 +124,76 @@ def place(layers: Sequence[HwLayer]) -> list[HwLayer]:
 
 def _check_layer(i: int, layer: HwLayer, first: bool) -> None:
     if layer.in_channels > MAX_CHANNELS or layer.out_channels > MAX_CHANNELS:
-        raise _error(i, layer, "channels", max(layer.in_channels, layer.out_channels), f"{MAX_CHANNELS} (rule §4.6)")
+        raise _error(
+            i,
+            layer,
+            "channels",
+            max(layer.in_channels, layer.out_channels),
+            f"{MAX_CHANNELS} (rule §4.6)",
+        )
     if layer.op == "conv2d" and layer.kernel_size not in ((1, 1), (3, 3)):
-        raise _error(i, layer, "kernel", "x".join(map(str, layer.kernel_size)), "1x1 or 3x3 (rule §4.7)",
-                     "5x5/7x7 kernels are unsupported.")
+        raise _error(
+            i,
+            layer,
+            "kernel",
+            "x".join(map(str, layer.kernel_size)),
+            "1x1 or 3x3 (rule §4.7)",
+            "5x5/7x7 kernels are unsupported.",
+        )
     if layer.op == "conv1d" and not 1 <= layer.kernel_size[0] <= 9:
         raise _error(i, layer, "conv1d kernel", layer.kernel_size[0], "1..9 (rule §4.8)")
-    if layer.op in ("conv2d", "conv1d") and (layer.pad not in (0, 1, 2) or layer.pad >= min(layer.kernel_size)):
+    if layer.op in ("conv2d", "conv1d") and (
+        layer.pad not in (0, 1, 2) or layer.pad >= min(layer.kernel_size)
+    ):
         raise _error(i, layer, "pad", layer.pad, "{0, 1, 2} and pad < kernel (rule §4.10)")
     if layer.pool is not None or layer.pool_stride != (1, 1):
         size = layer.pool_size if layer.pool is not None else (1, 1)
         spatial = 1 if layer.op == "conv1d" or len(layer.in_dims or ()) == 1 else 2
-        if any(not 1 <= p <= 16 for p in size[:spatial]) or any(not 1 <= s <= 16 for s in layer.pool_stride[:spatial]):
-            raise _error(i, layer, "pooling", f"{size} stride {layer.pool_stride}", "1..16 (rule §4.12)")
+        if any(not 1 <= p <= 16 for p in size[:spatial]) or any(
+            not 1 <= s <= 16 for s in layer.pool_stride[:spatial]
+        ):
+            raise _error(
+                i, layer, "pooling", f"{size} stride {layer.pool_stride}", "1..16 (rule §4.12)"
+            )
         if spatial == 2 and layer.pool_stride[0] != layer.pool_stride[1]:
             raise _error(i, layer, "pool stride", layer.pool_stride, "a square stride (rule §4.12)")
         if any(d < 1 for d in pooled_dims(layer)):
             raise _error(i, layer, "pooled output", pooled_dims(layer), "at least 1 (rule §4.12)")
-    if layer.op == "passthrough" and layer.in_channels > 64 and int(np.prod(pooled_dims(layer))) > 1:
-        raise _error(i, layer, "passthrough channels", layer.in_channels, "64 (rule §4.13: pooling in one pass)")
+    if (
+        layer.op == "passthrough"
+        and layer.in_channels > 64
+        and int(np.prod(pooled_dims(layer))) > 1
+    ):
+        raise _error(
+            i,
+            layer,
+            "passthrough channels",
+            layer.in_channels,
+            "64 (rule §4.13: pooling in one pass)",
+        )
     if layer.flatten and int(np.prod(pooled_dims(layer))) > 256:
-        raise _error(i, layer, "flattened H*W", int(np.prod(pooled_dims(layer))), "256 (rule §4.14)",
-                     "Pool further before the linear layer.")
-    for dims, channels, what in ((layer.in_dims or (1,), layer.in_channels, "input"),
-                                 (output_dims(layer), layer.out_channels, "output")):
+        raise _error(
+            i,
+            layer,
+            "flattened H*W",
+            int(np.prod(pooled_dims(layer))),
+            "256 (rule §4.14)",
+            "Pool further before the linear layer.",
+        )
+    for dims, channels, what in (
+        (layer.in_dims or (1,), layer.in_channels, "input"),
+        (output_dims(layer), layer.out_channels, "output"),
+    ):
         if any(not 1 <= d <= 1024 for d in dims):
             raise _error(i, layer, f"{what} dims", dims, "1..1024 (rule §4.15)")
         if int(np.prod(dims)) * math.ceil(channels / 64) >= 2**21:
-            raise _error(i, layer, f"{what} H*W*ceil(C/64)", int(np.prod(dims)) * math.ceil(channels / 64),
-                         "2^21 (rule §4.15)")
+            raise _error(
+                i,
+                layer,
+                f"{what} H*W*ceil(C/64)",
+                int(np.prod(dims)) * math.ceil(channels / 64),
+                "2^21 (rule §4.15)",
+            )
     if first and layer.data_format == "CHW" and layer.in_channels > 16:
         raise _error(i, layer, "CHW input channels", layer.in_channels, "16 (rule §4.17)")
 
@@ -145,8 +210,12 @@ def kernel_words(layer: HwLayer, bits: int) -> int:
     return math.ceil((kc * area * bits + remainder) / KERNEL_WORD_BITS)
 
 
-def check(layers: Sequence[HwLayer], bits: Sequence[int | None], shifts: Sequence[int | None],
-          has_bias: Sequence[bool]) -> dict[str, object]:
+def check(
+    layers: Sequence[HwLayer],
+    bits: Sequence[int | None],
+    shifts: Sequence[int | None],
+    has_bias: Sequence[bool],
+) -> dict[str, object]:
     """Check every §4 constraint on placed layers; return the memory use for the report.
 
     Args:
@@ -159,7 +228,9 @@ def check(layers: Sequence[HwLayer], bits: Sequence[int | None], shifts: Sequenc
         TargetConstraintError: the first violation, naming the layer, quantity and limit.
     """
     if len(layers) > MAX_LAYERS:
-        raise _error(MAX_LAYERS, layers[MAX_LAYERS], "layer count", len(layers), f"{MAX_LAYERS} (rule §4.1)")
+        raise _error(
+            MAX_LAYERS, layers[MAX_LAYERS], "layer count", len(layers), f"{MAX_LAYERS} (rule §4.1)"
+        )
     words = np.zeros(PROCESSORS, dtype=np.int64)
     bias_sizes: list[tuple[int, int]] = []
     for i, layer in enumerate(layers):
@@ -174,19 +245,32 @@ def check(layers: Sequence[HwLayer], bits: Sequence[int | None], shifts: Sequenc
         mask = np.array([(layer.processors >> p) & 1 for p in range(PROCESSORS)], dtype=bool)
         words[mask] += used
         if words.max() > KERNEL_WORDS:
-            raise _error(i, layer, "kernel memory words per processor", int(words.max()), f"{KERNEL_WORDS} "
-                         "(rule §4.19)", "Use fewer weight bits (--weight-bits or a --total-bytes budget).")
+            raise _error(
+                i,
+                layer,
+                "kernel memory words per processor",
+                int(words.max()),
+                f"{KERNEL_WORDS} (rule §4.19)",
+                "Use fewer weight bits (--weight-bits or a --total-bytes budget).",
+            )
         if has_bias[i]:
             if layer.out_channels > BIAS_MEMORY_BYTES:
-                raise _error(i, layer, "bias bytes", layer.out_channels, f"{BIAS_MEMORY_BYTES} (rule §4.20)")
+                raise _error(
+                    i, layer, "bias bytes", layer.out_channels, f"{BIAS_MEMORY_BYTES} (rule §4.20)"
+                )
             bias_sizes.append((layer.out_channels, i))
     free = [BIAS_MEMORY_BYTES] * BIAS_MEMORIES
     bias_memory: dict[int, int] = {}
     for size, i in sorted(bias_sizes, reverse=True):  # first-fit decreasing
         slot = next((m for m in range(BIAS_MEMORIES) if free[m] >= size), None)
         if slot is None:
-            raise _error(i, layers[i], "bias memory", sum(s for s, _ in bias_sizes),
-                         f"{BIAS_MEMORIES} x {BIAS_MEMORY_BYTES} B (rule §4.20)")
+            raise _error(
+                i,
+                layers[i],
+                "bias memory",
+                sum(s for s, _ in bias_sizes),
+                f"{BIAS_MEMORIES} x {BIAS_MEMORY_BYTES} B (rule §4.20)",
+            )
         free[slot] -= size
         bias_memory[i] = slot
     return {

@@ -90,10 +90,16 @@ def _pool_fields(node: ir.Node | None, shape: tuple[int, ...]) -> dict:
         size = tuple(attr(node, "kernel_shape"))
         stride = tuple(attr(node, "strides", (1,) * len(size)))
         kind = "max" if node.op_type == "MaxPool" else "avg"
-        if any(attr(node, "pads", (0,) * 2 * len(size))) or attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-            raise _fail(node, "padded pooling is not supported (rule §4.12: pooling has no padding)")
+        if any(attr(node, "pads", (0,) * 2 * len(size))) or attr(
+            node, "auto_pad", "NOTSET"
+        ) not in ("NOTSET", "VALID"):
+            raise _fail(
+                node, "padded pooling is not supported (rule §4.12: pooling has no padding)"
+            )
         if attr(node, "ceil_mode", 0):
-            raise _fail(node, "ceil_mode pooling is not supported (rule §4.12: floor((H - P)/s) + 1)")
+            raise _fail(
+                node, "ceil_mode pooling is not supported (rule §4.12: floor((H - P)/s) + 1)"
+            )
         if any(d != 1 for d in attr(node, "dilations", (1,) * len(size))):
             raise _fail(node, "dilated pooling is not supported (rule §4.12)")
     if len(size) == 1:
@@ -113,14 +119,20 @@ def _conv(node: ir.Node, builder: _Builder, data_rank: int) -> None:
     weight = const_array(node.inputs[1])
     kernel = tuple(weight.shape[2:])
     if attr(node, "group", 1) != 1:
-        raise _fail(node, f"groups = {attr(node, 'group', 1)}: depthwise/grouped convolution is not supported "
-                          "(rule §4.11: groups 1)")
+        raise _fail(
+            node,
+            f"groups = {attr(node, 'group', 1)}: depthwise/grouped convolution is not supported "
+            "(rule §4.11: groups 1)",
+        )
     if any(d != 1 for d in attr(node, "dilations", (1,) * len(kernel))):
         raise _fail(node, "dilation != 1 is not supported (rule §4.11)")
     strides = tuple(attr(node, "strides", (1,) * len(kernel)))
     if any(s != 1 for s in strides):
-        raise _fail(node, f"stride {strides} is not supported (rule §4.9: stride 1; hint: a stride-s conv is a "
-                          "stride-1 conv followed by pool_stride s in the next layer)")
+        raise _fail(
+            node,
+            f"stride {strides} is not supported (rule §4.9: stride 1; hint: a stride-s conv is a "
+            "stride-1 conv followed by pool_stride s in the next layer)",
+        )
     if attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         raise _fail(node, "auto_pad SAME is not supported; export with explicit pads")
     pads = tuple(attr(node, "pads", (0,) * 2 * len(kernel)))
@@ -129,7 +141,9 @@ def _conv(node: ir.Node, builder: _Builder, data_rank: int) -> None:
     if data_rank == 2 and len(kernel) != 2 or data_rank == 1 and len(kernel) != 1:
         raise _fail(node, "only Conv1d on (N, C, L) and Conv2d on (N, C, H, W) data are supported")
     builder.weight, builder.kernel, builder.pad = weight, kernel, pads[0]
-    bias = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    bias = (
+        const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    )
     builder.bias = bias
 
 
@@ -141,8 +155,14 @@ def _linear(node: ir.Node, builder: _Builder) -> None:
         alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
         weight = weight if attr(node, "transB", 0) else weight.T
         weight = weight * alpha
-        bias = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
-        builder.bias = None if bias is None else np.broadcast_to(bias * beta, (weight.shape[0],)).copy()
+        bias = (
+            const_array(node.inputs[2])
+            if len(node.inputs) > 2 and node.inputs[2] is not None
+            else None
+        )
+        builder.bias = (
+            None if bias is None else np.broadcast_to(bias * beta, (weight.shape[0],)).copy()
+        )
     else:
         if weight.ndim != 2:
             raise _fail(node, "MatMul with a non-2-D weight is not a linear layer")
@@ -160,8 +180,10 @@ def legalize(model: ir.Model) -> list[LegalLayer]:
     """
     graph = model.graph
     if len(graph.inputs) != 1 or len(graph.outputs) != 1:
-        raise UnsupportedOpError(f"{PREFIX}: the model must have one input and one output "
-                                 f"(has {len(graph.inputs)} and {len(graph.outputs)})")
+        raise UnsupportedOpError(
+            f"{PREFIX}: the model must have one input and one output "
+            f"(has {len(graph.inputs)} and {len(graph.outputs)})"
+        )
     current = graph.inputs[0]
     layers: list[LegalLayer] = []
     builder: _Builder | None = None
@@ -178,8 +200,17 @@ def legalize(model: ir.Model) -> list[LegalLayer]:
 
     def passthrough(node: ir.Node, shape: tuple[int, ...]) -> None:
         fields = _pool_fields(node, shape)
-        hw = HwLayer(op="passthrough", kernel_size=(1, 1), pad=0, in_channels=shape[0], out_channels=shape[0],
-                     in_dims=shape[1:], nodes=(node.name,), name=f"l{len(layers):02d}_pool", **fields)
+        hw = HwLayer(
+            op="passthrough",
+            kernel_size=(1, 1),
+            pad=0,
+            in_channels=shape[0],
+            out_channels=shape[0],
+            in_dims=shape[1:],
+            nodes=(node.name,),
+            name=f"l{len(layers):02d}_pool",
+            **fields,
+        )
         layers.append(LegalLayer(hw, None, output=node.outputs[0].name))
 
     for node in graph:
@@ -187,15 +218,24 @@ def legalize(model: ir.Model) -> list[LegalLayer]:
         if node.op_type == "Constant":
             continue
         if len(data_inputs) != 1 or data_inputs[0] is not current or len(list(current.uses())) != 1:
-            raise _fail(node, "branching topology (rule §4.2: this target supports sequential networks only)")
+            raise _fail(
+                node,
+                "branching topology (rule §4.2: this target supports sequential networks only)",
+            )
         op = node.op_type
         out = node.outputs[0]
         if op in WEIGHT_OPS:
             close()
             shape = pending_shape if pending_pool is not None else _dims(current, node)
             shape = flatten_shape if flatten else shape
-            builder = _Builder(kind="fc" if op != "Conv" else "conv", nodes=[node.name], pool_node=pending_pool,
-                               flatten=flatten, in_shape=shape, weight_node=node.name)
+            builder = _Builder(
+                kind="fc" if op != "Conv" else "conv",
+                nodes=[node.name],
+                pool_node=pending_pool,
+                flatten=flatten,
+                in_shape=shape,
+                weight_node=node.name,
+            )
             data_rank = len(_dims(current, node)) - 1
             if op == "Conv":
                 if len(node.inputs) < 2 or not is_constant(node.inputs[1]):
@@ -203,12 +243,21 @@ def legalize(model: ir.Model) -> list[LegalLayer]:
                 _conv(node, builder, data_rank)
             else:
                 if data_rank != 0:
-                    raise _fail(node, "a linear layer needs a flattened (N, K) input: insert a Flatten")
+                    raise _fail(
+                        node, "a linear layer needs a flattened (N, K) input: insert a Flatten"
+                    )
                 _linear(node, builder)
             pending_pool, pending_shape, flatten = None, None, False
-        elif op == "Add" and builder is not None and builder.accepts_bias and builder.activation is None:
+        elif (
+            op == "Add"
+            and builder is not None
+            and builder.accepts_bias
+            and builder.activation is None
+        ):
             bias = next(const_array(v) for v in node.inputs if v is not None and is_constant(v))
-            builder.bias = np.broadcast_to(bias.reshape(-1), (builder.weight.shape[0],)).astype(np.float32)
+            builder.bias = np.broadcast_to(bias.reshape(-1), (builder.weight.shape[0],)).astype(
+                np.float32
+            )
             builder.accepts_bias = False
             builder.nodes.append(node.name)
         elif op in ACTIVATION_OPS and builder is not None and builder.activation is None:
@@ -232,8 +281,11 @@ def legalize(model: ir.Model) -> list[LegalLayer]:
                 pending_pool = None
             flatten, flatten_shape = True, _dims(current, node)
         else:
-            raise _fail(node, f"operator {op} is not supported (rule §4.3: Conv, Gemm, MatMul+Add, MaxPool, "
-                              "AveragePool, Relu, Abs, Clip(0, u), Flatten)")
+            raise _fail(
+                node,
+                f"operator {op} is not supported (rule §4.3: Conv, Gemm, MatMul+Add, MaxPool, "
+                "AveragePool, Relu, Abs, Clip(0, u), Flatten)",
+            )
         if builder is not None and node.name in builder.nodes:
             builder.output = out.name
         current = out
@@ -243,7 +295,9 @@ def legalize(model: ir.Model) -> list[LegalLayer]:
     if not layers:
         raise UnsupportedOpError(f"{PREFIX}: the model has no layer")
     if current is not graph.outputs[0]:
-        raise UnsupportedOpError(f"{PREFIX}: the graph output {graph.outputs[0].name!r} is not the last layer's output")
+        raise UnsupportedOpError(
+            f"{PREFIX}: the graph output {graph.outputs[0].name!r} is not the last layer's output"
+        )
     return layers
 
 
@@ -252,7 +306,10 @@ def _clip_max(node: ir.Node) -> float:
     low = float(bounds[0]) if bounds and bounds[0] is not None else -np.inf
     high = float(bounds[1]) if len(bounds) > 1 and bounds[1] is not None else np.inf
     if low != 0.0 or not np.isfinite(high) or high <= 0:
-        raise _fail(node, f"Clip({low}, {high}) is not supported (rule §4.4: only Clip(0, u) maps to the int8 clamp)")
+        raise _fail(
+            node,
+            f"Clip({low}, {high}) is not supported (rule §4.4: only Clip(0, u) maps to the int8 clamp)",
+        )
     return high
 
 
@@ -269,14 +326,27 @@ def _finish(builder: _Builder, index: int) -> LegalLayer:
         pooled = _pooled(shape, pool_fields)
         channels, dims = pooled[0], (pooled[1:] if len(pooled) > 1 else (1, 1))
         if builder.flatten and pool_fields:
-            raise UnsupportedOpError(f"{PREFIX}: layer {index} ({nodes[0]}): flatten combined with pooling "
-                                     "(rule §4.14)")
+            raise UnsupportedOpError(
+                f"{PREFIX}: layer {index} ({nodes[0]}): flatten combined with pooling (rule §4.14)"
+            )
     hw = HwLayer(
-        op=op, kernel_size=builder.kernel if op != "mlp" else (1, 1), pad=builder.pad, activation=builder.activation,
-        flatten=builder.flatten and int(np.prod(dims)) > 1, in_channels=int(channels),
-        out_channels=int(weight.shape[0]), in_dims=tuple(int(d) for d in dims), nodes=tuple(nodes),
-        name=f"l{index:02d}_{builder.kind}", **pool_fields,
+        op=op,
+        kernel_size=builder.kernel if op != "mlp" else (1, 1),
+        pad=builder.pad,
+        activation=builder.activation,
+        flatten=builder.flatten and int(np.prod(dims)) > 1,
+        in_channels=int(channels),
+        out_channels=int(weight.shape[0]),
+        in_dims=tuple(int(d) for d in dims),
+        nodes=tuple(nodes),
+        name=f"l{index:02d}_{builder.kind}",
+        **pool_fields,
     )
-    return LegalLayer(hw, builder.weight_node, np.asarray(weight, dtype=np.float32),
-                      None if builder.bias is None else np.asarray(builder.bias, dtype=np.float32),
-                      builder.output, builder.clip_max)
+    return LegalLayer(
+        hw,
+        builder.weight_node,
+        np.asarray(weight, dtype=np.float32),
+        None if builder.bias is None else np.asarray(builder.bias, dtype=np.float32),
+        builder.output,
+        builder.clip_max,
+    )

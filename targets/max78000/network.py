@@ -17,22 +17,64 @@ from qcompiler.errors import TargetError
 
 OPS = ("conv2d", "conv1d", "mlp", "passthrough")
 _OP_ALIASES = {
-    "conv2d": "conv2d", "conv1d": "conv1d", "linear": "mlp", "fc": "mlp", "mlp": "mlp",
-    "none": "passthrough", "passthrough": "passthrough",
+    "conv2d": "conv2d",
+    "conv1d": "conv1d",
+    "linear": "mlp",
+    "fc": "mlp",
+    "mlp": "mlp",
+    "none": "passthrough",
+    "passthrough": "passthrough",
 }
 _UNSUPPORTED_OPS = ("convtranspose2d", "add", "sub", "or", "xor")
 _ACTIVATIONS = {"relu": "ReLU", "abs": "Abs", "none": None}
 #: Keys that change values but that this project's simulator does not implement.
 _UNSUPPORTED_KEYS = (
-    "in_dim", "in_crop", "in_skip", "read_gap", "in_channel_skip", "in_sequences", "eltwise", "operands",
-    "pool_first", "bypass", "weight_source", "pool_dilation", "output_pad", "streaming", "buffer_shift", "buffer_insert", "write_gap",
+    "in_dim",
+    "in_crop",
+    "in_skip",
+    "read_gap",
+    "in_channel_skip",
+    "in_sequences",
+    "eltwise",
+    "operands",
+    "pool_first",
+    "bypass",
+    "weight_source",
+    "pool_dilation",
+    "output_pad",
+    "streaming",
+    "buffer_shift",
+    "buffer_insert",
+    "write_gap",
 )
 #: Keys that only place data (processors, memories, sequencing): accepted and ignored by values.
 _PLACEMENT_KEYS = (
-    "output_processors", "in_offset", "in_channels", "out_channels", "next_sequence", "sequence", "bias_group",
-    "bias_quadrant", "calcx4", "readahead", "tcalc", "output", "simulated_sequence", "snoop_sequence",
+    "output_processors",
+    "in_offset",
+    "in_channels",
+    "out_channels",
+    "next_sequence",
+    "sequence",
+    "bias_group",
+    "bias_quadrant",
+    "calcx4",
+    "readahead",
+    "tcalc",
+    "output",
+    "simulated_sequence",
+    "snoop_sequence",
 )
-_GLOBAL_KEYS = ("arch", "dataset", "layers", "output_map", "unload", "data_buffer", "snoop", "bias", "weights")
+_GLOBAL_KEYS = (
+    "arch",
+    "dataset",
+    "layers",
+    "output_map",
+    "unload",
+    "data_buffer",
+    "snoop",
+    "bias",
+    "weights",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,26 +181,58 @@ def parse_layer(entry: Mapping[str, Any], index: int, source: str) -> HwLayer:
         TargetError: unknown or unsupported key or value, naming the file and layer.
     """
     where = f"{source}: layer {index}"
-    known = {"processors", "out_offset", "op", "operation", "operator", "convolution", "kernel_size", "pad",
-             "max_pool", "avg_pool", "pool_stride", "activate", "activation", "quantization", "output_shift",
-             "output_width", "data_format", "flatten", "name", "bias_quantization",
-             "stride", "dilation", "groups", "conv_groups"}
+    known = {
+        "processors",
+        "out_offset",
+        "op",
+        "operation",
+        "operator",
+        "convolution",
+        "kernel_size",
+        "pad",
+        "max_pool",
+        "avg_pool",
+        "pool_stride",
+        "activate",
+        "activation",
+        "quantization",
+        "output_shift",
+        "output_width",
+        "data_format",
+        "flatten",
+        "name",
+        "bias_quantization",
+        "stride",
+        "dilation",
+        "groups",
+        "conv_groups",
+    }
     for key in entry:
         if key in _UNSUPPORTED_KEYS:
-            raise TargetError(f"{where}: key {key!r} is not supported by qcompiler's MAX78000 simulator")
+            raise TargetError(
+                f"{where}: key {key!r} is not supported by qcompiler's MAX78000 simulator"
+            )
         if key not in known and key not in _PLACEMENT_KEYS:
             raise TargetError(f"{where}: unknown key {key!r}")
     if "processors" not in entry:
         raise TargetError(f"{where}: 'processors' is required")
-    op_value = next((entry[k] for k in ("op", "operation", "operator", "convolution") if k in entry), "conv2d")
+    op_value = next(
+        (entry[k] for k in ("op", "operation", "operator", "convolution") if k in entry), "conv2d"
+    )
     op_name = str(op_value).lower()
     if op_name in _UNSUPPORTED_OPS:
-        raise TargetError(f"{where}: op {op_value!r} is not supported (sequential conv/linear networks only)")
+        raise TargetError(
+            f"{where}: op {op_value!r} is not supported (sequential conv/linear networks only)"
+        )
     if op_name not in _OP_ALIASES:
         raise TargetError(f"{where}: unknown op {op_value!r}")
     op = _OP_ALIASES[op_name]
     default_kernel: tuple[int, ...] = {"conv2d": (3, 3), "conv1d": (9,)}.get(op, (1, 1))
-    kernel = _kernel(entry["kernel_size"], op, f"{where}: kernel_size") if "kernel_size" in entry else default_kernel
+    kernel = (
+        _kernel(entry["kernel_size"], op, f"{where}: kernel_size")
+        if "kernel_size" in entry
+        else default_kernel
+    )
     pool, pool_size = None, (1, 1)
     for kind in ("max", "avg"):
         if f"{kind}_pool" in entry:
@@ -177,7 +251,9 @@ def parse_layer(entry: Mapping[str, Any], index: int, source: str) -> HwLayer:
         raise TargetError(f"{where}: activation {activation_value!r} (choose ReLU, Abs or None)")
     data_format = entry.get("data_format")
     if data_format is not None:
-        data_format = {"hwc": "HWC", "little": "HWC", "chw": "CHW", "big": "CHW"}.get(str(data_format).lower())
+        data_format = {"hwc": "HWC", "little": "HWC", "chw": "CHW", "big": "CHW"}.get(
+            str(data_format).lower()
+        )
         if data_format is None:
             raise TargetError(f"{where}: data_format {entry['data_format']!r} (choose HWC or CHW)")
     width = _int(entry.get("output_width", 8), f"{where}: output_width")
@@ -195,7 +271,9 @@ def parse_layer(entry: Mapping[str, Any], index: int, source: str) -> HwLayer:
         flatten=bool(entry.get("flatten", False)),
         output_width=width,
         quantization=None if quantization is None else _int(quantization, f"{where}: quantization"),
-        output_shift=None if entry.get("output_shift") is None else _int(entry["output_shift"], f"{where}: output_shift"),
+        output_shift=None
+        if entry.get("output_shift") is None
+        else _int(entry["output_shift"], f"{where}: output_shift"),
         processors=_int(entry["processors"], f"{where}: processors"),
         out_offset=_int(entry.get("out_offset", 0), f"{where}: out_offset"),
         data_format=data_format,
@@ -244,6 +322,7 @@ def load_network(path: str | Path) -> Network:
 
 # --- generation (max78000.md §3.3) ---------------------------------------------------------------
 
+
 def processor_count(channels: int) -> int:
     """Processors used for ``channels`` channels: ``n = ceil(C/e)`` over ``e = ceil(C/64)`` passes."""
     passes = math.ceil(channels / 64)
@@ -267,10 +346,14 @@ def yaml_entry(layer: HwLayer, last: bool) -> dict[str, Any]:
         entry["data_format"] = layer.data_format
     if layer.pool is not None:
         size = layer.pool_size if layer.op != "conv1d" else (layer.pool_size[0], 1)
-        entry[f"{layer.pool}_pool"] = size[0] if size[0] == size[1] or layer.op == "conv1d" else list(size)
+        entry[f"{layer.pool}_pool"] = (
+            size[0] if size[0] == size[1] or layer.op == "conv1d" else list(size)
+        )
     if layer.pool is not None or layer.pool_stride != (1, 1):
         stride = layer.pool_stride
-        entry["pool_stride"] = stride[0] if stride[0] == stride[1] or layer.op == "conv1d" else list(stride)
+        entry["pool_stride"] = (
+            stride[0] if stride[0] == stride[1] or layer.op == "conv1d" else list(stride)
+        )
     entry["op"] = layer.op
     if layer.op == "conv2d":
         entry["kernel_size"] = f"{layer.kernel_size[0]}x{layer.kernel_size[1]}"
@@ -299,7 +382,9 @@ def network_yaml(network: Network) -> str:
         entry = yaml_entry(layer, last=i == len(network.layers) - 1)
         text = yaml.safe_dump(entry, default_flow_style=True, sort_keys=False, width=1000).strip()
         # Hex strings stay quoted for processors; offsets are plain hex numbers like upstream's files.
-        text = text.replace(f"out_offset: '0x{layer.out_offset:04x}'", f"out_offset: 0x{layer.out_offset:04x}")
+        text = text.replace(
+            f"out_offset: '0x{layer.out_offset:04x}'", f"out_offset: 0x{layer.out_offset:04x}"
+        )
         lines.append(f"  - {text}")
     return "\n".join(lines) + "\n"
 

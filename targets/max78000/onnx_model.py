@@ -52,9 +52,22 @@ def _pool(b: _Builder, x: str, layer: HwLayer, spatial: int, prefix: str) -> str
         return b.op("MaxPool", [x], f"{prefix}_maxpool", kernel_shape=size, strides=stride)
     count = float(np.prod(size))
     mean = b.op("AveragePool", [x], f"{prefix}_avgpool", kernel_shape=size, strides=stride)
-    total = b.op("Round", [b.op("Mul", [mean, b.const(f"{prefix}_P", count)], f"{prefix}_sum")], f"{prefix}_sumr")
-    quotient = b.op("Floor", [b.op("Div", [b.op("Abs", [total], f"{prefix}_abs"), b.const(f"{prefix}_Pd", count)],
-                                   f"{prefix}_div")], f"{prefix}_floor")
+    total = b.op(
+        "Round",
+        [b.op("Mul", [mean, b.const(f"{prefix}_P", count)], f"{prefix}_sum")],
+        f"{prefix}_sumr",
+    )
+    quotient = b.op(
+        "Floor",
+        [
+            b.op(
+                "Div",
+                [b.op("Abs", [total], f"{prefix}_abs"), b.const(f"{prefix}_Pd", count)],
+                f"{prefix}_div",
+            )
+        ],
+        f"{prefix}_floor",
+    )
     return b.op("Mul", [b.op("Sign", [total], f"{prefix}_sign"), quotient], f"{prefix}_trunc")
 
 
@@ -62,31 +75,55 @@ def _requantize(b: _Builder, acc: str, layer: HwLayer, shift: int, prefix: str) 
     if layer.output_width == 32:
         return acc
     scaled = b.op("Mul", [acc, b.const(f"{prefix}_scale", 2.0 ** (shift - 7))], f"{prefix}_shift")
-    rounded = b.op("Floor", [b.op("Add", [scaled, b.const(f"{prefix}_half", 0.5)], f"{prefix}_half")], f"{prefix}_rhu")
-    y = b.op("Clip", [rounded, b.const(f"{prefix}_lo", -128.0), b.const(f"{prefix}_hi", 127.0)], f"{prefix}_clamp")
+    rounded = b.op(
+        "Floor",
+        [b.op("Add", [scaled, b.const(f"{prefix}_half", 0.5)], f"{prefix}_half")],
+        f"{prefix}_rhu",
+    )
+    y = b.op(
+        "Clip",
+        [rounded, b.const(f"{prefix}_lo", -128.0), b.const(f"{prefix}_hi", 127.0)],
+        f"{prefix}_clamp",
+    )
     if layer.activation == "ReLU":
         return b.op("Relu", [y], f"{prefix}_relu")
     if layer.activation == "Abs":
         absolute = b.op("Abs", [y], f"{prefix}_absv")
-        return b.op("Clip", [absolute, b.const(f"{prefix}_zero", 0.0), b.const(f"{prefix}_max", 127.0)],
-                    f"{prefix}_absclamp")
+        return b.op(
+            "Clip",
+            [absolute, b.const(f"{prefix}_zero", 0.0), b.const(f"{prefix}_max", 127.0)],
+            f"{prefix}_absclamp",
+        )
     return y
 
 
-def _layer(b: _Builder, x: str, layer: HwLayer, params: LayerParams | None, spatial: int, prefix: str) -> str:
+def _layer(
+    b: _Builder, x: str, layer: HwLayer, params: LayerParams | None, spatial: int, prefix: str
+) -> str:
     x = _pool(b, x, layer, spatial, prefix)
     if layer.op == "passthrough":
         return x
     weights = params.weights.astype(np.float32)
-    bias = 128.0 * (params.bias if params.bias is not None else np.zeros(weights.shape[0])).astype(np.float32)
+    bias = 128.0 * (params.bias if params.bias is not None else np.zeros(weights.shape[0])).astype(
+        np.float32
+    )
     if layer.op == "mlp":
         flat = b.op("Flatten", [x], f"{prefix}_flatten", axis=1)
-        acc = b.op("Gemm", [flat, b.const(f"{prefix}_W", weights), b.const(f"{prefix}_B", bias)], f"{prefix}_gemm",
-                   transB=1)
+        acc = b.op(
+            "Gemm",
+            [flat, b.const(f"{prefix}_W", weights), b.const(f"{prefix}_B", bias)],
+            f"{prefix}_gemm",
+            transB=1,
+        )
     else:
         pads = [layer.pad] * (2 * (weights.ndim - 2))
-        acc = b.op("Conv", [x, b.const(f"{prefix}_W", weights), b.const(f"{prefix}_B", bias)], f"{prefix}_conv",
-                   pads=pads, kernel_shape=list(weights.shape[2:]))
+        acc = b.op(
+            "Conv",
+            [x, b.const(f"{prefix}_W", weights), b.const(f"{prefix}_B", bias)],
+            f"{prefix}_conv",
+            pads=pads,
+            kernel_shape=list(weights.shape[2:]),
+        )
     out = _requantize(b, acc, layer, params.shift, prefix)
     if layer.op == "mlp":
         out = b.op("Reshape", [out, _shape_const(b, prefix)], f"{prefix}_as_map")
@@ -99,9 +136,15 @@ def _shape_const(b: _Builder, prefix: str) -> str:
     return name
 
 
-def build_simulation(layers: Sequence[HwLayer], params: Sequence[LayerParams | None], input_shape: Sequence[int],
-                     input_name: str = "x", output_name: str = "y", input_scale: float | None = None,
-                     output_scale: float | None = None) -> ir.Model:
+def build_simulation(
+    layers: Sequence[HwLayer],
+    params: Sequence[LayerParams | None],
+    input_shape: Sequence[int],
+    input_name: str = "x",
+    output_name: str = "y",
+    input_scale: float | None = None,
+    output_scale: float | None = None,
+) -> ir.Model:
     """The §5.3 ONNX of a network.
 
     Args:
@@ -122,7 +165,9 @@ def build_simulation(layers: Sequence[HwLayer], params: Sequence[LayerParams | N
     spatial = len(input_shape) - 1
     x = input_name
     if input_scale is not None:
-        scaled = b.op("Round", [b.op("Mul", [x, b.const("in_scale", input_scale)], "in_mul")], "in_round")
+        scaled = b.op(
+            "Round", [b.op("Mul", [x, b.const("in_scale", input_scale)], "in_mul")], "in_round"
+        )
         x = b.op("Clip", [scaled, b.const("in_lo", -128.0), b.const("in_hi", 127.0)], "in_clamp")
     for i, (layer, layer_params) in enumerate(zip(layers, params)):
         x = _layer(b, x, layer, layer_params, spatial, f"l{i:02d}")
@@ -132,12 +177,19 @@ def build_simulation(layers: Sequence[HwLayer], params: Sequence[LayerParams | N
         x = b.op("Mul", [x, b.const("out_scale", output_scale)], "out_mul")
     b.nodes.append(helper.make_node("Identity", [x], [output_name], name="output"))
     graph = helper.make_graph(
-        b.nodes, "max78000_simulation",
+        b.nodes,
+        "max78000_simulation",
         [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", *input_shape])],
-        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, _output_dims(layers[-1], spatial, output_scale))],
+        [
+            helper.make_tensor_value_info(
+                output_name, TensorProto.FLOAT, _output_dims(layers[-1], spatial, output_scale)
+            )
+        ],
         b.inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qcompiler")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qcompiler"
+    )
     onnx.checker.check_model(model)
     return ir.serde.deserialize_model(model)
 

@@ -72,9 +72,13 @@ class QuantizeOptions:
     def __post_init__(self) -> None:
         canonical_device(self.device)
         if self.clip_method is not None and self.clip_method not in CLIP_METHODS:
-            raise CheckpointError(f"--clip-method {self.clip_method!r}: choose one of {', '.join(CLIP_METHODS)}")
+            raise CheckpointError(
+                f"--clip-method {self.clip_method!r}: choose one of {', '.join(CLIP_METHODS)}"
+            )
         if self.qat_weight_bits is not None and self.qat_weight_bits not in LEGAL_WEIGHT_BITS:
-            raise CheckpointError(f"--qat-weight-bits {self.qat_weight_bits}: must be one of 1, 2, 4, 8")
+            raise CheckpointError(
+                f"--qat-weight-bits {self.qat_weight_bits}: must be one of 1, 2, 4, 8"
+            )
         if self.scale is not None and not 0.0 < self.scale <= 1.0:
             raise CheckpointError(f"--scale {self.scale}: must be in (0, 1]")
         if self.stddev is not None and not self.stddev > 0.0:
@@ -148,7 +152,9 @@ def stat_line(key: str, tensor: Any, factor: Any, bits: int) -> str:
     )
 
 
-def _threshold(torch: Any, options: QuantizeOptions, weight: Any, params: Any, quantile: Any) -> Any:
+def _threshold(
+    torch: Any, options: QuantizeOptions, weight: Any, params: Any, quantile: Any
+) -> Any:
     """The clipping threshold ``L`` of §1.4 step 2 (QAT) or §1.6 (clip methods)."""
     method = options.clip_method
     if method is None:
@@ -158,10 +164,15 @@ def _threshold(torch: Any, options: QuantizeOptions, weight: Any, params: Any, q
     if method == "AVGMAX":
         return avgmax(weight)
     if method == "SCALE":
-        return torch.tensor(options.scale or DEFAULT_SCALE, dtype=torch.float32) * params.abs().max()
+        return (
+            torch.tensor(options.scale or DEFAULT_SCALE, dtype=torch.float32) * params.abs().max()
+        )
     n = torch.tensor(options.stddev or DEFAULT_STDDEV, dtype=torch.float32)
     mean, std = params.mean(), params.std()
-    return max(torch.maximum(params.min(), mean - n * std).abs(), torch.minimum(params.max(), mean + n * std).abs())
+    return max(
+        torch.maximum(params.min(), mean - n * std).abs(),
+        torch.minimum(params.max(), mean + n * std).abs(),
+    )
 
 
 def quantize_tensors(
@@ -225,7 +236,9 @@ def fold_ai8x_batchnorm(state: OrderedDict[str, Any], warn: Callable[[str], None
         for key in [k for k in state if k.startswith(f"{layer}.bn.")]:
             del state[key]
         _insert_after(state, f"{layer}.op.weight", f"{layer}.op.bias", folded_bias)
-        warn(f"{layer}: BatchNorm folded into op.weight/op.bias with the ai8x rule (gamma/4, beta/4)")
+        warn(
+            f"{layer}: BatchNorm folded into op.weight/op.bias with the ai8x rule (gamma/4, beta/4)"
+        )
 
 
 def _insert_after(state: OrderedDict[str, Any], anchor: str, key: str, value: Any) -> None:
@@ -276,13 +289,26 @@ def convert_checkpoint(
     for key in list(state.keys()):
         layer, op, param = split_key(key)
         if param == "weight":
-            facts = _quantize_weight_key(torch, state, out, key, layer, op, options, yaml_bits, weight_index, verbose,
-                                         warnings)
+            facts = _quantize_weight_key(
+                torch,
+                state,
+                out,
+                key,
+                layer,
+                op,
+                options,
+                yaml_bits,
+                weight_index,
+                verbose,
+                warnings,
+            )
             layers.append(facts)
             weight_index += 1
         elif param in ("w_zero_point", "b_zero_point"):
             if bool((state[key] != 0).any()):
-                raise CheckpointError(f"{key}: non-zero zero point (MAX78000 quantization is symmetric)")
+                raise CheckpointError(
+                    f"{key}: non-zero zero point (MAX78000 quantization is symmetric)"
+                )
             del out[key]
         elif param == "base_b_q":
             del out[key]
@@ -309,8 +335,12 @@ def convert_checkpoint(
 
 
 def _weight_bits(
-    state: dict[str, Any], layer: str, options: QuantizeOptions, yaml_bits: Sequence[int | None] | None,
-    index: int, warnings: list[str],
+    state: dict[str, Any],
+    layer: str,
+    options: QuantizeOptions,
+    yaml_bits: Sequence[int | None] | None,
+    index: int,
+    warnings: list[str],
 ) -> int:
     """§1.3 priority: YAML ``quantization`` → checkpoint ``weight_bits`` → ``--qat-weight-bits`` → 8."""
     if yaml_bits is not None:
@@ -318,8 +348,10 @@ def _weight_bits(
             if yaml_bits[index] is not None:
                 return int(yaml_bits[index])
         else:
-            warnings.append(f"{layer}: weight key beyond the YAML's weight layers, quantized anyway "
-                            "(upstream leaves it float)")
+            warnings.append(
+                f"{layer}: weight key beyond the YAML's weight layers, quantized anyway "
+                "(upstream leaves it float)"
+            )
     stored = state.get(f"{layer}.weight_bits")
     if stored is not None and int(stored.reshape(-1)[0]) != 0:
         return int(stored.reshape(-1)[0])
@@ -327,13 +359,23 @@ def _weight_bits(
 
 
 def _quantize_weight_key(
-    torch: Any, state: dict[str, Any], out: dict[str, Any], key: str, layer: str, op: str | None,
-    options: QuantizeOptions, yaml_bits: Sequence[int | None] | None, index: int,
-    verbose: Callable[[str], None] | None, warnings: list[str],
+    torch: Any,
+    state: dict[str, Any],
+    out: dict[str, Any],
+    key: str,
+    layer: str,
+    op: str | None,
+    options: QuantizeOptions,
+    yaml_bits: Sequence[int | None] | None,
+    index: int,
+    verbose: Callable[[str], None] | None,
+    warnings: list[str],
 ) -> LayerQuantization:
     weight = state[key].to(torch.float32)
     if weight.dim() < 2:
-        raise CheckpointError(f"{key}: a 1-D weight is not a MAX78000 layer (fold BatchNorm before quantizing)")
+        raise CheckpointError(
+            f"{key}: a 1-D weight is not a MAX78000 layer (fold BatchNorm before quantizing)"
+        )
     bits = _weight_bits(state, layer, options, yaml_bits, index, warnings)
     if bits not in LEGAL_WEIGHT_BITS:
         raise CheckpointError(f"{key}: weight bits {bits} not in 1, 2, 4, 8")
@@ -343,7 +385,9 @@ def _quantize_weight_key(
     params = torch.cat((weight.flatten(), bias.flatten())) if bias is not None else weight.flatten()
     quantile = state.get(f"{layer}.shift_quantile", 1.0)
     threshold = _threshold(torch, options, weight, params, quantile)
-    q_w, stored_bias, bit_shift, factor, facts = quantize_tensors(weight, bias, bits, threshold, options.bias_range)
+    q_w, stored_bias, bit_shift, factor, facts = quantize_tensors(
+        weight, bias, bits, threshold, options.bias_range
+    )
     if verbose is not None:
         verbose(stat_line(key, weight, factor, bits))
         if bias is not None:
@@ -373,7 +417,9 @@ def yaml_weight_bits(path: str | Path, warn: Callable[[str], None]) -> list[int 
     network = load_network(path)
     slots = network.weight_layers()
     if slots != list(range(len(slots))):
-        warn(f"{path}: passthrough layers shift upstream's layer counter; bits are matched to weight layers instead")
+        warn(
+            f"{path}: passthrough layers shift upstream's layer counter; bits are matched to weight layers instead"
+        )
     return [network.layers[i].quantization for i in slots]
 
 

@@ -63,17 +63,23 @@ THRESHOLDS = ("auto", "max", "mse")
 MSE_EXTRA_SHIFTS = 4
 
 
-def _mse_threshold(torch: Any, weight: Any, bias: Any | None, bits: int, base: Any, bias_range: str) -> Any:
+def _mse_threshold(
+    torch: Any, weight: Any, bias: Any | None, bits: int, base: Any, bias_range: str
+) -> Any:
     """The threshold ``2^−bs`` whose quantization minimises the squared error of ``[W', B']``.
 
     Starts at the maximum-based shift (no clipping) and tries up to :data:`MSE_EXTRA_SHIFTS`
     larger shifts, which clip the largest weights but resolve the bulk finer: at 2–4 bits a
     power-of-two step set by the maximum leaves most weights at zero.
     """
-    first = int(torch.clamp(torch.floor(torch.log2(1.0 / base)), min=-7 - bits, max=23 - bits).reshape(-1)[0])
+    first = int(
+        torch.clamp(torch.floor(torch.log2(1.0 / base)), min=-7 - bits, max=23 - bits).reshape(-1)[
+            0
+        ]
+    )
     best, best_error = None, None
     for shift in range(first, min(first + MSE_EXTRA_SHIFTS, 23 - bits) + 1):
-        threshold = torch.tensor(2.0 ** -shift, dtype=torch.float32)
+        threshold = torch.tensor(2.0**-shift, dtype=torch.float32)
         q_w, stored, _, factor, _ = quantize_tensors(weight, bias, bits, threshold, bias_range)
         error = float(((q_w / factor - weight) ** 2).sum())
         if stored is not None:
@@ -83,8 +89,15 @@ def _mse_threshold(torch: Any, weight: Any, bias: Any | None, bits: int, base: A
     return best
 
 
-def quantize_layer(layer: LegalLayer, bits: int, lambda_in: float, lambda_out: float,
-                   shift_quantile: float = 1.0, bias_range: str = "int8", threshold_rule: str = "max") -> QuantizedLayer:
+def quantize_layer(
+    layer: LegalLayer,
+    bits: int,
+    lambda_in: float,
+    lambda_out: float,
+    shift_quantile: float = 1.0,
+    bias_range: str = "int8",
+    threshold_rule: str = "max",
+) -> QuantizedLayer:
     """Rescale and quantize one weight layer (§6.3 then §1.4 steps 1–7).
 
     ``threshold_rule`` ``max`` is quantize.py's rule (the ``shift_quantile`` of ``|[W', B']|``);
@@ -93,17 +106,27 @@ def quantize_layer(layer: LegalLayer, bits: int, lambda_in: float, lambda_out: f
     with ``max`` vs 29.2 dB with ``mse``) and ``mse`` below (W4 9.4 → 17.5 dB, W2 top-1 0.10 → 0.73).
     """
     torch = require_torch()
-    weight = torch.from_numpy(np.ascontiguousarray(layer.weight * np.float32(lambda_in / lambda_out), dtype=np.float32))
+    weight = torch.from_numpy(
+        np.ascontiguousarray(layer.weight * np.float32(lambda_in / lambda_out), dtype=np.float32)
+    )
     bias = None
     if layer.bias is not None:
-        bias = torch.from_numpy(np.ascontiguousarray(layer.bias / np.float32(lambda_out), dtype=np.float32))
+        bias = torch.from_numpy(
+            np.ascontiguousarray(layer.bias / np.float32(lambda_out), dtype=np.float32)
+        )
     params = torch.cat((weight.flatten(), bias.flatten())) if bias is not None else weight.flatten()
-    threshold = torch.quantile(params.abs(), shift_quantile) if shift_quantile < 1.0 else params.abs().max()
+    threshold = (
+        torch.quantile(params.abs(), shift_quantile) if shift_quantile < 1.0 else params.abs().max()
+    )
     if threshold_rule == "mse" or (threshold_rule == "auto" and bits < 8):
         threshold = _mse_threshold(torch, weight, bias, bits, threshold, bias_range)
     q_w, stored, bit_shift, _, facts = quantize_tensors(weight, bias, bits, threshold, bias_range)
     shift = -facts.bit_shift
-    b_hw = None if stored is None else np.floor_divide(stored.numpy().astype(np.int64), 2 ** (bits - 1))
+    b_hw = (
+        None
+        if stored is None
+        else np.floor_divide(stored.numpy().astype(np.int64), 2 ** (bits - 1))
+    )
     return QuantizedLayer(
         params=LayerParams(q_w.numpy().astype(np.int64), b_hw, bits, shift + 8 - bits),
         stored_bias=None if stored is None else stored.numpy(),
@@ -117,8 +140,12 @@ def quantize_layer(layer: LegalLayer, bits: int, lambda_in: float, lambda_out: f
     )
 
 
-def scales(layers: Sequence[LegalLayer], lambda_input: float, ranges: Sequence[float | None],
-           power_of_two: bool = False) -> list[tuple[float, float]]:
+def scales(
+    layers: Sequence[LegalLayer],
+    lambda_input: float,
+    ranges: Sequence[float | None],
+    power_of_two: bool = False,
+) -> list[tuple[float, float]]:
     """``(λ_in, λ_out)`` per layer: passthrough layers keep the scale; a wide last layer has λ = 1."""
     out: list[tuple[float, float]] = []
     current = lambda_input

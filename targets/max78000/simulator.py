@@ -46,8 +46,9 @@ def _scalar(tensor: Any) -> float:
     return float(array.reshape(-1)[0])
 
 
-def params_from_state_dict(network: Network, state_dict: Mapping[str, Any], source: str = "checkpoint") -> list[
-        LayerParams | None]:
+def params_from_state_dict(
+    network: Network, state_dict: Mapping[str, Any], source: str = "checkpoint"
+) -> list[LayerParams | None]:
     """Read integer weights, biases, bits and shifts the way ai8xize does (§2.3).
 
     Weight keys are matched to the YAML's weight layers in order; the bias of ``X.weight`` is
@@ -63,14 +64,18 @@ def params_from_state_dict(network: Network, state_dict: Mapping[str, Any], sour
     weight_keys = [key for key in state_dict if key.rsplit(".", 1)[-1] == "weight"]
     slots = network.weight_layers()
     if len(weight_keys) < len(slots):
-        raise TargetError(f"{source}: {len(weight_keys)} weight keys for {len(slots)} weight layers in the YAML")
+        raise TargetError(
+            f"{source}: {len(weight_keys)} weight keys for {len(slots)} weight layers in the YAML"
+        )
     params: list[LayerParams | None] = [None] * len(network.layers)
     for index, key in zip(slots, weight_keys):
         params[index] = _layer_params(network.layers[index], index, key, state_dict, source)
     return params
 
 
-def _layer_params(layer: HwLayer, index: int, key: str, state: Mapping[str, Any], source: str) -> LayerParams:
+def _layer_params(
+    layer: HwLayer, index: int, key: str, state: Mapping[str, Any], source: str
+) -> LayerParams:
     prefix = key[: -len(".weight")]
     layer_name = prefix.rsplit(".", 1)[0] if "." in prefix else prefix
     weights = _as_int64(state[key])
@@ -83,10 +88,14 @@ def _layer_params(layer: HwLayer, index: int, key: str, state: Mapping[str, Any]
     bits = layer.quantization if layer.quantization is not None else checkpoint_bits
     if layer.quantization is None and not weights.any():
         bits = 1
-    if layer.quantization is not None and (weights.min() < -(2 ** (bits - 1)) or weights.max() >= 2 ** (bits - 1)):
+    if layer.quantization is not None and (
+        weights.min() < -(2 ** (bits - 1)) or weights.max() >= 2 ** (bits - 1)
+    ):
         raise TargetError(f"{where}: weights exceed the {bits}-bit range of the YAML quantization")
     if layer.op in ("conv2d", "conv1d") and tuple(weights.shape[2:]) != tuple(layer.kernel_size):
-        raise TargetError(f"{where}: kernel {tuple(weights.shape[2:])} does not match kernel_size {layer.kernel_size}")
+        raise TargetError(
+            f"{where}: kernel {tuple(weights.shape[2:])} does not match kernel_size {layer.kernel_size}"
+        )
     bias = state.get(f"{prefix}.bias")
     b_hw = None
     if bias is not None:
@@ -102,6 +111,7 @@ def _layer_params(layer: HwLayer, index: int, key: str, state: Mapping[str, Any]
 
 
 # --- arithmetic ------------------------------------------------------------------------------------
+
 
 def pool(x: np.ndarray, layer: HwLayer) -> np.ndarray:
     """§5.1 step 3: max or truncating-average pooling, and ``pool_stride`` subsampling."""
@@ -126,8 +136,10 @@ def accumulate(x: np.ndarray, layer: HwLayer, params: LayerParams) -> np.ndarray
     if layer.op == "mlp":
         vector = x.reshape(-1)
         if vector.size != weights.shape[1]:
-            raise TargetError(f"layer {layer.name}: linear input has {vector.size} values, weights expect "
-                              f"{weights.shape[1]}")
+            raise TargetError(
+                f"layer {layer.name}: linear input has {vector.size} values, weights expect "
+                f"{weights.shape[1]}"
+            )
         acc = weights.astype(np.float64) @ vector.astype(np.float64)
         acc = acc.reshape(-1, 1, 1)
     else:
@@ -170,8 +182,12 @@ def run_layer(x: np.ndarray, layer: HwLayer, params: LayerParams | None) -> np.n
     return requantize(accumulate(x, layer, params), layer, params.shift)
 
 
-def simulate(network: Network, params: Sequence[LayerParams | None], sample: np.ndarray,
-             keep_all: bool = False) -> np.ndarray | list[np.ndarray]:
+def simulate(
+    network: Network,
+    params: Sequence[LayerParams | None],
+    sample: np.ndarray,
+    keep_all: bool = False,
+) -> np.ndarray | list[np.ndarray]:
     """Run the network on one sample (§5.1).
 
     Args:

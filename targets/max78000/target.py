@@ -32,7 +32,13 @@ from qcompiler.targets.max78000.checkpoint import require_torch, checkpoint_byte
 from qcompiler.targets.max78000.legalize import LegalLayer, legalize
 from qcompiler.targets.max78000.network import HwLayer, Network, network_yaml
 from qcompiler.targets.max78000.onnx_model import build_simulation, exactness_bound
-from qcompiler.targets.max78000.rescale import THRESHOLDS, QuantizedLayer, layer_scale, quantize_layer, scales
+from qcompiler.targets.max78000.rescale import (
+    THRESHOLDS,
+    QuantizedLayer,
+    layer_scale,
+    quantize_layer,
+    scales,
+)
 from qcompiler.targets.max78000.simulator import LayerParams, simulate
 
 LEGAL_WEIGHT_BITS = (1, 2, 4, 8)
@@ -115,9 +121,13 @@ class Max78000QuantizePass(ir.passes.InPlacePass):
 
     def __post_init__(self) -> None:
         if self.weight_threshold not in THRESHOLDS:
-            raise TargetError(f"max78000: weight threshold {self.weight_threshold!r} (choose {', '.join(THRESHOLDS)})")
+            raise TargetError(
+                f"max78000: weight threshold {self.weight_threshold!r} (choose {', '.join(THRESHOLDS)})"
+            )
         if self.weight_bits not in LEGAL_WEIGHT_BITS:
-            raise TargetError(f"max78000: weight bits {self.weight_bits} not in 1, 2, 4, 8 (rule §4.18)")
+            raise TargetError(
+                f"max78000: weight bits {self.weight_bits} not in 1, 2, 4, 8 (rule §4.18)"
+            )
         if not 0.0 < self.shift_quantile <= 1.0:
             raise TargetError(f"max78000: shift quantile {self.shift_quantile} must be in (0, 1]")
 
@@ -133,29 +143,56 @@ class Max78000QuantizePass(ir.passes.InPlacePass):
         ranges = []
         for layer in layers:
             stats = ann.get(values[layer.output], ann.TensorStats) if layer.weight_node else None
-            if layer.weight_node and stats is None and layer.clip_max is None and layer is not layers[-1]:
-                raise AnnotationError(f"value {layer.output!r} has no calibration statistics (run CalibratePass "
-                                      "with post_activation=True)")
+            if (
+                layer.weight_node
+                and stats is None
+                and layer.clip_max is None
+                and layer is not layers[-1]
+            ):
+                raise AnnotationError(
+                    f"value {layer.output!r} has no calibration statistics (run CalibratePass "
+                    "with post_activation=True)"
+                )
             ranges.append(None if stats is None else self._range(stats))
         lambda_input = 1.0 if self.ai8x_input else self._input_scale(model, layers, values)
-        bits = [self._bits(nodes[layer.weight_node], values) if layer.weight_node else None for layer in layers]
-        for i, (layer, (lam_in, lam_out)) in enumerate(zip(layers, scales(layers, lambda_input, ranges,
-                                                                           self.pot_scales))):
+        bits = [
+            self._bits(nodes[layer.weight_node], values) if layer.weight_node else None
+            for layer in layers
+        ]
+        for i, (layer, (lam_in, lam_out)) in enumerate(
+            zip(layers, scales(layers, lambda_input, ranges, self.pot_scales))
+        ):
             if layer.weight_node is not None:
-                ann.set(nodes[layer.weight_node], Max78000Layer(i, layer.hw.name, bits[i], lam_in, lam_out))
-        ann.set(model, Max78000Network(self.arch, self.dataset or self.arch, lambda_input, self.shift_quantile,
-                                          self.weight_threshold))
+                ann.set(
+                    nodes[layer.weight_node],
+                    Max78000Layer(i, layer.hw.name, bits[i], lam_in, lam_out),
+                )
+        ann.set(
+            model,
+            Max78000Network(
+                self.arch,
+                self.dataset or self.arch,
+                lambda_input,
+                self.shift_quantile,
+                self.weight_threshold,
+            ),
+        )
         compile_network(model)  # checks every hardware constraint now, before anything is written
         return ir.passes.PassResult(model, True)
 
-    def _input_scale(self, model: ir.Model, layers: Sequence[LegalLayer], values: dict[str, ir.Value]) -> float:
-        candidates = [model.graph.inputs[0]] + [values[layer.activation_input]
-                                                for _, layer in quantizable_nodes(model)[:1]]
+    def _input_scale(
+        self, model: ir.Model, layers: Sequence[LegalLayer], values: dict[str, ir.Value]
+    ) -> float:
+        candidates = [model.graph.inputs[0]] + [
+            values[layer.activation_input] for _, layer in quantizable_nodes(model)[:1]
+        ]
         for value in candidates:
             stats = ann.get(value, ann.TensorStats)
             if stats is not None:
                 return layer_scale(self._range(stats), power_of_two=self.pot_scales)
-        raise AnnotationError("the model input has no calibration statistics (run CalibratePass first)")
+        raise AnnotationError(
+            "the model input has no calibration statistics (run CalibratePass first)"
+        )
 
     def _bits(self, node: ir.Node, values: dict[str, ir.Value]) -> int:
         layer = ann.get(node, ann.QuantizableLayer)
@@ -163,7 +200,9 @@ class Max78000QuantizePass(ir.passes.InPlacePass):
         if chosen is None:
             return self.weight_bits
         if chosen.bits not in LEGAL_WEIGHT_BITS:
-            raise TargetError(f"max78000: node {node.name!r}: allocated {chosen.bits} bits (rule §4.18: 1, 2, 4, 8)")
+            raise TargetError(
+                f"max78000: node {node.name!r}: allocated {chosen.bits} bits (rule §4.18: 1, 2, 4, 8)"
+            )
         return chosen.bits
 
 
@@ -209,8 +248,16 @@ def compile_network(model: ir.Model) -> CompiledNetwork:
             hw_layers.append(layer.hw)
             continue
         choice = ann.require(nodes[layer.weight_node], Max78000Layer, where="the max78000 target")
-        quantized.append(quantize_layer(layer, choice.bits, choice.lambda_in, choice.lambda_out, info.shift_quantile,
-                                        threshold_rule=info.weight_threshold))
+        quantized.append(
+            quantize_layer(
+                layer,
+                choice.bits,
+                choice.lambda_in,
+                choice.lambda_out,
+                info.shift_quantile,
+                threshold_rule=info.weight_threshold,
+            )
+        )
         hw_layers.append(dataclasses.replace(layer.hw, quantization=choice.bits))
     placed = constraints.place(hw_layers)
     memory = constraints.check(
@@ -244,7 +291,9 @@ def state_dict(compiled: CompiledNetwork) -> OrderedDict[str, Any]:
 
 def convert_input(batch: np.ndarray, lambda_input: float) -> np.ndarray:
     """§6.4: ``x_0 = clamp(round(128·a/λ_0), −128, 127)`` as int64 (round half to even)."""
-    return np.clip(np.rint(batch.astype(np.float64) * (128.0 / lambda_input)), -128, 127).astype(np.int64)
+    return np.clip(np.rint(batch.astype(np.float64) * (128.0 / lambda_input)), -128, 127).astype(
+        np.int64
+    )
 
 
 class Max78000Target:
@@ -261,12 +310,14 @@ class Max78000Target:
 
     def passes(self, config: TargetConfig) -> Sequence[ir.passes.PassBase]:
         """Legalise, choose scales and bits, check the hardware constraints."""
-        return [Max78000QuantizePass(
-            weight_bits=config.weight_bits,
-            range_method=config.range_method,
-            percentile=config.percentile,
-            arch=sanitize_arch(config.model_name or "qcnet"),
-        )]
+        return [
+            Max78000QuantizePass(
+                weight_bits=config.weight_bits,
+                range_method=config.range_method,
+                percentile=config.percentile,
+                arch=sanitize_arch(config.model_name or "qcnet"),
+            )
+        ]
 
     def validate(self, model: ir.Model) -> None:
         """Re-check legality and every hardware constraint on the annotated model."""
@@ -277,14 +328,22 @@ class Max78000Target:
         compiled = compile_network(model)
         source = model.graph.inputs[0]
         shape = [int(d) for d in list(source.shape)[1:]]
-        return build_simulation(compiled.network.layers, compiled.params, shape, source.name,
-                                model.graph.outputs[0].name, input_scale=128.0 / compiled.lambda_input,
-                                output_scale=compiled.output_scale())
+        return build_simulation(
+            compiled.network.layers,
+            compiled.params,
+            shape,
+            source.name,
+            model.graph.outputs[0].name,
+            input_scale=128.0 / compiled.lambda_input,
+            output_scale=compiled.output_scale(),
+        )
 
     def emit(self, model: ir.Model, out_dir: Path, data: ArrayDataset | None = None) -> Artifact:
         """Write the checkpoint, YAML, sample + KAT, simulation ONNX files and the layer sidecar."""
         if data is None or data.num_samples == 0:
-            raise DataError("max78000: emitting the known-answer sample needs data (--calib or --eval)")
+            raise DataError(
+                "max78000: emitting the known-answer sample needs data (--calib or --eval)"
+            )
         compiled = compile_network(model)
         arch, dataset = compiled.network.arch, compiled.network.dataset
         source = model.graph.inputs[0]
@@ -304,8 +363,12 @@ class Max78000Target:
             "simulation_onnx": SIMULATION_FILE,
             "layers": f"{arch}.layers.json",
         }
-        checkpoint = {"epoch": 0, "arch": arch, "state_dict": state_dict(compiled),
-                      "extras": {"clipping_method": "MAX_BIT_SHIFT", "producer": "qcompiler"}}
+        checkpoint = {
+            "epoch": 0,
+            "arch": arch,
+            "state_dict": state_dict(compiled),
+            "extras": {"clipping_method": "MAX_BIT_SHIFT", "producer": "qcompiler"},
+        }
         write_bytes(out_dir / files["checkpoint"], checkpoint_bytes(checkpoint))
         write_bytes(out_dir / files["yaml"], network_yaml(compiled.network).encode())
         write_npy(out_dir / files["sample"], sample)
@@ -317,14 +380,18 @@ class Max78000Target:
         for row, extra in zip(details["layers"], per_layer):
             row.update(extra)
         write_json(out_dir / files["layers"], details)
-        return Artifact(files=tuple(sorted(files.values())), simulation_model=simulation, report=details)
+        return Artifact(
+            files=tuple(sorted(files.values())), simulation_model=simulation, report=details
+        )
 
 
 #: Samples used for the per-layer saturation and SQNR of the report (the numpy simulator is the reference).
 FIDELITY_SAMPLES = 64
 
 
-def layer_fidelity(model: ir.Model, compiled: CompiledNetwork, data: ArrayDataset) -> list[dict[str, Any]]:
+def layer_fidelity(
+    model: ir.Model, compiled: CompiledNetwork, data: ArrayDataset
+) -> list[dict[str, Any]]:
     """Per layer (§6.6): output SQNR of the integer simulation against the float model, and the
     fraction of int8 outputs at the clamp (127 or −128), on up to :data:`FIDELITY_SAMPLES` samples."""
     from qcompiler.metrics import sqnr_db
@@ -335,8 +402,10 @@ def layer_fidelity(model: ir.Model, compiled: CompiledNetwork, data: ArrayDatase
     names = [layer.output for layer in compiled.legal]
     graph_outputs = {v.name for v in model.graph.outputs}
     floats = Runner(model, [n for n in names if n not in graph_outputs]).run(batch, names)
-    integers = [simulate(compiled.network, compiled.params, x, keep_all=True)
-                for x in convert_input(batch[source], compiled.lambda_input)]
+    integers = [
+        simulate(compiled.network, compiled.params, x, keep_all=True)
+        for x in convert_input(batch[source], compiled.lambda_input)
+    ]
     rows = []
     for i, (layer, q) in enumerate(zip(compiled.network.layers, compiled.quantized)):
         ints = np.stack([np.asarray(sample[i]) for sample in integers]).astype(np.float64)
@@ -346,8 +415,12 @@ def layer_fidelity(model: ir.Model, compiled: CompiledNetwork, data: ArrayDatase
         else:
             scale = (q.lambda_out if q is not None else _scale_before(compiled, i)) / 128.0
         approx = (ints * scale).reshape(reference.shape)
-        saturated = None if layer.output_width == 32 else float(np.mean((ints >= 127) | (ints <= -128)))
-        rows.append({"sqnr_db": _finite(sqnr_db(reference, approx)), "saturated_fraction": saturated})
+        saturated = (
+            None if layer.output_width == 32 else float(np.mean((ints >= 127) | (ints <= -128)))
+        )
+        rows.append(
+            {"sqnr_db": _finite(sqnr_db(reference, approx)), "saturated_fraction": saturated}
+        )
     return rows
 
 
@@ -367,18 +440,33 @@ def target_report(compiled: CompiledNetwork, files: dict[str, str]) -> dict[str,
     rows = []
     for i, (layer, q) in enumerate(zip(compiled.network.layers, compiled.quantized)):
         row: dict[str, Any] = {
-            "index": i, "name": layer.name, "onnx_nodes": list(layer.nodes), "op": layer.op,
-            "in_channels": layer.in_channels, "out_channels": layer.out_channels,
-            "in_dims": list(layer.in_dims or ()), "pool": layer.pool,
-            "processors": f"0x{layer.processors:016x}", "out_offset": layer.out_offset,
-            "output_width": layer.output_width, "activation": layer.activation,
+            "index": i,
+            "name": layer.name,
+            "onnx_nodes": list(layer.nodes),
+            "op": layer.op,
+            "in_channels": layer.in_channels,
+            "out_channels": layer.out_channels,
+            "in_dims": list(layer.in_dims or ()),
+            "pool": layer.pool,
+            "processors": f"0x{layer.processors:016x}",
+            "out_offset": layer.out_offset,
+            "output_width": layer.output_width,
+            "activation": layer.activation,
         }
         if q is not None:
-            row.update(bits=q.params.bits, lambda_in=q.lambda_in, lambda_out=q.lambda_out,
-                       output_shift=q.output_shift, bit_shift=q.bit_shift, shift=q.params.shift,
-                       clamped_weights=q.clamped_weights, clamped_biases=q.clamped_biases,
-                       shift_clamped=q.shift_clamped, weight_bytes=int(np.ceil(q.params.weights.size * q.params.bits / 8)),
-                       kernel_words=constraints.kernel_words(layer, q.params.bits))
+            row.update(
+                bits=q.params.bits,
+                lambda_in=q.lambda_in,
+                lambda_out=q.lambda_out,
+                output_shift=q.output_shift,
+                bit_shift=q.bit_shift,
+                shift=q.params.shift,
+                clamped_weights=q.clamped_weights,
+                clamped_biases=q.clamped_biases,
+                shift_clamped=q.shift_clamped,
+                weight_bytes=int(np.ceil(q.params.weights.size * q.params.bits / 8)),
+                kernel_words=constraints.kernel_words(layer, q.params.bits),
+            )
         rows.append(row)
     return {
         "arch": compiled.network.arch,
