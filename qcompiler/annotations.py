@@ -332,6 +332,104 @@ class AccuracySearch(Annotation):
 
 
 @dataclasses.dataclass(frozen=True)
+class IntegerWeights(Annotation):
+    """On a weight value: the float initializer holds ``code·scale`` exactly, codes in ``[q_min, q_max]``.
+
+    Written by passes that choose the integer weights themselves (GPFQ); targets read the codes
+    back with ``rint(W / scale)`` instead of rounding the float weights again.
+
+    Attributes:
+        bits: the code width.
+        q_min, q_max: the inclusive code range.
+        scales: one scale per channel along ``axis``, or a single scale.
+        axis: the weight's channel axis of per-channel scales, or None.
+        method: the pass that chose the codes (``gpfq``).
+        grid: the grid name (``int``, ``fixed``, ``max78000``).
+    """
+
+    KIND: ClassVar[str] = "integer_weights"
+    bits: int
+    q_min: int
+    q_max: int
+    scales: tuple[float, ...]
+    axis: int | None = None
+    method: str = "gpfq"
+    grid: str = "int"
+
+    def scale_array(self, ndim: int) -> "np.ndarray":
+        """The scales shaped to broadcast against a weight of rank ``ndim``."""
+        import numpy as np
+
+        scales = np.asarray(self.scales, dtype=np.float64)
+        if self.axis is None:
+            return scales.reshape(())
+        shape = [1] * ndim
+        shape[self.axis] = scales.size
+        return scales.reshape(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class GPFQLayer(Annotation):
+    """On a node: what GPFQ did to its weight, with round-to-nearest on the same grid as baseline.
+
+    Attributes:
+        bits: weight bits.
+        grid: ``int``, ``fixed``, ``max78000``, ``reference`` or ``paper2022``.
+        scalar: the alphabet scalar C.
+        rows: calibration rows m (samples times output positions).
+        columns: d, columns per group.
+        groups: independent groups.
+        error: ``‖XWᵀ − X̃Qᵀ‖_F / ‖XWᵀ‖_F`` of GPFQ.
+        error_rtn: the same for round-to-nearest on the same grid (fed the same X̃).
+        error_group_mean: the mean of the per-group relative errors (the reference's number).
+        residual_norm: ``‖XWᵀ − X̃Qᵀ‖_F`` (the reference's ``‖U‖_F``).
+        zero_fraction: fraction of exactly-zero weights after GPFQ.
+        bias_corrected: whether the bias was corrected.
+    """
+
+    KIND: ClassVar[str] = "gpfq"
+    bits: int
+    grid: str
+    scalar: float
+    rows: int
+    columns: int
+    groups: int
+    error: float
+    error_rtn: float
+    error_group_mean: float
+    residual_norm: float
+    zero_fraction: float
+    bias_corrected: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class GPFQSummary(Annotation):
+    """On the model: GPFQ against round-to-nearest at the output, on the calibration samples.
+
+    Attributes:
+        samples: calibration samples used for the comparison.
+        output_mse: logit MSE against float, GPFQ.
+        output_mse_rtn: the same, round-to-nearest on the same grids.
+        sqnr_db, sqnr_db_rtn: logit SQNR.
+        top1_agreement, top1_agreement_rtn: argmax agreement with the float model.
+        zero_fraction_float, zero_fraction: exactly-zero weights and biases before and after.
+        skipped: ``((node, reason), ...)`` weight layers GPFQ left alone.
+    """
+
+    KIND: ClassVar[str] = "gpfq_summary"
+    samples: int
+    output_mse: float
+    output_mse_rtn: float
+    sqnr_db: float
+    sqnr_db_rtn: float
+    top1_agreement: float
+    top1_agreement_rtn: float
+    zero_fraction_float: float
+    zero_fraction: float
+    skipped: tuple[tuple[str, str], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class Provenance(Annotation):
     """On the model: the passes that produced it, in order.
 

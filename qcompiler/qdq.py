@@ -18,6 +18,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from qcompiler import annotations as ann
+from qcompiler.errors import AnnotationError
 from qcompiler.graph import add_initializer, const_array, values_by_name
 from qcompiler.ir import default_opset
 from qcompiler.quantizers import quantize_fixed
@@ -36,7 +37,8 @@ def required_opset(model: ir.Model) -> int:
     need = 13
     for value in values_by_name(model.graph).values():
         fmt = ann.get(value, ann.FixedPoint)
-        if fmt is not None and 8 < fmt.wl <= 16:
+        grid = ann.get(value, ann.IntegerWeights)
+        if (fmt is not None and 8 < fmt.wl <= 16) or (grid is not None and grid.bits > 8):
             need = 21
     return need
 
@@ -62,6 +64,41 @@ def _dequantize_constant(graph: ir.Graph, value: ir.Value, fmt: ann.FixedPoint, 
     dq.outputs[0].name = f"{value.name}_dequantized"
     dq.outputs[0].dtype = ir.DataType.FLOAT
     dq.outputs[0].shape = ir.Shape(array.shape)
+    graph.insert_before(anchor, dq)
+    return dq.outputs[0]
+
+
+def integer_codes(value: ir.Value, grid: ann.IntegerWeights) -> np.ndarray:
+    """The integer codes of a weight whose values a pass placed on an integer grid.
+
+    Raises:
+        AnnotationError: a weight is not ``code·scale`` with codes in range (it was changed
+            after the pass that chose the codes).
+    """
+    array = const_array(value).astype(np.float64)
+    scale = grid.scale_array(array.ndim)
+    codes = np.rint(array / scale)
+    if codes.size and (codes.min() < grid.q_min or codes.max() > grid.q_max or not np.allclose(codes * scale, array, rtol=1e-6, atol=0.0)):
+        raise AnnotationError(
+            f"weight {value.name!r} does not lie on its {grid.bits}-bit {grid.method} grid (changed after {grid.method}?)"
+        )
+    return codes
+
+
+def _dequantize_integer(graph: ir.Graph, value: ir.Value, grid: ann.IntegerWeights, anchor: ir.Node) -> ir.Value:
+    """Integer codes chosen by a pass (GPFQ) + DequantizeLinear with their (not power-of-two) scales."""
+    codes = integer_codes(value, grid)
+    dtype = container_dtype(grid.bits, signed=True)
+    q = add_initializer(graph, f"{value.name}_quantized", codes.astype(dtype))
+    scales = np.asarray(grid.scales, dtype=np.float32)
+    scales = scales.reshape(()) if grid.axis is None else scales
+    scale = add_initializer(graph, f"{value.name}_scale", scales)
+    zero = add_initializer(graph, f"{value.name}_zero_point", np.zeros(scales.shape, dtype=dtype))
+    attributes = {"axis": grid.axis} if grid.axis is not None else {}
+    dq = ir.node("DequantizeLinear", inputs=[q, scale, zero], attributes=attributes, name=f"{value.name}_DequantizeLinear")
+    dq.outputs[0].name = f"{value.name}_dequantized"
+    dq.outputs[0].dtype = ir.DataType.FLOAT
+    dq.outputs[0].shape = ir.Shape(codes.shape)
     graph.insert_before(anchor, dq)
     return dq.outputs[0]
 
@@ -117,10 +154,15 @@ def lower_to_qdq(model: ir.Model) -> ir.Model:
             if value is None or not value.is_initializer():
                 continue
             fmt = ann.get(value, ann.FixedPoint)
-            if fmt is None:
+            grid = ann.get(value, ann.IntegerWeights) if fmt is None else None
+            if fmt is None and grid is None:
                 continue
             if value.name not in replaced:
-                replaced[value.name] = _dequantize_constant(graph, value, fmt, anchor=node)
+                replaced[value.name] = (
+                    _dequantize_constant(graph, value, fmt, anchor=node)
+                    if fmt is not None
+                    else _dequantize_integer(graph, value, grid, anchor=node)
+                )
             node.replace_input_with(index, replaced[value.name])
     activations = [
         v for v in values_by_name(graph).values() if not v.is_initializer() and ann.get(v, ann.FixedPoint) is not None

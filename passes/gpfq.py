@@ -1,0 +1,466 @@
+"""GPFQ rewrite: greedy path-following quantization of Conv, ConvTranspose, Gemm and MatMul weights.
+
+Layers are processed one at a time in topological order (algorithms.md §6.4). For each layer
+the calibration batches are streamed through two prefix models, the float model (``X``) and
+the current partly rewritten model (``X̃``, including activation fake-quant when the target
+annotated activation formats). Only ``H = X̃ᵀX̃``, ``G = X̃ᵀX`` and ``F = XᵀX`` (d×d per group)
+are kept; :func:`~qcompiler.gpfq.gpfq_blocked` then chooses the levels, which replace the float
+weights in place. Integer grids also get an :class:`~qcompiler.annotations.IntegerWeights`
+annotation (codes and scales), so every target emits exactly these codes.
+
+Grids (``grid``): ``auto`` uses the weight's :class:`~qcompiler.annotations.FixedPoint` format
+when a target assigned one (power-of-two scales), else ``int``; ``int`` is per-channel
+``s_n = C·quantile(|W_n|, p)/(2^(b−1) − 1)`` with codes in ``[−2^(b−1), 2^(b−1) − 1]``;
+``reference`` and ``paper2022`` are the seed's alphabets (simulation only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler import annotations as ann
+from qcompiler.data import ArrayDataset, iter_feeds
+from qcompiler.errors import DataError, QCompilerError, UnsupportedModelError
+from qcompiler.gpfq import (
+    AlphabetGrid,
+    GramAccumulator,
+    Grid,
+    ReferenceGrid,
+    UniformGrid,
+    act_order,
+    channel_scales,
+    code_range,
+    gpfq_blocked,
+    paper_alphabet,
+    reference_step,
+    relative_error,
+)
+from qcompiler.graph import add_initializer, const_array, set_initializer, values_by_name
+from qcompiler.layer_matrix import LayerGeometry, from_weight_matrix, geometry, rows, weight_matrix
+from qcompiler.metrics import sqnr_db, top1_agreement
+from qcompiler.passes.detect_layers import quantizable_nodes
+from qcompiler.progress import progress_bar
+from qcompiler.qdq import lower_to_qdq
+from qcompiler.quantizers import no_overflow_fl
+from qcompiler.runtime import PrefixRunner, Runner
+from qcompiler.suffix import logits_names
+
+GRIDS = ("auto", "int", "fixed", "reference", "paper2022")
+BIAS_CORRECTION = ("none", "last", "all")
+TARGET_INPUTS = ("fp", "quantized")
+#: SQNR reported when the outputs are identical (JSON has no infinity).
+SQNR_CAP_DB = 300.0
+
+
+class GPFQConfigError(QCompilerError):
+    """A GPFQ option is out of range or names a layer that does not exist."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GPFQPass(ir.passes.InPlacePass):
+    """Rewrite weights with GPFQ (seed 004, the d×d blocked form).
+
+    Attributes:
+        data: calibration data (inputs only; an :class:`ArrayDataset` or a list of feed dicts).
+        bits: weight bits of conv layers (``-b``); an allocation or target format overrides it.
+        linear_bits: weight bits of Gemm/MatMul layers (default: ``bits``).
+        scalar: alphabet scalar C of conv layers (``-s``).
+        linear_scalar: alphabet scalar of Gemm/MatMul layers (default: ``scalar``).
+        samples: calibration samples per conv layer (``-bs``; default all).
+        linear_samples: calibration samples per Gemm/MatMul layer (default: ``samples``).
+        grid: ``auto``, ``int``, ``fixed``, ``reference`` or ``paper2022`` (see module docstring).
+        per_channel: one scale per output channel (``int``/``fixed``), else one per tensor.
+        radius_quantile: the row quantile p of ``|W_n|`` behind the scale (``-p``; 1 = max).
+        rounding: ``nearest`` or ``stochastic`` (``-sq``, seeded).
+        regularizer: None, ``L0`` or ``L1`` (``-reg``) with threshold ``lam`` (``-l``).
+        lam: the regulariser's threshold in weight units.
+        skip: layers left in float (node names, or indices among the weight layers) (``-ig``).
+        bias_correction: ``none``, ``last`` or ``all``: ``b' = b + W·μ_X − Q·μ_X̃``.
+        target_inputs: ``fp`` (follow the float outputs, the reference) or ``quantized`` (G = H).
+        act_order: process columns by descending ``diag(H)``.
+        block_size: columns per lazy-update block (does not change the result).
+        batch_size: samples per streamed batch.
+        seed: seed of the stochastic rounding.
+        show_progress: a progress bar over layers (only on a terminal).
+    """
+
+    data: ArrayDataset | Sequence[Mapping[str, np.ndarray]] = dataclasses.field(repr=False, compare=False)
+    bits: int = 4
+    linear_bits: int | None = None
+    scalar: float = 1.0
+    linear_scalar: float | None = None
+    samples: int | None = None
+    linear_samples: int | None = None
+    grid: str = "auto"
+    per_channel: bool = True
+    radius_quantile: float = 1.0
+    rounding: str = "nearest"
+    regularizer: str | None = None
+    lam: float = 0.1
+    skip: tuple[str | int, ...] = ()
+    bias_correction: str = "none"
+    target_inputs: str = "fp"
+    act_order: bool = False
+    block_size: int = 128
+    batch_size: int = 32
+    seed: int = 0
+    show_progress: bool = dataclasses.field(default=True, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("bits", "linear_bits"):
+            value = getattr(self, name)
+            if value is not None and not 1 <= value <= 16:
+                raise GPFQConfigError(f"GPFQ: {name} must be in 1..16, got {value}")
+        for name in ("scalar", "linear_scalar"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise GPFQConfigError(f"GPFQ: {name} (the alphabet scalar C) must be > 0, got {value}")
+        for name in ("samples", "linear_samples", "batch_size", "block_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise GPFQConfigError(f"GPFQ: {name} must be >= 1, got {value}")
+        choices = (("grid", GRIDS), ("rounding", ("nearest", "stochastic")), ("regularizer", (None, "L0", "L1")),
+                   ("bias_correction", BIAS_CORRECTION), ("target_inputs", TARGET_INPUTS))
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise GPFQConfigError(f"GPFQ: {name} must be one of {', '.join(map(str, allowed))}, got {getattr(self, name)!r}")
+        if not 0.0 < self.radius_quantile <= 1.0:
+            raise GPFQConfigError(f"GPFQ: radius_quantile must be in (0, 1], got {self.radius_quantile}")
+        if self.lam < 0:
+            raise GPFQConfigError(f"GPFQ: lam must be >= 0, got {self.lam}")
+
+    # ------------------------------------------------------------------ selection
+
+    def selected(self, model: ir.Model) -> tuple[list[tuple[ir.Node, ann.QuantizableLayer]], list[tuple[str, str]]]:
+        """(layers to rewrite, skipped ``(node, reason)``); unknown ``skip`` entries raise."""
+        layers = quantizable_nodes(model)
+        names = [node.name for node, _ in layers]
+        for item in self.skip:
+            if isinstance(item, int) or (isinstance(item, str) and item.isdigit()):
+                if not 0 <= int(item) < len(layers):
+                    raise GPFQConfigError(f"GPFQ: skip index {item} is out of range (the model has {len(layers)} weight layers)")
+            elif item not in names:
+                raise GPFQConfigError(f"GPFQ: skip names no weight layer {item!r} (layers: {', '.join(names[:8])}{', …' if len(names) > 8 else ''})")
+        skip_index = {int(i) for i in self.skip if isinstance(i, int) or str(i).isdigit()}
+        keep, skipped = [], []
+        for i, (node, layer) in enumerate(layers):
+            if i in skip_index or node.name in self.skip:
+                skipped.append((node.name, "skipped by request"))
+            else:
+                keep.append((node, layer))
+        return keep, skipped
+
+    def requires(self, model: ir.Model) -> None:
+        if not quantizable_nodes(model):
+            raise ir.passes.PreconditionError("no QuantizableLayer annotations: run DetectLayersPass first")
+        self.selected(model)
+
+    # ------------------------------------------------------------------ the pass
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        feeds = list(iter_feeds(self.data, self.batch_size))
+        if not feeds:
+            raise DataError("GPFQ: calibration data is empty")
+        layers, skipped = self.selected(model)
+        float_model = model.clone()
+        quantize_activations = _has_activation_formats(model)
+        rtn_weights: dict[str, np.ndarray] = {}
+        zero_before = _zero_fraction(model, layers)
+        with progress_bar("gpfq", len(layers), enabled=self.show_progress) as advance:
+            for index, (node, layer) in enumerate(layers):
+                last = index == len(layers) - 1
+                rtn_weights[layer.weight] = self._rewrite(model, float_model, node, layer, feeds, quantize_activations, last)
+                advance(1)
+        ann.set(model, self._summary(model, float_model, rtn_weights, feeds, quantize_activations, skipped, zero_before, layers))
+        return ir.passes.PassResult(model, True)
+
+    def _layer_options(self, layer: ann.QuantizableLayer) -> tuple[int, float, int | None]:
+        linear = layer.op in ("Gemm", "MatMul")
+        bits = self.linear_bits if linear and self.linear_bits is not None else self.bits
+        scalar = self.linear_scalar if linear and self.linear_scalar is not None else self.scalar
+        samples = self.linear_samples if linear and self.linear_samples is not None else self.samples
+        return bits, scalar, samples
+
+    def _rewrite(
+        self, model: ir.Model, float_model: ir.Model, node: ir.Node, layer: ann.QuantizableLayer,
+        feeds: list[Mapping[str, np.ndarray]], quantize_activations: bool, last: bool,
+    ) -> np.ndarray:
+        """GPFQ one layer in place; return its round-to-nearest weights (the baseline)."""
+        values = values_by_name(model.graph)
+        weight_value = values[layer.weight]
+        w = const_array(weight_value)
+        geo = geometry(node, tuple(w.shape))
+        bits, scalar, samples = self._layer_options(layer)
+        grid_name, grids, rtn_grids, integer = self._grids(model, node, layer, geo, w, bits, scalar)
+        acc = self._accumulate(model, float_model, node, layer, geo, feeds, samples, quantize_activations)
+        wm = weight_matrix(geo, w).astype(np.float64)
+        q = np.empty_like(wm)
+        rtn = np.empty_like(wm)
+        errors, rtn_errors, refs = [], [], []
+        for k in range(geo.groups):
+            h, g, f = acc.h[k], acc.g[k], acc.f[k]
+            target_g = h if self.target_inputs == "quantized" else g
+            perm = act_order(h) if self.act_order else None
+            if perm is None:
+                q[k] = gpfq_blocked(wm[k], h, target_g, grids[k], self.block_size)
+            else:
+                inverse = np.argsort(perm)
+                q[k] = gpfq_blocked(wm[k][:, perm], h[np.ix_(perm, perm)], target_g[np.ix_(perm, perm)],
+                                    grids[k], self.block_size)[:, inverse]
+            rtn[k] = rtn_grids[k].quantize(wm[k], 0)
+            errors.append(relative_error(wm[k], q[k], h, g, f))
+            rtn_errors.append(relative_error(wm[k], rtn[k], h, g, f))
+            refs.append(float(np.einsum("ij,ij->", wm[k] @ f, wm[k])))
+        corrected = self._correct_bias(model, node, layer, geo, wm, q, acc, last)
+        set_initializer(model.graph, weight_value, from_weight_matrix(geo, q, w.dtype))
+        if integer is not None:
+            ann.set(weight_value, integer)
+        total_ref = math.sqrt(sum(refs)) or 1.0
+        ann.set(node, ann.GPFQLayer(
+            bits=bits, grid=grid_name, scalar=float(scalar), rows=int(acc.rows), columns=int(geo.columns),
+            groups=geo.groups,
+            error=math.sqrt(sum(e[0] ** 2 for e in errors)) / total_ref,
+            error_rtn=math.sqrt(sum(e[0] ** 2 for e in rtn_errors)) / total_ref,
+            error_group_mean=float(np.mean([e[1] for e in errors])),
+            residual_norm=math.sqrt(sum(e[0] ** 2 for e in errors)),
+            zero_fraction=float(np.mean(q == 0.0)),
+            bias_corrected=corrected,
+        ))
+        return from_weight_matrix(geo, rtn, w.dtype)
+
+    # ------------------------------------------------------------------ grids
+
+    def _grids(
+        self, model: ir.Model, node: ir.Node, layer: ann.QuantizableLayer, geo: LayerGeometry,
+        w: np.ndarray, bits: int, scalar: float,
+    ) -> tuple[str, list[Grid], list[Grid], ann.IntegerWeights | None]:
+        """(grid name, GPFQ grid per group, round-to-nearest grid per group, integer annotation)."""
+        values = values_by_name(model.graph)
+        fmt = ann.get(values[layer.weight], ann.FixedPoint)
+        name = self.grid if self.grid != "auto" else ("fixed" if fmt is not None else "int")
+        groups = geo.groups
+        wm = weight_matrix(geo, w)
+        if name in ("reference", "paper2022"):
+            if name == "reference":
+                l0 = self.lam if self.regularizer == "L0" else None
+                step = reference_step(wm, bits, scalar, self.radius_quantile, l0)
+                try:
+                    make = lambda rounding, reg: ReferenceGrid(step, 1 << (bits - 1), rounding, reg, self.lam, self.seed)  # noqa: E731
+                    grids = [make(self.rounding, self.regularizer) for _ in range(groups)]
+                except ValueError as exc:
+                    raise GPFQConfigError(f"GPFQ: node {node.name!r}: {exc}") from None
+                rtn = [ReferenceGrid(reference_step(wm, bits, scalar, self.radius_quantile), 1 << (bits - 1)) for _ in range(groups)]
+            else:
+                alphabet = AlphabetGrid(paper_alphabet(wm, bits, scalar, self.radius_quantile))
+                grids, rtn = [alphabet] * groups, [alphabet] * groups
+            return name, grids, rtn, None
+        if name == "fixed":
+            scales, q_min, q_max, axis = self._fixed_scales(values, node, layer, w, bits, scalar, fmt)
+        else:
+            rows_w = np.moveaxis(w, layer.channel_axis, 0)
+            if self.per_channel:
+                scales = channel_scales(rows_w, bits, scalar, self.radius_quantile)
+                axis = layer.channel_axis
+            else:
+                scales = channel_scales(rows_w.reshape(1, -1), bits, scalar, self.radius_quantile)[0]
+                axis = None
+            # float32 scales: code·scale is then the same number in the IR and in DequantizeLinear
+            scales = np.asarray(scales, dtype=np.float32).astype(np.float64)
+            q_min, q_max = code_range(bits)
+        row_scales = np.broadcast_to(np.asarray(scales, dtype=np.float64), (geo.out_channels,)).reshape(groups, -1)
+        grids = [UniformGrid(row_scales[k], q_min, q_max, self.rounding, self.regularizer, self.lam, self.seed + k)
+                 for k in range(groups)]
+        rtn = [UniformGrid(row_scales[k], q_min, q_max) for k in range(groups)]
+        integer = ann.IntegerWeights(bits=int(fmt.wl if name == "fixed" and fmt is not None else bits), q_min=int(q_min),
+                                     q_max=int(q_max), scales=tuple(float(s) for s in np.atleast_1d(scales)),
+                                     axis=axis, method="gpfq", grid=name)
+        return name, grids, rtn, integer
+
+    def _fixed_scales(
+        self, values: dict[str, ir.Value], node: ir.Node, layer: ann.QuantizableLayer, w: np.ndarray,
+        bits: int, scalar: float, fmt: ann.FixedPoint | None,
+    ) -> tuple[np.ndarray, int, int, int | None]:
+        """Power-of-two scales: the target's format, re-derived from ``C·max|W_n|`` when C ≠ 1
+        (the bias format follows, ``fl_bias = fl_in + fl_w``)."""
+        if fmt is None or scalar != 1.0:
+            wl = fmt.wl if fmt is not None else bits
+            moved = np.moveaxis(w, layer.channel_axis, 0).reshape(w.shape[layer.channel_axis], -1)
+            per_channel = fmt.axis is not None if fmt is not None else self.per_channel
+            if per_channel:
+                fl: int | tuple[int, ...] = tuple(no_overflow_fl(scalar * float(np.abs(r).max()), wl) for r in moved)
+            else:
+                fl = no_overflow_fl(scalar * float(np.abs(w).max()), wl)
+            fmt = ann.FixedPoint(wl=wl, fl=fl, signed=True, axis=layer.channel_axis if per_channel else None,
+                                 rule=f"gpfq:C={scalar:g}")
+            ann.set(values[layer.weight], fmt)
+            self._update_bias_format(values, layer, fmt)
+        q_min, q_max = fmt.code_range()
+        scales = np.asarray(fmt.scales(), dtype=np.float64)
+        return (scales if fmt.axis is not None else scales[0]), q_min, q_max, fmt.axis
+
+    @staticmethod
+    def _update_bias_format(values: dict[str, ir.Value], layer: ann.QuantizableLayer, fmt: ann.FixedPoint) -> None:
+        if layer.bias is None:
+            return
+        act = ann.get(values[layer.activation_input], ann.FixedPoint)
+        bias_fmt = ann.get(values[layer.bias], ann.FixedPoint)
+        if act is None or bias_fmt is None:
+            return
+        channels = layer.weight_shape[layer.channel_axis]
+        w_fls = fmt.fl if isinstance(fmt.fl, tuple) else (fmt.fl,) * channels
+        ann.set(values[layer.bias], dataclasses.replace(bias_fmt, fl=tuple(act.fl + f for f in w_fls)))
+
+    # ------------------------------------------------------------------ data
+
+    def _accumulate(
+        self, model: ir.Model, float_model: ir.Model, node: ir.Node, layer: ann.QuantizableLayer,
+        geo: LayerGeometry, feeds: list[Mapping[str, np.ndarray]], samples: int | None, quantize_activations: bool,
+    ) -> GramAccumulator:
+        """Stream the batches through the float and the partly quantized prefixes."""
+        view = lower_to_qdq(model) if quantize_activations else model
+        tilde_name = _input_of(view, node.name)
+        matched = not quantize_activations and not _rewritten_upstream(model, layer.activation_input)
+        float_runner = PrefixRunner(float_model, layer.activation_input)
+        tilde_runner = None if matched else PrefixRunner(view, tilde_name)
+        acc = GramAccumulator(geo.columns, geo.groups, matched=matched)
+        seen = 0
+        for feed in feeds:
+            if samples is not None and seen >= samples:
+                break
+            count = len(next(iter(feed.values())))
+            take = count if samples is None else min(count, samples - seen)
+            batch = {k: v[:take] for k, v in feed.items()} if take < count else feed
+            x = rows(geo, float_runner.run(batch))
+            x_tilde = None if tilde_runner is None else rows(geo, tilde_runner.run(batch))
+            acc.update(x, x_tilde)
+            seen += take
+        return acc
+
+    # ------------------------------------------------------------------ bias
+
+    def _correct_bias(
+        self, model: ir.Model, node: ir.Node, layer: ann.QuantizableLayer, geo: LayerGeometry,
+        wm: np.ndarray, q: np.ndarray, acc: GramAccumulator, last: bool,
+    ) -> bool:
+        """``b' = b + W·μ_X − Q·μ_X̃`` per output channel (Conv and Gemm; a MatMul needs a bias Add)."""
+        if self.bias_correction == "none" or (self.bias_correction == "last" and not last):
+            return False
+        mu_x, mu_xt = acc.mean_x(), acc.mean_x_tilde()
+        delta = np.concatenate([wm[k] @ mu_x[k] - q[k] @ mu_xt[k] for k in range(geo.groups)])
+        values = values_by_name(model.graph)
+        if layer.bias is not None:
+            bias_value = values[layer.bias]
+            bias = const_array(bias_value)
+            if node.op_type == "Gemm":
+                delta = delta / float(node.attributes["beta"].value) if "beta" in node.attributes else delta
+            set_initializer(model.graph, bias_value, (bias.astype(np.float64) + delta).astype(bias.dtype))
+            return True
+        if node.op_type == "MatMul":
+            return False  # no bias operand to correct; the report says bias_corrected = False
+        if node.op_type == "Gemm" and "beta" in node.attributes and float(node.attributes["beta"].value) != 1.0:
+            return False
+        bias_value = add_initializer(model.graph, f"{node.name}_gpfq_bias", delta.astype(np.float32))
+        while len(node.inputs) < 3:
+            node.resize_inputs(len(node.inputs) + 1)
+        node.replace_input_with(2, bias_value)
+        ann.set(node, dataclasses.replace(layer, bias=bias_value.name))
+        weight_fmt = ann.get(values[layer.weight], ann.FixedPoint)
+        act_fmt = ann.get(values[layer.activation_input], ann.FixedPoint)
+        if weight_fmt is not None and act_fmt is not None:
+            channels = layer.weight_shape[layer.channel_axis]
+            w_fls = weight_fmt.fl if isinstance(weight_fmt.fl, tuple) else (weight_fmt.fl,) * channels
+            ann.set(bias_value, ann.FixedPoint(wl=32, fl=tuple(act_fmt.fl + f for f in w_fls), signed=True, axis=0,
+                                               rule="accumulator"))
+        return True
+
+    # ------------------------------------------------------------------ summary
+
+    def _summary(
+        self, model: ir.Model, float_model: ir.Model, rtn_weights: Mapping[str, np.ndarray],
+        feeds: list[Mapping[str, np.ndarray]], quantize_activations: bool, skipped: list[tuple[str, str]],
+        zero_before: float, layers: list[tuple[ir.Node, ann.QuantizableLayer]],
+    ) -> ann.GPFQSummary:
+        """Output-level comparison with round-to-nearest on the same grids (calibration samples)."""
+        rtn_model = model.clone()
+        rtn_values = values_by_name(rtn_model.graph)
+        for name, array in rtn_weights.items():
+            set_initializer(rtn_model.graph, rtn_values[name], array)
+        views = [lower_to_qdq(m) if quantize_activations else m for m in (model, rtn_model)]
+        names = logits_names(float_model)
+        runners = [Runner(float_model, names)] + [Runner(v, names) for v in views]
+        limit = max((s for s in (self.samples, self.linear_samples) if s is not None), default=None)
+        outputs: list[list[np.ndarray]] = [[], [], []]
+        seen = 0
+        for feed in feeds:
+            if limit is not None and seen >= limit:
+                break
+            for i, runner in enumerate(runners):
+                outputs[i].append(runner.run(feed, names)[names[0]])
+            seen += len(next(iter(feed.values())))
+        ref, gp, rt = (np.concatenate(o).astype(np.float64) for o in outputs)
+        return ann.GPFQSummary(
+            samples=int(ref.shape[0]),
+            output_mse=float(np.mean((gp - ref) ** 2)),
+            output_mse_rtn=float(np.mean((rt - ref) ** 2)),
+            sqnr_db=_capped(sqnr_db(ref, gp)),
+            sqnr_db_rtn=_capped(sqnr_db(ref, rt)),
+            top1_agreement=float(top1_agreement(ref, gp)) if ref.ndim == 2 else 1.0,
+            top1_agreement_rtn=float(top1_agreement(ref, rt)) if ref.ndim == 2 else 1.0,
+            zero_fraction_float=zero_before,
+            zero_fraction=_zero_fraction(model, layers),
+            skipped=tuple(skipped),
+        )
+
+
+def _capped(value: float) -> float:
+    return float(min(max(value, -SQNR_CAP_DB), SQNR_CAP_DB))
+
+
+def _zero_fraction(model: ir.Model, layers: Iterable[tuple[ir.Node, ann.QuantizableLayer]]) -> float:
+    """Exactly-zero weights and biases over the given layers (the seed's sparsity)."""
+    values = values_by_name(model.graph)
+    zeros = total = 0
+    for _, layer in layers:
+        for name in (layer.weight, layer.bias):
+            if name is None:
+                continue
+            array = const_array(values[name])
+            zeros += int(np.count_nonzero(array == 0))
+            total += int(array.size)
+    return zeros / total if total else 0.0
+
+
+def _has_activation_formats(model: ir.Model) -> bool:
+    """True when a target assigned fixed-point formats to activations (X̃ is then fake-quantized)."""
+    return any(
+        not v.is_initializer() and ann.get(v, ann.FixedPoint) is not None for v in values_by_name(model.graph).values()
+    )
+
+
+def _input_of(model: ir.Model, node_name: str) -> str:
+    """The name of a node's activation input in ``model`` (node names survive the QDQ lowering)."""
+    for node in model.graph:
+        if node.name == node_name:
+            return node.inputs[0].name
+    raise UnsupportedModelError(f"GPFQ: node {node_name!r} disappeared from the quantized view")
+
+
+def _rewritten_upstream(model: ir.Model, name: str) -> bool:
+    """Whether any GPFQ-rewritten layer feeds value ``name`` (else ``X̃ = X``)."""
+    values = values_by_name(model.graph)
+    stack, seen = [values[name]], set()
+    while stack:
+        value = stack.pop()
+        producer = value.producer()
+        if producer is None or id(producer) in seen:
+            continue
+        seen.add(id(producer))
+        if ann.get(producer, ann.GPFQLayer) is not None:
+            return True
+        stack.extend(v for v in producer.inputs if v is not None)
+    return False

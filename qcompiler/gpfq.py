@@ -1,0 +1,323 @@
+"""GPFQ: greedy path-following quantization of one layer (algorithms.md §6).
+
+A layer has weights ``W`` (N×d, one row per output neuron), float inputs ``X`` (m×d) and
+inputs ``X̃`` from the partly quantized network. GPFQ picks ``Q`` column by column so that
+``X̃·Qᵀ`` follows ``X·Wᵀ``:
+
+- :func:`gpfq_columns` is the published per-column recursion over the residual ``U`` (N×m),
+  kept as the reference and the speed baseline;
+- :func:`gpfq_blocked` is the d×d form: with ``H = X̃ᵀX̃`` and ``G = X̃ᵀX`` (streamed by
+  :class:`GramAccumulator`), ``v_t = (Σ_{j≤t} G[t,j]·W[:,j] − Σ_{j<t} H[t,j]·Q[:,j]) / H[t,t]``,
+  evaluated with lazy block updates. Both give the same levels for the same data.
+
+A *grid* turns the column's target values ``v`` (length N) into levels. :class:`UniformGrid` is
+the ONNX-representable grid (per-row scale, integer codes in ``[q_min, q_max]``);
+:class:`ReferenceGrid` is the seed's 2^b+1-level alphabet (MSQ with ``rhu`` ties) and
+:class:`AlphabetGrid` the paper-era non-uniform alphabet. Stochastic rounding draws one uniform
+per row and column from a seeded generator in column order, so both forms draw identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import numpy as np
+
+ROUNDINGS = ("nearest", "stochastic")
+REGULARIZERS = (None, "L0", "L1")
+
+
+class Grid(Protocol):
+    """Maps target values ``v`` of column ``t`` (one per row) to quantized levels."""
+
+    def quantize(self, v: np.ndarray, t: int) -> np.ndarray:
+        """The levels chosen for ``v`` (same shape)."""
+        ...
+
+
+def rhu(x: np.ndarray) -> np.ndarray:
+    """Round half up: ``⌊x + ½⌋`` (the reference implementation's tie rule)."""
+    return np.floor(x + 0.5)
+
+
+class _Rounder:
+    """Nearest (``rne`` or ``rhu``) or stochastic rounding with a seeded generator."""
+
+    def __init__(self, rounding: str, seed: int, ties: str = "rne") -> None:
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+        self.stochastic = rounding == "stochastic"
+        self.rng = np.random.default_rng(seed) if self.stochastic else None
+        self.ties = ties
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.stochastic:
+            low = np.floor(x)
+            return low + (self.rng.random(x.shape) < (x - low))
+        return np.rint(x) if self.ties == "rne" else rhu(x)
+
+
+@dataclasses.dataclass
+class UniformGrid:
+    """Levels ``s_n·k`` with integer ``k`` in ``[q_min, q_max]`` and one scale per row.
+
+    Attributes:
+        scales: per-row scale (N,), or a scalar broadcast to every row.
+        q_min, q_max: the integer code range.
+        rounding: ``nearest`` (ties to even) or ``stochastic``.
+        regularizer: None, ``L1`` (shrink |v| by ``lam`` first) or ``L0`` (0 when |v| ≤ ``lam``).
+        lam: the regulariser's threshold, in weight units.
+        seed: seed of the stochastic rounding.
+    """
+
+    scales: np.ndarray
+    q_min: int
+    q_max: int
+    rounding: str = "nearest"
+    regularizer: str | None = None
+    lam: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.scales = np.asarray(self.scales, dtype=np.float64)
+        if np.any(self.scales <= 0):
+            raise ValueError("grid scales must be positive")
+        if self.regularizer not in REGULARIZERS:
+            raise ValueError(f"regularizer must be L0 or L1, got {self.regularizer!r}")
+        self._round = _Rounder(self.rounding, self.seed)
+
+    def codes(self, v: np.ndarray) -> np.ndarray:
+        """Integer codes (as floats) of ``v`` for this grid, rows along axis 0."""
+        scales = self.scales if self.scales.ndim == 0 else self.scales.reshape((-1,) + (1,) * (v.ndim - 1))
+        if self.regularizer == "L1":
+            v = np.sign(v) * np.maximum(np.abs(v) - self.lam, 0.0)
+        k = np.clip(self._round(v / scales), self.q_min, self.q_max)
+        if self.regularizer == "L0":
+            k = np.where(np.abs(v) <= self.lam, 0.0, k)
+        return k
+
+    def quantize(self, v: np.ndarray, t: int) -> np.ndarray:
+        scales = self.scales if self.scales.ndim == 0 else self.scales.reshape((-1,) + (1,) * (v.ndim - 1))
+        return self.codes(v) * scales
+
+
+@dataclasses.dataclass
+class ReferenceGrid:
+    """The seed's alphabet: levels ``jδ``, ``j = −K..K`` (2^b+1 levels), MSQ with ``rhu`` ties.
+
+    With ``regularizer="L0"`` the alphabet is ``{0} ∪ ±(λ + jδ)`` and ``δ`` must already be the
+    reduced step (see :func:`reference_step`). Not storable in b bits (quirk Q004-1): for
+    simulation and the faithful mode.
+    """
+
+    delta: float
+    K: int
+    rounding: str = "nearest"
+    regularizer: str | None = None
+    lam: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.delta <= 0:
+            raise ValueError(
+                f"the alphabet step is {self.delta:.6g} <= 0 (L0 with lambda too large for the layer's radius)"
+            )
+        if self.regularizer not in REGULARIZERS:
+            raise ValueError(f"regularizer must be L0 or L1, got {self.regularizer!r}")
+        self._stochastic = _Rounder(self.rounding, self.seed) if self.rounding == "stochastic" else None
+
+    def quantize(self, v: np.ndarray, t: int) -> np.ndarray:
+        if self.regularizer == "L1":
+            v = np.sign(v) * np.maximum(np.abs(v) - self.lam, 0.0)
+        if self.regularizer == "L0":
+            magnitude = self.lam + self.delta * np.minimum(np.abs(rhu((np.abs(v) - self.lam) / self.delta)), self.K)
+            return np.where(np.abs(v) <= self.lam, 0.0, np.sign(v) * magnitude)
+        if self._stochastic is not None:
+            return np.clip(self._stochastic(v / self.delta), -self.K, self.K) * self.delta
+        return np.sign(v) * self.delta * np.minimum(np.abs(rhu(v / self.delta)), self.K)
+
+
+@dataclasses.dataclass
+class AlphabetGrid:
+    """Nearest level of a sorted alphabet (the paper-era ``C·rad·(linspace(−1, 1, 2^b) ∪ {0})``);
+    a tie goes to the lower level, as ``argmin`` does."""
+
+    levels: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.levels = np.unique(np.asarray(self.levels, dtype=np.float64))
+
+    def quantize(self, v: np.ndarray, t: int) -> np.ndarray:
+        index = np.abs(v[..., None] - self.levels).argmin(axis=-1)
+        return self.levels[index]
+
+
+def layer_radius(w: np.ndarray, quantile: float = 1.0) -> float:
+    """``rad``: the mean over rows of ``quantile(|W_n|, p)`` (the reference's step base)."""
+    a = np.abs(w.reshape(w.shape[0], -1))
+    per_row = a.max(axis=1) if quantile >= 1.0 else np.quantile(a, quantile, axis=1)
+    return float(per_row.mean())
+
+
+def reference_step(w: np.ndarray, bits: int, scalar: float, quantile: float = 1.0, l0_lambda: float | None = None) -> float:
+    """``δ = (C/K)·rad`` with ``K = 2^(b−1)``; reduced to ``(C/K)·rad − λ/K`` for L0."""
+    K = 1 << (bits - 1)
+    delta = scalar * layer_radius(w, quantile) / K
+    return delta - l0_lambda / K if l0_lambda is not None else delta
+
+
+def paper_alphabet(w: np.ndarray, bits: int, scalar: float, quantile: float = 1.0) -> np.ndarray:
+    """``C·rad·(linspace(−1, 1, 2^b) ∪ {0})`` (quirk Q004-11)."""
+    return np.union1d(scalar * layer_radius(w, quantile) * np.linspace(-1.0, 1.0, 1 << bits), [0.0])
+
+
+def channel_scales(w: np.ndarray, bits: int, scalar: float = 1.0, quantile: float = 1.0) -> np.ndarray:
+    """Per-row scales ``s_n = C·quantile(|W_n|, p)/(2^(b−1) − 1)`` (rows with no weight get 1).
+
+    At 1 bit (codes {−1, 0}) the denominator is 1.
+    """
+    a = np.abs(w.reshape(w.shape[0], -1)).astype(np.float64)
+    per_row = a.max(axis=1) if quantile >= 1.0 else np.quantile(a, quantile, axis=1)
+    scales = scalar * per_row / max((1 << (bits - 1)) - 1, 1)
+    return np.where(scales > 0, scales, 1.0)
+
+
+def code_range(bits: int, narrow: bool = False) -> tuple[int, int]:
+    """Signed integer codes of a b-bit grid: ``[−2^(b−1) (+1 if narrow), 2^(b−1) − 1]``."""
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return (lo + 1 if narrow and bits > 1 else lo), hi
+
+
+# --------------------------------------------------------------------------- the two forms
+
+
+def gpfq_columns(w: np.ndarray, x: np.ndarray, x_tilde: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """The published per-column recursion (reference and baseline).
+
+    Args:
+        w: weights (N, d).
+        x: float-network inputs (m, d).
+        x_tilde: quantized-network inputs (m, d).
+        grid: the column quantizer.
+
+    Returns:
+        ``(Q, U)``: the levels (N, d) and the final residual ``U = X·Wᵀ − X̃·Qᵀ`` transposed (N, m).
+    """
+    w = np.asarray(w, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    x_tilde = np.asarray(x_tilde, dtype=np.float64)
+    n, d = w.shape
+    u = np.zeros((n, x.shape[0]))
+    q = np.zeros((n, d))
+    for t in range(d):
+        u += np.outer(w[:, t], x[:, t])
+        norm = float(x_tilde[:, t] @ x_tilde[:, t])
+        v = u @ x_tilde[:, t] / norm if norm > 0 else np.zeros(n)
+        q[:, t] = grid.quantize(v, t)
+        u -= np.outer(q[:, t], x_tilde[:, t])
+    return q, u
+
+
+def gpfq_blocked(w: np.ndarray, h: np.ndarray, g: np.ndarray, grid: Grid, block: int = 128) -> np.ndarray:
+    """The d×d form with lazy block updates (float64).
+
+    Args:
+        w: weights (N, d).
+        h: ``X̃ᵀX̃`` (d, d).
+        g: ``X̃ᵀX`` (d, d).
+        grid: the column quantizer.
+        block: columns per block (the result does not depend on it).
+
+    Returns:
+        The levels ``Q`` (N, d).
+    """
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    w = np.asarray(w, dtype=np.float64)
+    h = np.asarray(h, dtype=np.float64)
+    n, d = w.shape
+    # A[:, t] = Σ_{j≤t} G[t, j]·W[:, j]: one GEMM for every column.
+    a = w @ np.tril(np.asarray(g, dtype=np.float64)).T
+    diag = np.diag(h).copy()
+    q = np.zeros((n, d))
+    for start in range(0, d, block):
+        end = min(start + block, d)
+        # B[:, t] = Σ_{j<t} Q[:, j]·H[t, j]: the columns left of the block in one GEMM ...
+        b = q[:, :start] @ h[start:end, :start].T if start else np.zeros((n, end - start))
+        for t in range(start, end):
+            i = t - start
+            v = (a[:, t] - b[:, i]) / diag[t] if diag[t] > 0 else np.zeros(n)
+            q[:, t] = grid.quantize(v, t)
+            if t + 1 < end:  # ... and rank-1 updates inside it
+                b[:, i + 1 :] += np.outer(q[:, t], h[start + i + 1 : end, t])
+    return q
+
+
+def act_order(h: np.ndarray) -> np.ndarray:
+    """The column permutation by descending ``diag(H)`` (stable, so ties keep their order)."""
+    return np.argsort(-np.diag(h), kind="stable")
+
+
+def relative_error(w: np.ndarray, q: np.ndarray, h: np.ndarray, g: np.ndarray, f: np.ndarray) -> tuple[float, float]:
+    """``(‖XWᵀ − X̃Qᵀ‖_F, ‖XWᵀ − X̃Qᵀ‖_F / ‖XWᵀ‖_F)`` from the streamed d×d products.
+
+    ``‖XWᵀ − X̃Qᵀ‖² = tr(W·F·Wᵀ) − 2·tr(Q·G·Wᵀ) + tr(Q·H·Qᵀ)`` with ``F = XᵀX``.
+    """
+    w = np.asarray(w, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    ref = float(np.einsum("ij,ij->", w @ f, w))
+    err = ref - 2.0 * float(np.einsum("ij,ij->", q @ g, w)) + float(np.einsum("ij,ij->", q @ h, q))
+    norm = float(np.sqrt(max(err, 0.0)))
+    return norm, norm / np.sqrt(ref) if ref > 0 else 0.0
+
+
+@dataclasses.dataclass
+class GramAccumulator:
+    """Streamed ``H = X̃ᵀX̃``, ``G = X̃ᵀX``, ``F = XᵀX`` and column sums, float64, O(d²) memory.
+
+    Args:
+        d: columns per group.
+        groups: independent groups (grouped convolutions), each with its own products.
+        matched: ``X̃`` is ``X`` for every batch (only ``H`` is kept; ``G = F = H``).
+    """
+
+    d: int
+    groups: int = 1
+    matched: bool = False
+
+    def __post_init__(self) -> None:
+        shape = (self.groups, self.d, self.d)
+        self.h = np.zeros(shape)
+        self.g = self.h if self.matched else np.zeros(shape)
+        self.f = self.h if self.matched else np.zeros(shape)
+        self.sum_x = np.zeros((self.groups, self.d))
+        self.sum_x_tilde = self.sum_x if self.matched else np.zeros((self.groups, self.d))
+        self.rows = 0
+
+    def update(self, x: np.ndarray, x_tilde: np.ndarray | None = None) -> None:
+        """Add a batch of rows: ``x`` and ``x_tilde`` are (groups, m_b, d)."""
+        x = np.asarray(x, dtype=np.float64)
+        if self.matched or x_tilde is None:
+            if not self.matched:
+                raise ValueError("x_tilde is required unless the accumulator is matched")
+            x_tilde = x
+        else:
+            x_tilde = np.asarray(x_tilde, dtype=np.float64)
+        for k in range(self.groups):
+            xt = x_tilde[k]
+            self.h[k] += xt.T @ xt
+            self.sum_x[k] += x[k].sum(axis=0)
+            if not self.matched:
+                self.g[k] += xt.T @ x[k]
+                self.f[k] += x[k].T @ x[k]
+                self.sum_x_tilde[k] += xt.sum(axis=0)
+        self.rows += x.shape[1]
+
+    def mean_x(self) -> np.ndarray:
+        """Column means of ``X`` per group (groups, d)."""
+        return self.sum_x / max(self.rows, 1)
+
+    def mean_x_tilde(self) -> np.ndarray:
+        """Column means of ``X̃`` per group (groups, d)."""
+        return self.sum_x_tilde / max(self.rows, 1)
