@@ -89,7 +89,9 @@ class GPFQPass(ir.passes.InPlacePass):
         show_progress: a progress bar over layers (only on a terminal).
     """
 
-    data: ArrayDataset | Sequence[Mapping[str, np.ndarray]] = dataclasses.field(repr=False, compare=False)
+    # Empty by default so that a configured pass can be built before the data is known
+    # (``dataclasses.replace(template, data=calib)``).
+    data: ArrayDataset | Sequence[Mapping[str, np.ndarray]] = dataclasses.field(default=(), repr=False, compare=False)
     bits: int = 4
     linear_bits: int | None = None
     scalar: float = 1.0
@@ -244,7 +246,7 @@ class GPFQPass(ir.passes.InPlacePass):
         fmt = ann.get(values[layer.weight], ann.FixedPoint)
         name = self.grid if self.grid != "auto" else ("fixed" if fmt is not None else "int")
         groups = geo.groups
-        wm = weight_matrix(geo, w)
+        wm = weight_matrix(geo, w).reshape(-1, geo.columns)  # every output neuron is a row
         if name in ("reference", "paper2022"):
             if name == "reference":
                 l0 = self.lam if self.regularizer == "L0" else None
@@ -415,6 +417,26 @@ class GPFQPass(ir.passes.InPlacePass):
             zero_fraction=_zero_fraction(model, layers),
             skipped=tuple(skipped),
         )
+
+
+def gpfq_report(model: ir.Model) -> dict[str, object] | None:
+    """The report section of a GPFQ-rewritten model: per-layer errors and the output comparison
+    with round-to-nearest on the same grids; None when GPFQ did not run."""
+    summary = ann.get(model, ann.GPFQSummary)
+    if summary is None:
+        return None
+    layers = []
+    for node in model.graph:
+        layer = ann.get(node, ann.GPFQLayer)
+        if layer is not None:
+            layers.append({"name": node.name, "op": node.op_type, **dataclasses.asdict(layer)})
+    out: dict[str, object] = dataclasses.asdict(summary)
+    out["skipped"] = [list(item) for item in summary.skipped]
+    out["layers"] = layers
+    provenance = ann.get(model, ann.Provenance)
+    configs = [e.get("pass", "") for e in (provenance.entries if provenance else ()) if str(e.get("pass", "")).startswith("GPFQPass(")]
+    out["config"] = configs[-1] if configs else None
+    return out
 
 
 def _capped(value: float) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -15,6 +16,7 @@ from qcompiler.passes.calibrate import CalibratePass
 from qcompiler.passes.canonicalize import CanonicalizePass
 from qcompiler.passes.detect_layers import DetectLayersPass
 from qcompiler.passes.fold_batchnorm import FoldBatchNormPass
+from qcompiler.passes.gpfq import GPFQPass
 from qcompiler.passes.greedy_allocate import GreedyAllocatePass
 from qcompiler.passes.max_loss_allocate import MaxLossAllocatePass, Metric
 from qcompiler.passes.profile_errors import ProfileErrorPass
@@ -73,8 +75,11 @@ def default_pipeline(
     show_progress: bool = True,
     metric: Metric | None = None,
     reference: float | None = None,
+    gpfq: GPFQPass | None = None,
 ) -> Sequence[ir.passes.PassBase]:
-    """Canonicalisation, calibration, [profiling + allocation], then the target's own passes."""
+    """Canonicalisation, calibration, [profiling + allocation], the target's own passes, then
+    [GPFQ on the grids the target chose]."""
+    rewrite = [] if gpfq is None else [dataclasses.replace(gpfq, data=calib, show_progress=show_progress)]
     return [
         *canonical_pipeline(),
         CalibratePass(
@@ -88,4 +93,5 @@ def default_pipeline(
         ),
         *allocation_passes(target, config, calib, batch_size, show_progress, metric, reference),
         *target.passes(config),
+        *rewrite,
     ]

@@ -30,6 +30,7 @@ from qcompiler.graph import const_array, values_by_name
 from qcompiler.ir import ModelLike, load_normalized, save
 from qcompiler.metrics import finite_or_none, mean_cosine, output_mse, sqnr_db, top1, top1_agreement
 from qcompiler.passes.detect_layers import quantizable_nodes
+from qcompiler.passes.gpfq import GPFQPass, gpfq_report
 from qcompiler.passes.pipelines import default_pipeline
 from qcompiler.pipeline import PassStat, run_pipeline
 from qcompiler.quantizers import fake_quant_fixed
@@ -51,6 +52,8 @@ class CompileConfig:
         batch_size: batch size for calibration and validation.
         dump_ir: folder to write the IR after each pass.
         show_progress: draw progress bars on a terminal.
+        gpfq: a configured :class:`GPFQPass` (its ``data`` is filled with ``calib``): rewrite the
+            weights with GPFQ on the target's grid after the target's passes.
     """
 
     calib: DataSource
@@ -59,6 +62,7 @@ class CompileConfig:
     batch_size: int = 64
     dump_ir: Path | None = None
     show_progress: bool = True
+    gpfq: GPFQPass | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +107,8 @@ def compile_model(
         if evaluation is None or evaluation.labels is None:
             raise DataError("--max-loss needs held-out data with labels (--eval)")
         metric, reference = accuracy_metric(backend, target_config, float_model, evaluation, config.batch_size)
-    passes = default_pipeline(backend, target_config, calib, config.batch_size, config.show_progress, metric, reference)
+    passes = default_pipeline(backend, target_config, calib, config.batch_size, config.show_progress, metric, reference,
+                              gpfq=config.gpfq)
     result = run_pipeline(ir_model, passes, dump_ir=config.dump_ir)
     annotated = result.model
     backend.validate(annotated)
@@ -234,6 +239,9 @@ def layer_table(model: ir.Model) -> list[dict[str, Any]]:
             )
         if a_fmt is not None:
             row.update(activation_bits=a_fmt.wl, activation_fl=a_fmt.fl, activation_signed=a_fmt.signed)
+        rewrite = ann.get(node, ann.GPFQLayer)
+        if rewrite is not None:
+            row.update(gpfq_error=rewrite.error, rtn_error=rewrite.error_rtn)
         rows.append(row)
     return rows
 
@@ -317,6 +325,7 @@ def build_report(
         "validation_split": split,
         "metrics": metrics,
         "layers": layers,
+        "gpfq": gpfq_report(model),
         "summary": {
             "quantized_layers": len(layers),
             "params": sum(r["params"] for r in layers),

@@ -7,6 +7,7 @@ input; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -106,6 +107,11 @@ def _print_summary(result: Any) -> None:
         console.print(f"wrote {result.out_dir}/ ({', '.join(result.report['artifacts'])})")
 
 
+def split_list(text: str) -> tuple[str, ...]:
+    """``"a, b,c"`` -> ``("a", "b", "c")`` (empty items dropped)."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 CHECKPOINT_SUFFIXES = (".pth.tar", ".pth", ".pt", ".tar")
 
 
@@ -146,7 +152,7 @@ def compile_command(
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration data (.npz keyed by input name, or .npy)."),
     eval_data: Optional[Path] = typer.Option(None, "--eval", help="Held-out data with 'labels' for accuracy."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default out/<model>-<target>)."),
-    weight_bits: int = typer.Option(8, "--weight-bits", help="Weight word length."),
+    weight_bits: int = typer.Option(8, "--weight-bits", "--bits", help="Weight word length."),
     activation_bits: int = typer.Option(8, "--activation-bits", help="Activation word length."),
     per_tensor: bool = typer.Option(False, "--per-tensor", help="One weight scale per tensor instead of per channel."),
     calib_method: str = typer.Option(
@@ -162,6 +168,12 @@ def compile_command(
     ),
     fl_rule: str = typer.Option("minmax", "--fl-rule", help="Weight FL: minmax, mse, mae, seed002 or ristretto."),
     batch_size: int = typer.Option(64, "--batch-size", help="Batch size for calibration and validation."),
+    gpfq: bool = typer.Option(False, "--gpfq", help="Rewrite the weights with GPFQ on the target's grid."),
+    gpfq_scalar: float = typer.Option(1.0, "--gpfq-scalar", help="GPFQ alphabet scalar C (scales the weight range)."),
+    gpfq_samples: Optional[int] = typer.Option(None, "--gpfq-samples", help="GPFQ calibration samples per layer (default all)."),
+    gpfq_rounding: str = typer.Option("nearest", "--gpfq-rounding", help="GPFQ rounding: nearest or stochastic."),
+    gpfq_bias_correction: str = typer.Option("none", "--gpfq-bias-correction", help="GPFQ bias correction: none, last or all."),
+    gpfq_skip: str = typer.Option("", "--gpfq-skip", help="Layers GPFQ leaves alone: node names or indices, comma-separated."),
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="Write the IR after every pass into this folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no summary tables."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
@@ -211,6 +223,12 @@ def compile_command(
     )
 
     def checked() -> Any:
+        if gpfq:
+            from qcompiler.passes.gpfq import GPFQPass
+
+            rewrite = GPFQPass(bits=weight_bits, scalar=gpfq_scalar, samples=gpfq_samples, rounding=gpfq_rounding,
+                               bias_correction=gpfq_bias_correction, skip=split_list(gpfq_skip))
+            return compile_model(model, target, dataclasses.replace(config, gpfq=rewrite), out_dir)
         if weight_bits < 1 or activation_bits < 2 or batch_size < 1:
             raise QCompilerError("--weight-bits must be >= 1, --activation-bits >= 2 and --batch-size >= 1")
         if calib_method not in ("minmax", "percentile", "entropy", "mse"):

@@ -1,0 +1,422 @@
+"""GPFQ: the layer algorithm (both forms, grids, streaming) and the ONNX rewrite pass."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnxruntime as ort
+import onnx_ir as ir
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qcompiler import annotations as ann
+from qcompiler.data import ArrayDataset
+from qcompiler.gpfq import (
+    AlphabetGrid,
+    GramAccumulator,
+    ReferenceGrid,
+    UniformGrid,
+    act_order,
+    channel_scales,
+    code_range,
+    gpfq_blocked,
+    gpfq_columns,
+    paper_alphabet,
+    reference_step,
+    relative_error,
+)
+from qcompiler.graph import const_array, values_by_name
+from qcompiler.ir import load_normalized
+from qcompiler.layer_matrix import from_weight_matrix, geometry, rows, weight_matrix
+from qcompiler.passes.gpfq import GPFQConfigError, GPFQPass
+from qcompiler.passes.pipelines import canonical_pipeline
+from qcompiler.pipeline import PipelineError, run_pipeline
+from qcompiler.qdq import integer_codes, lower_to_qdq
+from qcompiler.runtime import Runner
+
+from conftest import make_model
+
+
+class Identity:
+    """The infinite-bit quantizer."""
+
+    def quantize(self, v: np.ndarray, t: int) -> np.ndarray:
+        return v
+
+
+def fixture_data(n: int, d: int, m: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """§6.7: W ~ 0.1·N(0, 1), X = relu(N(0, 1)), X̃ = X + 0.05·N(0, 1)."""
+    rng = np.random.default_rng(seed)
+    w = 0.1 * rng.normal(size=(n, d))
+    x = np.maximum(rng.normal(size=(m, d)), 0.0)
+    return w, x, x + 0.05 * rng.normal(size=(m, d))
+
+
+def gram(x: np.ndarray, xt: np.ndarray) -> GramAccumulator:
+    acc = GramAccumulator(x.shape[1])
+    acc.update(x[None], xt[None])
+    return acc
+
+
+# --------------------------------------------------------------------------- layer algorithm
+
+
+def test_hand_case_matches_the_spec() -> None:
+    x = np.array([[1.0, 0.0], [1.0, 1.0]])
+    w = np.array([[0.4, 0.4]])
+    grid = ReferenceGrid(delta=1.0, K=1)
+    q, u = gpfq_columns(w, x, x, grid)
+    assert q.tolist() == [[0.0, 1.0]]
+    assert np.linalg.norm(u) == pytest.approx(np.sqrt(0.2))
+    h = np.array([[2.0, 1.0], [1.0, 1.0]])
+    assert np.array_equal(gpfq_blocked(w, h, h, grid), q)
+    # round to nearest keeps (0, 0): residual sqrt(0.8)
+    assert np.linalg.norm(x @ w.T - x @ grid.quantize(w, 0).T) == pytest.approx(np.sqrt(0.8))
+
+
+@pytest.mark.parametrize(("n", "d", "m", "bits", "scalar"), [(48, 300, 600, 4, 1.16), (64, 577, 2000, 3, 1.0)])
+def test_blocked_form_equals_the_recursion_level_for_level(n: int, d: int, m: int, bits: int, scalar: float) -> None:
+    w, x, xt = fixture_data(n, d, m)
+    grid = ReferenceGrid(reference_step(w, bits, scalar), 1 << (bits - 1))
+    q_ref, u = gpfq_columns(w, x, xt, grid)
+    acc = gram(x, xt)
+    for block in (1, 7, 128):
+        q = gpfq_blocked(w, acc.h[0], acc.g[0], grid, block)
+        assert np.count_nonzero(q != q_ref) == 0, block
+    norm, rel = relative_error(w, q_ref, acc.h[0], acc.g[0], acc.f[0])
+    assert norm == pytest.approx(np.linalg.norm(u), rel=1e-8)
+    _, rel_msq = relative_error(w, grid.quantize(w, 0), acc.h[0], acc.g[0], acc.f[0])
+    assert rel < 0.9 * rel_msq  # about 15 % below MSQ on this data
+
+
+@pytest.mark.parametrize(
+    "make_grid",
+    [
+        lambda w: UniformGrid(channel_scales(w, 3), *code_range(3)),
+        lambda w: UniformGrid(channel_scales(w, 4), *code_range(4), rounding="stochastic", seed=3),
+        lambda w: UniformGrid(channel_scales(w, 4), *code_range(4), regularizer="L0", lam=0.02),
+        lambda w: UniformGrid(channel_scales(w, 4), *code_range(4), regularizer="L1", lam=0.01),
+        lambda w: ReferenceGrid(reference_step(w, 4, 1.16), 8, rounding="stochastic", seed=1),
+        lambda w: ReferenceGrid(reference_step(w, 4, 1.16, l0_lambda=0.05), 8, regularizer="L0", lam=0.05),
+        lambda w: AlphabetGrid(paper_alphabet(w, 3, 1.1)),
+    ],
+    ids=["int3", "int4-stochastic", "int4-L0", "int4-L1", "reference-stochastic", "reference-L0", "paper2022"],
+)
+def test_every_grid_gives_identical_levels_in_both_forms(make_grid) -> None:
+    w, x, xt = fixture_data(32, 150, 400, seed=5)
+    acc = gram(x, xt)
+    q_ref, _ = gpfq_columns(w, x, xt, make_grid(w))
+    q = gpfq_blocked(w, acc.h[0], acc.g[0], make_grid(w), block=32)
+    assert np.array_equal(q, q_ref)
+
+
+def test_infinite_bits_return_w_and_a_huge_alphabet_is_close_to_w() -> None:
+    w, x, _ = fixture_data(16, 40, 200, seed=2)
+    acc = gram(x, x)
+    np.testing.assert_allclose(gpfq_blocked(w, acc.h[0], acc.g[0], Identity()), w, rtol=1e-10, atol=1e-12)
+    scales = channel_scales(w, 16)
+    q = gpfq_blocked(w, acc.h[0], acc.g[0], UniformGrid(scales, *code_range(16)))
+    assert np.abs(q - w).max() <= 2 * scales.max()
+
+
+def test_one_column_is_round_to_nearest_and_a_zero_column_gives_zero() -> None:
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(20, 1))
+    x = rng.normal(size=(50, 1))
+    grid = UniformGrid(channel_scales(w, 3), *code_range(3))
+    acc = gram(x, x)
+    np.testing.assert_array_equal(gpfq_blocked(w, acc.h[0], acc.g[0], grid), grid.quantize(w, 0))
+    x2 = np.concatenate([x, np.zeros((50, 1))], axis=1)
+    w2 = np.concatenate([w, rng.normal(size=(20, 1))], axis=1)
+    acc2 = gram(x2, x2)
+    q = gpfq_blocked(w2, acc2.h[0], acc2.g[0], UniformGrid(channel_scales(w2, 3), *code_range(3)))
+    assert np.all(q[:, 1] == 0.0)
+
+
+def test_streaming_products_do_not_depend_on_the_batch_split() -> None:
+    _, x, xt = fixture_data(4, 30, 500, seed=7)
+    one = gram(x, xt)
+    split = GramAccumulator(30)
+    for part in np.array_split(np.arange(500), [13, 200, 201]):
+        split.update(x[part][None], xt[part][None])
+    for a, b in ((one.h, split.h), (one.g, split.g), (one.f, split.f)):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    np.testing.assert_allclose(one.mean_x_tilde(), split.mean_x_tilde(), rtol=1e-12)
+    assert split.rows == 500
+
+
+def test_quantizer_cases_of_the_spec() -> None:
+    msq = ReferenceGrid(delta=1.0, K=8)
+    assert msq.quantize(np.array([0.5, -0.5, 1.5, -1.5, 2.5, -2.5]), 0).tolist() == [1, 0, 2, -1, 3, -2]
+    l0 = ReferenceGrid(delta=0.2, K=2, regularizer="L0", lam=0.1)
+    np.testing.assert_allclose(l0.quantize(np.array([0.05, 0.12, 0.25, 10.0, -0.25]), 0), [0, 0.1, 0.3, 0.5, -0.3])
+    with pytest.raises(ValueError, match="<= 0"):
+        ReferenceGrid(delta=-0.01, K=2, regularizer="L0", lam=0.1)
+
+
+def test_stochastic_rounding_is_unbiased_inside_the_range() -> None:
+    grid = UniformGrid(np.array(0.5), -8, 7, rounding="stochastic", seed=11)
+    v = np.full(100_000, 0.37)
+    draws = grid.quantize(v, 0)
+    assert set(np.unique(draws)) == {0.0, 0.5}
+    sigma = 0.5 * np.sqrt(0.74 * 0.26 / v.size)
+    assert abs(draws.mean() - 0.37) < 3 * sigma
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    bits=st.integers(1, 8),
+    scale=st.floats(1e-3, 10.0),
+    values=st.lists(st.floats(-100, 100, allow_nan=False), min_size=1, max_size=40),
+)
+def test_uniform_grid_levels_are_integer_codes_in_range(bits: int, scale: float, values: list[float]) -> None:
+    grid = UniformGrid(np.array(scale), *code_range(bits))
+    q = grid.quantize(np.array(values), 0)
+    codes = q / scale
+    np.testing.assert_allclose(codes, np.rint(codes), atol=1e-9)
+    lo, hi = code_range(bits)
+    assert codes.min() >= lo - 1e-9 and codes.max() <= hi + 1e-9
+    # round to nearest inside the range: the error is at most half a step
+    inside = (np.array(values) / scale >= lo) & (np.array(values) / scale <= hi)
+    assert np.all(np.abs(q - np.array(values))[inside] <= scale / 2 + 1e-9)
+
+
+def test_gpfq_beats_round_to_nearest_on_most_random_layers() -> None:
+    wins = 0
+    for seed in range(20):
+        w, x, xt = fixture_data(24, 64, 256, seed=100 + seed)
+        acc = gram(x, xt)
+        grid = UniformGrid(channel_scales(w, 3), *code_range(3))
+        q = gpfq_blocked(w, acc.h[0], acc.g[0], grid)
+        gp = relative_error(w, q, acc.h[0], acc.g[0], acc.f[0])[1]
+        rtn = relative_error(w, grid.quantize(w, 0), acc.h[0], acc.g[0], acc.f[0])[1]
+        wins += gp <= rtn
+    assert wins >= 18
+
+
+def test_act_order_is_a_column_permutation_of_the_same_problem() -> None:
+    w, x, xt = fixture_data(8, 50, 300, seed=9)
+    x[:, 3] *= 10
+    xt[:, 3] *= 10
+    acc = gram(x, xt)
+    perm = act_order(acc.h[0])
+    assert perm[0] == 3
+    grid = UniformGrid(channel_scales(w, 4), *code_range(4))
+    q_perm = gpfq_blocked(w[:, perm], acc.h[0][np.ix_(perm, perm)], acc.g[0][np.ix_(perm, perm)], grid)
+    q_ref, _ = gpfq_columns(w[:, perm], x[:, perm], xt[:, perm], grid)
+    np.testing.assert_array_equal(q_perm, q_ref)
+
+
+# --------------------------------------------------------------------------- im2col
+
+
+def single_node(op: str, x_shape, w_shape, **attrs):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=x_shape).astype(np.float32)
+    w = rng.normal(size=w_shape).astype(np.float32)
+    node = oh.make_node(op, ["x", "w"], ["y"], name="n", **attrs)
+    graph = oh.make_graph([node], "g", [oh.make_tensor_value_info("x", 1, None)],
+                          [oh.make_tensor_value_info("y", 1, None)], [onnx.numpy_helper.from_array(w, "w")])
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return x, w, y, list(ir.from_proto(proto).graph)[0]
+
+
+@pytest.mark.parametrize(
+    ("op", "x_shape", "w_shape", "attrs"),
+    [
+        ("Conv", (2, 4, 9, 8), (6, 4, 3, 3), {"strides": [1, 1]}),
+        ("Conv", (2, 4, 9, 8), (6, 4, 3, 3), {"strides": [2, 2], "pads": [1, 0, 2, 1]}),
+        ("Conv", (2, 4, 9, 8), (6, 4, 3, 3), {"dilations": [2, 2], "pads": [2, 2, 2, 2]}),
+        ("Conv", (2, 4, 9, 8), (6, 2, 3, 3), {"group": 2, "strides": [2, 1]}),
+        ("Conv", (2, 4, 9, 8), (4, 1, 3, 3), {"group": 4, "pads": [1, 1, 1, 1]}),
+        ("Conv", (2, 4, 9, 8), (4, 1, 3, 2), {"group": 4, "auto_pad": "SAME_UPPER", "strides": [2, 2]}),
+        ("Conv", (2, 4, 9, 8), (4, 4, 3, 2), {"auto_pad": "SAME_LOWER", "strides": [2, 3]}),
+        ("Conv", (2, 4, 11), (5, 4, 3), {"strides": [2], "pads": [0, 1]}),
+        ("Conv", (1, 2, 5, 6, 7), (3, 2, 3, 2, 2), {"pads": [1, 0, 1, 0, 1, 1]}),
+        ("ConvTranspose", (2, 4, 5, 6), (4, 3, 3, 3), {"strides": [2, 2], "pads": [1, 0, 0, 1], "output_padding": [1, 0]}),
+        ("ConvTranspose", (2, 4, 5, 6), (4, 3, 3, 2), {"group": 2, "dilations": [2, 1]}),
+        ("Gemm", (5, 7), (3, 7), {"transB": 1, "alpha": 0.5}),
+        ("MatMul", (2, 5, 7), (7, 3), {}),
+    ],
+)
+def test_layer_rows_times_weights_match_onnxruntime(op: str, x_shape, w_shape, attrs) -> None:
+    x, w, y, node = single_node(op, x_shape, w_shape, **attrs)
+    geo = geometry(node, w.shape)
+    matrices = weight_matrix(geo, w)
+    assert np.array_equal(from_weight_matrix(geo, matrices, w.dtype), w)
+    r = rows(geo, x)
+    out = np.concatenate([r[k] @ matrices[k].T for k in range(geo.groups)], axis=1)  # (m, N)
+    if op in ("Gemm", "MatMul"):
+        expected = y.reshape(-1, y.shape[-1])
+    else:
+        expected = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+def grouped_model() -> ir.Model:
+    rng = np.random.default_rng(0)
+    inits = {
+        "w1": (0.4 * rng.normal(size=(8, 2, 3, 3))).astype(np.float32),
+        "b1": (0.1 * rng.normal(size=8)).astype(np.float32),
+        "w2": (0.4 * rng.normal(size=(8, 1, 3, 3))).astype(np.float32),
+        "w3": (0.1 * rng.normal(size=(8 * 4 * 4, 10))).astype(np.float32),
+    }
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4, 8, 8] x) => (float[N, 10] y) <float[8,2,3,3] w1, float[8] b1, float[8,1,3,3] w2, float[128,10] w3> {
+        c1 = Conv <group = 2, pads = [1, 1, 1, 1], strides = [2, 2]> (x, w1, b1)
+        r1 = Relu (c1)
+        c2 = Conv <group = 8, pads = [1, 1, 1, 1]> (r1, w2)
+        r2 = Relu (c2)
+        f = Flatten (r2)
+        y = MatMul (f, w3)
+    }
+    """
+    return load_normalized(make_model(text, inits))
+
+
+def grouped_data(n: int = 96) -> ArrayDataset:
+    x = np.random.default_rng(1).normal(size=(n, 4, 8, 8)).astype(np.float32)
+    return ArrayDataset({"x": x})
+
+
+def run_gpfq(model: ir.Model, **options) -> ir.Model:
+    return run_pipeline(model, [*canonical_pipeline(), GPFQPass(show_progress=False, **options)]).model
+
+
+def test_pass_rewrites_grouped_convs_and_matmul_onto_the_integer_grid() -> None:
+    data = grouped_data()
+    float_model = grouped_model()
+    model = run_gpfq(float_model.clone(), data=data, bits=3, batch_size=40)
+    values = values_by_name(model.graph)
+    rewritten = [(n, ann.get(n, ann.GPFQLayer)) for n in model.graph if ann.get(n, ann.GPFQLayer)]
+    assert [n.op_type for n, _ in rewritten] == ["Conv", "Conv", "MatMul"]
+    assert rewritten[0][1].groups == 2 and rewritten[1][1].groups == 8 and rewritten[1][1].columns == 9
+    assert rewritten[0][1].rows == 96 * 4 * 4
+    for node, layer in rewritten:
+        grid = ann.require(values[node.inputs[1].name], ann.IntegerWeights)
+        codes = integer_codes(values[node.inputs[1].name], grid)
+        assert codes.min() >= -4 and codes.max() <= 3 and grid.bits == 3
+        assert layer.error < layer.error_rtn
+    summary = ann.require(model, ann.GPFQSummary)
+    assert summary.output_mse < summary.output_mse_rtn
+    # the QDQ export holds exactly the rewritten weights
+    qdq = lower_to_qdq(model)
+    feed = {"x": data.arrays["x"][:16]}
+    np.testing.assert_allclose(Runner(qdq).run(feed)["y"], Runner(model).run(feed)["y"], atol=1e-5)
+
+
+def test_digits_gpfq_beats_round_to_nearest_three_fold_at_two_to_four_bits(digits_model_path, digits_calib) -> None:
+    model = load_normalized(digits_model_path)
+    data = ArrayDataset(digits_calib)
+    for bits in (2, 3, 4):
+        summary = ann.require(run_gpfq(model.clone(), data=data, bits=bits), ann.GPFQSummary)
+        assert summary.output_mse * 3 < summary.output_mse_rtn, bits
+
+
+def test_reference_grid_weights_use_the_seed_alphabet(digits_model_path, digits_calib) -> None:
+    model = run_pipeline(load_normalized(digits_model_path), canonical_pipeline()).model  # BatchNorm folded
+    float_weights = {n.name: const_array(n.inputs[1]) for n in model.graph if n.op_type in ("Conv", "Gemm")}
+    out = run_gpfq(model, data=ArrayDataset(digits_calib), bits=2, grid="reference", scalar=1.16)
+    for node in out.graph:
+        if ann.get(node, ann.GPFQLayer) is None:
+            continue
+        assert ann.get(node.inputs[1], ann.IntegerWeights) is None  # not storable in b bits
+        step = reference_step(weight_matrix(geometry(node, float_weights[node.name].shape), float_weights[node.name])[0]
+                              if node.op_type != "Conv" else float_weights[node.name], 2, 1.16)
+        levels = np.unique(np.round(const_array(node.inputs[1]).astype(np.float64) / step, 4))
+        assert set(levels) <= {-2.0, -1.0, 0.0, 1.0, 2.0}
+
+
+def test_bias_correction_removes_the_mean_output_shift() -> None:
+    rng = np.random.default_rng(3)
+    inits = {"w": rng.normal(size=(6, 16)).astype(np.float32), "b": np.zeros(6, np.float32)}
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 16] x) => (float[N, 6] y) <float[6,16] w, float[6] b> {
+        y = Gemm <transB = 1> (x, w, b)
+    }
+    """
+    x = (rng.normal(size=(512, 16)) + 2.0).astype(np.float32)  # a large input mean amplifies the bias shift
+    data = ArrayDataset({"x": x})
+    ref = Runner(load_normalized(make_model(text, inits))).run({"x": x})["y"]
+    shifts = {}
+    for mode in ("none", "last"):
+        model = run_gpfq(load_normalized(make_model(text, inits)), data=data, bits=2, bias_correction=mode)
+        out = Runner(model).run({"x": x})["y"]
+        shifts[mode] = np.abs((out - ref).mean(axis=0)).max()
+        assert ann.require(list(model.graph)[0], ann.GPFQLayer).bias_corrected == (mode == "last")
+    assert shifts["last"] < 1e-4 < shifts["none"]
+
+
+def test_skip_and_linear_options(digits_model_path, digits_calib) -> None:
+    model = load_normalized(digits_model_path)
+    out = run_gpfq(model, data=ArrayDataset(digits_calib), bits=4, linear_bits=8, skip=("node_conv2d", 4))
+    layers = {n.name: ann.get(n, ann.GPFQLayer) for n in out.graph if n.op_type in ("Conv", "Gemm")}
+    assert layers["node_conv2d"] is None and layers["node_linear_1"] is None
+    assert layers["node_conv2d_1"].bits == 4 and layers["node_linear"].bits == 8
+    skipped = dict(ann.require(out, ann.GPFQSummary).skipped)
+    assert set(skipped) == {"node_conv2d", "node_linear_1"}
+
+
+def test_stochastic_rounding_is_deterministic_for_a_seed(digits_model_path, digits_calib) -> None:
+    model = load_normalized(digits_model_path)
+    data = ArrayDataset(digits_calib).take(64)
+    runs = [run_gpfq(model.clone(), data=data, bits=3, rounding="stochastic", seed=s) for s in (1, 1, 2)]
+    weights = [[const_array(n.inputs[1]) for n in m.graph if ann.get(n, ann.GPFQLayer)] for m in runs]
+    assert all(np.array_equal(a, b) for a, b in zip(weights[0], weights[1]))
+    assert not all(np.array_equal(a, b) for a, b in zip(weights[0], weights[2]))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"bits": 0}, "bits must be in 1..16"),
+        ({"scalar": 0.0}, "alphabet scalar"),
+        ({"grid": "nope"}, "grid must be one of"),
+        ({"samples": 0}, "samples must be >= 1"),
+    ],
+)
+def test_bad_options_are_refused(options, message) -> None:
+    with pytest.raises(GPFQConfigError, match=message):
+        GPFQPass(**options)
+
+
+def test_unknown_layer_and_empty_data_are_clear_errors(digits_model_path, digits_calib) -> None:
+    model = load_normalized(digits_model_path)
+    with pytest.raises(PipelineError, match="skip names no weight layer 'conv9'"):
+        run_gpfq(model.clone(), data=ArrayDataset(digits_calib), skip=("conv9",))
+    with pytest.raises(PipelineError, match="skip index 7 is out of range"):
+        run_gpfq(model.clone(), data=ArrayDataset(digits_calib), skip=(7,))
+    with pytest.raises(PipelineError, match="calibration data is empty"):
+        run_gpfq(model.clone(), data=[])
+
+
+def test_report_section_lists_layers_and_the_rtn_baseline(digits_model_path, digits_calib, tmp_path) -> None:
+    from qcompiler.api import CompileConfig, compile_model
+    from qcompiler.targets import TargetConfig
+
+    config = CompileConfig(calib=digits_calib, target=TargetConfig(weight_bits=4), show_progress=False,
+                           gpfq=GPFQPass(bits=4))
+    result = compile_model(digits_model_path, "fixed-point", config, tmp_path / "out")
+    section = json.loads((tmp_path / "out" / "report.json").read_text())["gpfq"]
+    assert [row["name"] for row in section["layers"]] == ["node_conv2d", "node_conv2d_1", "node_conv2d_2", "node_linear", "node_linear_1"]
+    assert all(row["grid"] == "fixed" and row["error"] < row["error_rtn"] for row in section["layers"])
+    assert section["output_mse"] * 3 < section["output_mse_rtn"]
+    assert section["config"].startswith("GPFQPass(bits=4")
+    # power-of-two grid: the fixed-point formats hold the GPFQ weights exactly
+    values = values_by_name(result.model.graph)
+    for node in result.model.graph:
+        if ann.get(node, ann.GPFQLayer) is not None:
+            fmt = ann.require(values[node.inputs[1].name], ann.FixedPoint)
+            w = const_array(node.inputs[1]).astype(np.float64)
+            scale = np.asarray(fmt.scales()).reshape((-1,) + (1,) * (w.ndim - 1))
+            assert np.array_equal(np.rint(w / scale) * scale, w)
