@@ -50,6 +50,8 @@ from qcompiler.quantizers import no_overflow_fl
 from qcompiler.runtime import PrefixRunner, Runner
 from qcompiler.suffix import logits_names
 
+#: ``value.meta`` key of a rewritten weight's round-to-nearest baseline (in memory only).
+RTN_META = "qcompiler.gpfq_rtn_weight"
 GRIDS = ("auto", "int", "fixed", "reference", "paper2022")
 BIAS_CORRECTION = ("none", "last", "all")
 TARGET_INPUTS = ("fp", "quantized")
@@ -171,14 +173,14 @@ class GPFQPass(ir.passes.InPlacePass):
         layers, skipped = self.selected(model)
         float_model = model.clone()
         quantize_activations = _has_activation_formats(model)
-        rtn_weights: dict[str, np.ndarray] = {}
         zero_before = _zero_fraction(model, layers)
         with progress_bar("gpfq", len(layers), enabled=self.show_progress) as advance:
             for index, (node, layer) in enumerate(layers):
                 last = index == len(layers) - 1
-                rtn_weights[layer.weight] = self._rewrite(model, float_model, node, layer, feeds, quantize_activations, last)
+                rtn = self._rewrite(model, float_model, node, layer, feeds, quantize_activations, last)
+                values_by_name(model.graph)[layer.weight].meta[RTN_META] = rtn
                 advance(1)
-        ann.set(model, self._summary(model, float_model, rtn_weights, feeds, quantize_activations, skipped, zero_before, layers))
+        ann.set(model, self._summary(model, float_model, feeds, quantize_activations, skipped, zero_before, layers))
         return ir.passes.PassResult(model, True)
 
     def _layer_options(self, layer: ann.QuantizableLayer) -> tuple[int, float, int | None]:
@@ -383,15 +385,12 @@ class GPFQPass(ir.passes.InPlacePass):
     # ------------------------------------------------------------------ summary
 
     def _summary(
-        self, model: ir.Model, float_model: ir.Model, rtn_weights: Mapping[str, np.ndarray],
+        self, model: ir.Model, float_model: ir.Model,
         feeds: list[Mapping[str, np.ndarray]], quantize_activations: bool, skipped: list[tuple[str, str]],
         zero_before: float, layers: list[tuple[ir.Node, ann.QuantizableLayer]],
     ) -> ann.GPFQSummary:
         """Output-level comparison with round-to-nearest on the same grids (calibration samples)."""
-        rtn_model = model.clone()
-        rtn_values = values_by_name(rtn_model.graph)
-        for name, array in rtn_weights.items():
-            set_initializer(rtn_model.graph, rtn_values[name], array)
+        rtn_model = round_to_nearest_model(model)
         views = [lower_to_qdq(m) if quantize_activations else m for m in (model, rtn_model)]
         names = logits_names(float_model)
         runners = [Runner(float_model, names)] + [Runner(v, names) for v in views]
@@ -417,6 +416,18 @@ class GPFQPass(ir.passes.InPlacePass):
             zero_fraction=_zero_fraction(model, layers),
             skipped=tuple(skipped),
         )
+
+
+def round_to_nearest_model(model: ir.Model) -> ir.Model:
+    """A copy of a model GPFQ rewrote in this process, with round-to-nearest weights on the same
+    grids instead (the baseline every report carries)."""
+    out = model.clone()
+    targets = values_by_name(out.graph)
+    for name, value in values_by_name(model.graph).items():
+        rtn = value.meta.get(RTN_META)
+        if rtn is not None:
+            set_initializer(out.graph, targets[name], rtn)
+    return out
 
 
 def gpfq_report(model: ir.Model) -> dict[str, object] | None:

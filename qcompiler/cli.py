@@ -328,6 +328,81 @@ def channels_command(
             typer.echo(",".join(f"{v:.6g}" for v in row))
 
 
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in split_list(text))
+    except ValueError:
+        raise QCompilerError(f"{option} {text!r}: expected comma-separated numbers") from None
+
+
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in split_list(text))
+    except ValueError:
+        raise QCompilerError(f"{option} {text!r}: expected comma-separated integers") from None
+
+
+@app.command("gpfq")
+def gpfq_command(
+    model: Path = typer.Argument(..., help="The float model (.onnx)."),
+    calib: Path = typer.Option(..., "--calib", help="Calibration data (.npz keyed by input name)."),
+    eval_data: Path = typer.Option(..., "--eval", help="Held-out data with 'labels' (top-1/top-5)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: quantized models, gpfq_log.csv, sweep.json."),
+    bits: str = typer.Option("4", "-b", "--bits", help="Bit widths, comma-separated."),
+    samples: str = typer.Option("", "-bs", "--batch_size", help="Calibration samples per layer, comma-separated (default all)."),
+    scalar: str = typer.Option("1.16", "-s", "--scalar", help="Alphabet scalars C, comma-separated."),
+    linear_scalar: str = typer.Option("", "--linear-scalar", help="Alphabet scalars of linear layers (default: -s)."),
+    percentile: str = typer.Option("1", "-p", "--percentile", help="Row quantiles of |W| for the radius (1 = max)."),
+    stochastic: bool = typer.Option(False, "-sq", "--stochastic", help="Stochastic rounding (SGPFQ)."),
+    regularizer: Optional[str] = typer.Option(None, "-reg", "--regularizer", help="L0 or L1."),
+    lambdas: str = typer.Option("0.1", "-l", "--lambda", help="Regulariser thresholds, comma-separated."),
+    ignore: str = typer.Option("", "-ig", "--ignore", help="Layers to skip: indices or node names, comma-separated."),
+    grid: str = typer.Option("int", "--grid", help="int (2^b levels, per channel), reference (2^b+1 levels) or paper2022."),
+    bias_correction: str = typer.Option("none", "--bias-correction", help="none, last or all."),
+    seed: int = typer.Option(0, "-seed", "--seed", help="RNG seed."),
+    dataset: str = typer.Option("", "-ds", "--dataset", help="Data set name for the log (default: the --eval file)."),
+    log: Optional[Path] = typer.Option(None, "--log", help="Also append the rows to this CSV log."),
+    batch_size: int = typer.Option(64, "--batch", help="Streaming batch size."),
+    no_models: bool = typer.Option(False, "--no-models", help="Do not write the quantized models."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """GPFQ the way seed 004's main.py runs it: every combination of the lists, one CSV row each."""
+    from qcompiler.gpfq_sweep import SweepConfig, run_sweep
+
+    def run() -> Any:
+        sizes = _ints(samples, "-bs")
+        config = SweepConfig(
+            bits=_ints(bits, "-b"), scalars=_floats(scalar, "-s"),
+            linear_scalars=_floats(linear_scalar, "--linear-scalar") or None,
+            samples=sizes or (None,), percentiles=_floats(percentile, "-p"), lambdas=_floats(lambdas, "-l"),
+            regularizer=regularizer, stochastic=stochastic, grid=grid,
+            skip=tuple(int(v) if v.isdigit() else v for v in split_list(ignore)),
+            bias_correction=bias_correction, seed=seed, batch_size=batch_size, dataset=dataset,
+            write_models=not no_models,
+        )
+        if not config.bits or not config.scalars:
+            raise QCompilerError("-b and -s need at least one value each")
+        if grid not in ("int", "reference", "paper2022"):
+            raise QCompilerError(f"--grid {grid!r} is not one of int, reference, paper2022")
+        return run_sweep(model, calib, eval_data, out, config, log, show_progress=not quiet)
+
+    rows = _run(debug, run)
+    if not quiet:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"GPFQ sweep ({len(rows)} runs) -> {out}/gpfq_log.csv")
+        for col in ("bits", "C", "bs", "float top-1", "GPFQ top-1", "RTN top-1", "GPFQ MSE", "RTN MSE", "s"):
+            table.add_column(col, justify="right")
+        for row in rows:
+            table.add_row(str(row["Bits"]), f"{row['CNN_Alphabet_Scalar']:g}", str(row["Quantization Batch Size"]),
+                          f"{row['Original Top1 Accuracy']:.4f}", f"{row['Quantized Top1 Accuracy']:.4f}",
+                          f"{row['RTN Top1 Accuracy']:.4f}", f"{row['GPFQ Output MSE']:.4g}",
+                          f"{row['RTN Output MSE']:.4g}", f"{row['Quantization Seconds']:.1f}")
+        Console().print(table)
+
+
 def version_callback(value: bool) -> None:
     if value:
         typer.echo(f"qcompile {__version__}")

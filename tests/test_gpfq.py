@@ -420,3 +420,85 @@ def test_report_section_lists_layers_and_the_rtn_baseline(digits_model_path, dig
             w = const_array(node.inputs[1]).astype(np.float64)
             scale = np.asarray(fmt.scales()).reshape((-1,) + (1,) * (w.ndim - 1))
             assert np.array_equal(np.rint(w / scale) * scale, w)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_compile_with_gpfq_is_deterministic_and_beats_rtn(digits_model_path, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from qcompiler.cli import app
+
+    data = digits_model_path.parent
+    outputs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        result = CliRunner().invoke(app, [str(digits_model_path), "--target", "fixed-point", "--bits", "4", "--gpfq",
+                                          "--calib", str(data / "calib.npz"), "--eval", str(data / "eval.npz"),
+                                          "-o", str(out), "-q"])
+        assert result.exit_code == 0, result.output
+        outputs.append(out)
+    for file in ("model.qdq.onnx", "model.annotated.onnx"):
+        assert (outputs[0] / file).read_bytes() == (outputs[1] / file).read_bytes()
+    report = json.loads((outputs[0] / "report.json").read_text())
+    assert report["gpfq"]["sqnr_db"] > report["gpfq"]["sqnr_db_rtn"] + 6.0
+    assert report["metrics"]["simulated"]["top1"] >= report["metrics"]["float"]["top1"] - 0.01
+    assert all(row["gpfq_error"] < row["rtn_error"] for row in report["layers"])
+
+
+def test_cli_gpfq_sweep_writes_the_seed_log(digits_model_path, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from qcompiler.cli import app
+    from qcompiler.gpfq_sweep import SEED_COLUMNS
+
+    data = digits_model_path.parent
+    log = tmp_path / "log.csv"
+    args = ["gpfq", str(digits_model_path), "--calib", str(data / "calib.npz"), "--eval", str(data / "eval.npz"),
+            "-b", "2,3", "-s", "1.0,1.3", "-bs", "128", "--log", str(log), "-q"]
+    for run in range(2):
+        result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / f"out{run}")])
+        assert result.exit_code == 0, result.output
+    import csv
+
+    rows = list(csv.DictReader(log.open()))
+    assert len(rows) == 8 and list(rows[0])[: len(SEED_COLUMNS)] == list(SEED_COLUMNS)
+    assert {(r["Bits"], r["CNN_Alphabet_Scalar"]) for r in rows} == {("2", "1.0"), ("2", "1.3"), ("3", "1.0"), ("3", "1.3")}
+    assert all(r["Quantization Batch Size"] == "128" for r in rows)
+    two_bit = [r for r in rows if r["Bits"] == "2"]
+    assert all(float(r["Quantized Top1 Accuracy"]) > float(r["RTN Top1 Accuracy"]) for r in two_bit)
+    assert all(float(r["GPFQ Output MSE"]) < float(r["RTN Output MSE"]) for r in rows)
+    assert len(list((tmp_path / "out0").glob("digits_cnn_b*_bs128_*.onnx"))) == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--gpfq", "--gpfq-skip", "conv9"], "skip names no weight layer 'conv9'"),
+        (["--gpfq", "--gpfq-rounding", "up"], "rounding must be one of"),
+        (["--gpfq", "--bits", "0"], "bits must be in 1..16, got 0"),
+    ],
+)
+def test_cli_gpfq_bad_input_is_one_line(digits_model_path, tmp_path, args, message) -> None:
+    from typer.testing import CliRunner
+
+    from qcompiler.cli import app
+
+    data = digits_model_path.parent
+    result = CliRunner().invoke(app, [str(digits_model_path), "--calib", str(data / "calib.npz"), "-o",
+                                      str(tmp_path / "out"), "-q", *args])
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_gpfq_sweep_needs_labels(digits_model_path, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from qcompiler.cli import app
+
+    data = digits_model_path.parent
+    result = CliRunner().invoke(app, ["gpfq", str(digits_model_path), "--calib", str(data / "calib.npz"),
+                                      "--eval", str(data / "calib.npz"), "-o", str(tmp_path / "o"), "-q"])
+    assert result.exit_code == 2 and "needs 'labels'" in result.output
