@@ -36,6 +36,7 @@ from qcompiler.gpfq import (
     channel_scales,
     code_range,
     gpfq_blocked,
+    mse_channel_scales,
     paper_alphabet,
     reference_step,
     relative_error,
@@ -78,6 +79,8 @@ class GPFQPass(ir.passes.InPlacePass):
         grid: ``auto``, ``int``, ``fixed``, ``reference`` or ``paper2022`` (see module docstring).
         per_channel: one scale per output channel (``int``/``fixed``), else one per tensor.
         radius_quantile: the row quantile p of ``|W_n|`` behind the scale (``-p``; 1 = max).
+        scale_search: ``int`` grid scales from the row maximum (``max``, times C) or by a
+            per-channel MSE search of the clip ratio before GPFQ (``mse``).
         rounding: ``nearest`` or ``stochastic`` (``-sq``, seeded).
         regularizer: None, ``L0`` or ``L1`` (``-reg``) with threshold ``lam`` (``-l``).
         lam: the regulariser's threshold in weight units.
@@ -85,6 +88,8 @@ class GPFQPass(ir.passes.InPlacePass):
         bias_correction: ``none``, ``last`` or ``all``: ``b' = b + W·μ_X − Q·μ_X̃``.
         target_inputs: ``fp`` (follow the float outputs, the reference) or ``quantized`` (G = H).
         act_order: process columns by descending ``diag(H)``.
+        token_mask: a model input of shape (batch, tokens) (e.g. ``attention_mask``): rows of
+            (batch, tokens, features) activations whose mask is 0 (padding) are left out.
         block_size: columns per lazy-update block (does not change the result).
         batch_size: samples per streamed batch.
         seed: seed of the stochastic rounding.
@@ -103,6 +108,7 @@ class GPFQPass(ir.passes.InPlacePass):
     grid: str = "auto"
     per_channel: bool = True
     radius_quantile: float = 1.0
+    scale_search: str = "max"
     rounding: str = "nearest"
     regularizer: str | None = None
     lam: float = 0.1
@@ -110,6 +116,7 @@ class GPFQPass(ir.passes.InPlacePass):
     bias_correction: str = "none"
     target_inputs: str = "fp"
     act_order: bool = False
+    token_mask: str | None = None
     block_size: int = 128
     batch_size: int = 32
     seed: int = 0
@@ -128,7 +135,7 @@ class GPFQPass(ir.passes.InPlacePass):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise GPFQConfigError(f"GPFQ: {name} must be >= 1, got {value}")
-        choices = (("grid", GRIDS), ("rounding", ("nearest", "stochastic")), ("regularizer", (None, "L0", "L1")),
+        choices = (("grid", GRIDS), ("scale_search", ("max", "mse")), ("rounding", ("nearest", "stochastic")), ("regularizer", (None, "L0", "L1")),
                    ("bias_correction", BIAS_CORRECTION), ("target_inputs", TARGET_INPUTS))
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
@@ -267,12 +274,13 @@ class GPFQPass(ir.passes.InPlacePass):
             scales, q_min, q_max, axis = self._fixed_scales(values, node, layer, w, bits, scalar, fmt)
         else:
             rows_w = np.moveaxis(w, layer.channel_axis, 0)
-            if self.per_channel:
-                scales = channel_scales(rows_w, bits, scalar, self.radius_quantile)
-                axis = layer.channel_axis
+            rows_w = rows_w if self.per_channel else rows_w.reshape(1, -1)
+            if self.scale_search == "mse":
+                scales = mse_channel_scales(rows_w, bits)
             else:
-                scales = channel_scales(rows_w.reshape(1, -1), bits, scalar, self.radius_quantile)[0]
-                axis = None
+                scales = channel_scales(rows_w, bits, scalar, self.radius_quantile)
+            axis = layer.channel_axis if self.per_channel else None
+            scales = scales if self.per_channel else scales[0]
             # float32 scales: code·scale is then the same number in the IR and in DequantizeLinear
             scales = np.asarray(scales, dtype=np.float32).astype(np.float64)
             q_min, q_max = code_range(bits)
@@ -339,11 +347,27 @@ class GPFQPass(ir.passes.InPlacePass):
             count = len(next(iter(feed.values())))
             take = count if samples is None else min(count, samples - seen)
             batch = {k: v[:take] for k, v in feed.items()} if take < count else feed
-            x = rows(geo, float_runner.run(batch))
+            x_batch = float_runner.run(batch)
+            keep = self._kept_rows(batch, x_batch, geo)
+            x = rows(geo, x_batch)
             x_tilde = None if tilde_runner is None else rows(geo, tilde_runner.run(batch))
+            if keep is not None:
+                x = x[:, keep]
+                x_tilde = None if x_tilde is None else x_tilde[:, keep]
             acc.update(x, x_tilde)
             seen += take
         return acc
+
+    def _kept_rows(self, batch: Mapping[str, np.ndarray], x: np.ndarray, geo: LayerGeometry) -> np.ndarray | None:
+        """Row selector of the non-padding tokens, or None to keep every row."""
+        if self.token_mask is None or geo.op not in ("Gemm", "MatMul"):
+            return None
+        if self.token_mask not in batch:
+            raise DataError(f"GPFQ: token_mask {self.token_mask!r} is not a model input (inputs: {', '.join(batch)})")
+        mask = np.asarray(batch[self.token_mask])
+        if x.ndim != 3 or mask.shape != x.shape[:2]:
+            return None  # not a per-token activation (e.g. after pooling): keep every row
+        return mask.reshape(-1) != 0
 
     # ------------------------------------------------------------------ bias
 

@@ -183,6 +183,25 @@ def channel_scales(w: np.ndarray, bits: int, scalar: float = 1.0, quantile: floa
     return np.where(scales > 0, scales, 1.0)
 
 
+def mse_channel_scales(w: np.ndarray, bits: int, steps: int = 80, lowest: float = 0.2) -> np.ndarray:
+    """Per-row scales minimising the round-to-nearest squared error ``‖W_n − s·clip(rne(W_n/s))‖²``.
+
+    Tries clip ratios ``r`` in ``[lowest, 1]`` of the row maximum (``s = r·max|W_n|/(2^(b−1) − 1)``);
+    ties keep the larger ratio. GPFQ then only decides the rounding on that grid.
+    """
+    rows_w = w.reshape(w.shape[0], -1).astype(np.float64)
+    base = channel_scales(rows_w, bits)
+    q_min, q_max = code_range(bits)
+    best = base.copy()
+    best_error = np.full(rows_w.shape[0], np.inf)
+    for ratio in np.linspace(1.0, lowest, steps):
+        s = (base * ratio)[:, None]
+        error = ((np.clip(np.rint(rows_w / s), q_min, q_max) * s - rows_w) ** 2).sum(axis=1)
+        better = error < best_error
+        best[better], best_error[better] = s[better, 0], error[better]
+    return best
+
+
 def code_range(bits: int, narrow: bool = False) -> tuple[int, int]:
     """Signed integer codes of a b-bit grid: ``[−2^(b−1) (+1 if narrow), 2^(b−1) − 1]``."""
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1

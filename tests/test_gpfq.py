@@ -502,3 +502,26 @@ def test_cli_gpfq_sweep_needs_labels(digits_model_path, tmp_path) -> None:
     result = CliRunner().invoke(app, ["gpfq", str(digits_model_path), "--calib", str(data / "calib.npz"),
                                       "--eval", str(data / "calib.npz"), "-o", str(tmp_path / "o"), "-q"])
     assert result.exit_code == 2 and "needs 'labels'" in result.output
+
+
+def test_token_mask_leaves_padding_rows_out_and_mse_scales_clip() -> None:
+    rng = np.random.default_rng(4)
+    inits = {"w": rng.normal(size=(8, 5)).astype(np.float32)}
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 6, 8] x, int64[N, 6] mask) => (float[N, 6, 5] y) <float[8,5] w> {
+        y = MatMul (x, w)
+    }
+    """
+    mask = np.zeros((10, 6), np.int64)
+    mask[:, :4] = 1
+    data = ArrayDataset({"x": rng.normal(size=(10, 6, 8)).astype(np.float32), "mask": mask})
+    plain = run_gpfq(load_normalized(make_model(text, inits)), data=data, bits=3)
+    masked = run_gpfq(load_normalized(make_model(text, inits)), data=data, bits=3, token_mask="mask")
+    assert ann.require(list(plain.graph)[0], ann.GPFQLayer).rows == 60
+    assert ann.require(list(masked.graph)[0], ann.GPFQLayer).rows == 40
+    with pytest.raises(PipelineError, match="token_mask 'ids' is not a model input"):
+        run_gpfq(load_normalized(make_model(text, inits)), data=data, token_mask="ids")
+    mse = run_gpfq(load_normalized(make_model(text, inits)), data=data, bits=3, scale_search="mse")
+    scales = np.asarray(ann.require(values_by_name(mse.graph)["w"], ann.IntegerWeights).scales)
+    assert np.all(scales <= channel_scales(inits["w"].T, 3) * (1 + 1e-6))  # never wider than the max rule
