@@ -9,7 +9,9 @@ weights in place. Integer grids also get an :class:`~qcompiler.annotations.Integ
 annotation (codes and scales), so every target emits exactly these codes.
 
 Grids (``grid``): ``auto`` uses the weight's :class:`~qcompiler.annotations.FixedPoint` format
-when a target assigned one (power-of-two scales), else ``int``; ``int`` is per-channel
+when a target assigned one (power-of-two scales), else a target's
+:class:`~qcompiler.annotations.WeightGrid` (``max78000``: one power-of-two-derived scale per
+layer, codes in ``[−2^(b−1), 2^(b−1) − 1]``), else ``int``; ``int`` is per-channel
 ``s_n = C·quantile(|W_n|, p)/(2^(b−1) − 1)`` with codes in ``[−2^(b−1), 2^(b−1) − 1]``;
 ``reference`` and ``paper2022`` are the seed's alphabets (simulation only).
 """
@@ -53,7 +55,7 @@ from qcompiler.suffix import logits_names
 
 #: ``value.meta`` key of a rewritten weight's round-to-nearest baseline (in memory only).
 RTN_META = "qcompiler.gpfq_rtn_weight"
-GRIDS = ("auto", "int", "fixed", "reference", "paper2022")
+GRIDS = ("auto", "int", "fixed", "max78000", "reference", "paper2022")
 BIAS_CORRECTION = ("none", "last", "all")
 TARGET_INPUTS = ("fp", "quantized")
 #: SQNR reported when the outputs are identical (JSON has no infinity).
@@ -233,7 +235,7 @@ class GPFQPass(ir.passes.InPlacePass):
             ann.set(weight_value, integer)
         total_ref = math.sqrt(sum(refs)) or 1.0
         ann.set(node, ann.GPFQLayer(
-            bits=bits, grid=grid_name, scalar=float(scalar), rows=int(acc.rows), columns=int(geo.columns),
+            bits=integer.bits if integer is not None else bits, grid=grid_name, scalar=float(scalar), rows=int(acc.rows), columns=int(geo.columns),
             groups=geo.groups,
             error=math.sqrt(sum(e[0] ** 2 for e in errors)) / total_ref,
             error_rtn=math.sqrt(sum(e[0] ** 2 for e in rtn_errors)) / total_ref,
@@ -253,7 +255,10 @@ class GPFQPass(ir.passes.InPlacePass):
         """(grid name, GPFQ grid per group, round-to-nearest grid per group, integer annotation)."""
         values = values_by_name(model.graph)
         fmt = ann.get(values[layer.weight], ann.FixedPoint)
-        name = self.grid if self.grid != "auto" else ("fixed" if fmt is not None else "int")
+        target_grid = ann.get(values[layer.weight], ann.WeightGrid)
+        name = self.grid
+        if name == "auto":
+            name = "fixed" if fmt is not None else (target_grid.target if target_grid is not None else "int")
         groups = geo.groups
         wm = weight_matrix(geo, w).reshape(-1, geo.columns)  # every output neuron is a row
         if name in ("reference", "paper2022"):
@@ -272,6 +277,12 @@ class GPFQPass(ir.passes.InPlacePass):
             return name, grids, rtn, None
         if name == "fixed":
             scales, q_min, q_max, axis = self._fixed_scales(values, node, layer, w, bits, scalar, fmt)
+        elif target_grid is not None and name == target_grid.target:
+            q_min, q_max, axis, bits = target_grid.q_min, target_grid.q_max, target_grid.axis, target_grid.bits
+            scales = np.asarray(target_grid.scales, dtype=np.float64)
+            scales = scales if axis is not None else scales[0]
+        elif name != "int":
+            raise GPFQConfigError(f"GPFQ: node {node.name!r}: no {name!r} grid (the target did not define one)")
         else:
             rows_w = np.moveaxis(w, layer.channel_axis, 0)
             rows_w = rows_w if self.per_channel else rows_w.reshape(1, -1)

@@ -369,6 +369,31 @@ class IntegerWeights(Annotation):
 
 
 @dataclasses.dataclass(frozen=True)
+class WeightGrid(Annotation):
+    """On a weight value: the integer grid a target will store it on (``code·scale``).
+
+    Targets whose grid is not a :class:`FixedPoint` format (e.g. MAX78000's per-layer scale
+    ``λ_out/(λ_in·2^(b−1)·2^shift)``) write it so that weight-rewriting passes (GPFQ) choose
+    codes on exactly that grid.
+
+    Attributes:
+        bits: the code width.
+        q_min, q_max: the inclusive code range.
+        scales: one scale per channel along ``axis``, or a single scale.
+        axis: the channel axis of per-channel scales, or None.
+        target: the target that defined the grid.
+    """
+
+    KIND: ClassVar[str] = "weight_grid"
+    bits: int
+    q_min: int
+    q_max: int
+    scales: tuple[float, ...]
+    axis: int | None = None
+    target: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class GPFQLayer(Annotation):
     """On a node: what GPFQ did to its weight, with round-to-nearest on the same grid as baseline.
 

@@ -325,3 +325,46 @@ def test_emitted_checkpoint_needs_no_unsafe_globals(digits_out) -> None:
     """Only tensors and containers are pickled, so weights_only loading works on old and new torch."""
     _, out = digits_out
     assert torch.serialization.get_unsafe_globals_in_checkpoint(str(out / "digits_cnn.pth.tar")) == []
+
+
+@pytest.fixture(scope="module")
+def digits_gpfq_w2(tmp_path_factory: pytest.TempPathFactory):
+    from qcompiler.passes.gpfq import GPFQPass
+
+    out = tmp_path_factory.mktemp("mxg") / "digits"
+    config = CompileConfig(calib=DIGITS / "calib.npz", eval=DIGITS / "eval.npz", show_progress=False,
+                           target=TargetConfig(weight_bits=2), gpfq=GPFQPass())
+    return compile_model(DIGITS / "digits_cnn.onnx", "max78000", config, out), out
+
+
+def test_gpfq_on_the_max78000_grid_is_emitted_exactly(digits_gpfq_w2) -> None:
+    """GPFQ codes on the target's grid are the checkpoint's codes, and the KAT still holds."""
+    from qcompiler import annotations as ann
+    from qcompiler.qdq import integer_codes
+
+    result, out = digits_gpfq_w2
+    compiled = compile_network(result.model)
+    nodes = {n.name: n for n in result.model.graph}
+    checked = 0
+    for legal, quantized in zip(compiled.legal, compiled.quantized):
+        if quantized is None:
+            continue
+        weight = nodes[legal.weight_node].inputs[1]
+        grid = ann.require(weight, ann.IntegerWeights)
+        assert grid.grid == "max78000" and grid.bits == 2 and (grid.q_min, grid.q_max) == (-2, 1)
+        codes = integer_codes(weight, grid).reshape(quantized.params.weights.shape)
+        assert np.array_equal(codes.astype(np.int64), quantized.params.weights)
+        checked += 1
+    assert checked == 5
+    network = load_network(out / "digits_cnn.yaml")
+    params = params_from_state_dict(network, load_checkpoint(out / "digits_cnn.pth.tar")["state_dict"])
+    sample, kat = np.load(out / "sample_digits_cnn.npy"), np.load(out / "kat-digits_cnn.npy")
+    assert np.array_equal(np.asarray(simulate(network, params, sample)), kat)
+
+
+def test_gpfq_keeps_w2_digits_within_a_point_of_float(digits_gpfq_w2, tmp_path: Path) -> None:
+    result, _ = digits_gpfq_w2
+    metrics, section = result.report["metrics"], result.report["gpfq"]
+    assert metrics["float"]["top1"] - metrics["simulated"]["top1"] <= 0.01  # RTN on this grid: 0.73
+    assert section["sqnr_db"] > section["sqnr_db_rtn"] + 6.0
+    assert all(row["grid"] == "max78000" for row in section["layers"])

@@ -37,6 +37,8 @@ from qcompiler.targets.max78000.rescale import (
     QuantizedLayer,
     layer_scale,
     quantize_layer,
+    shift_of_step,
+    weight_step,
     scales,
 )
 from qcompiler.targets.max78000.simulator import LayerParams, simulate
@@ -177,7 +179,8 @@ class Max78000QuantizePass(ir.passes.InPlacePass):
                 self.weight_threshold,
             ),
         )
-        compile_network(model)  # checks every hardware constraint now, before anything is written
+        compiled = compile_network(model)  # checks every hardware constraint now, before anything is written
+        annotate_weight_grids(model, compiled)
         return ir.passes.PassResult(model, True)
 
     def _input_scale(
@@ -204,6 +207,20 @@ class Max78000QuantizePass(ir.passes.InPlacePass):
                 f"max78000: node {node.name!r}: allocated {chosen.bits} bits (rule §4.18: 1, 2, 4, 8)"
             )
         return chosen.bits
+
+
+def annotate_weight_grids(model: ir.Model, compiled: CompiledNetwork) -> None:
+    """Write each weight's MAX78000 grid (:class:`~qcompiler.annotations.WeightGrid`), so that
+    GPFQ chooses codes on it; :func:`compile_network` then keeps that grid's bit shift."""
+    nodes = nodes_by_name(model.graph)
+    for layer, quantized in zip(compiled.legal, compiled.quantized):
+        if quantized is None:
+            continue
+        bits = quantized.params.bits
+        step = weight_step(bits, quantized.lambda_in, quantized.lambda_out, quantized.bit_shift)
+        ann.set(nodes[layer.weight_node].inputs[1], ann.WeightGrid(
+            bits=bits, q_min=-(1 << (bits - 1)), q_max=(1 << (bits - 1)) - 1, scales=(step,), axis=None,
+            target="max78000"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +265,11 @@ def compile_network(model: ir.Model) -> CompiledNetwork:
             hw_layers.append(layer.hw)
             continue
         choice = ann.require(nodes[layer.weight_node], Max78000Layer, where="the max78000 target")
+        rewritten = ann.get(nodes[layer.weight_node].inputs[1], ann.IntegerWeights)
+        fixed_shift = None
+        if rewritten is not None and rewritten.grid == "max78000":
+            # the weights already lie on this grid (GPFQ): keep its shift, do not re-derive it
+            fixed_shift = shift_of_step(choice.bits, choice.lambda_in, choice.lambda_out, rewritten.scales[0])
         quantized.append(
             quantize_layer(
                 layer,
@@ -256,6 +278,7 @@ def compile_network(model: ir.Model) -> CompiledNetwork:
                 choice.lambda_out,
                 info.shift_quantile,
                 threshold_rule=info.weight_threshold,
+                bit_shift=fixed_shift,
             )
         )
         hw_layers.append(dataclasses.replace(layer.hw, quantization=choice.bits))
