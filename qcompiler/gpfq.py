@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Protocol
 
+import numba
 import numpy as np
 
 ROUNDINGS = ("nearest", "stochastic")
@@ -238,6 +239,37 @@ def gpfq_columns(w: np.ndarray, x: np.ndarray, x_tilde: np.ndarray, grid: Grid) 
     return q, u
 
 
+@numba.njit(cache=True, nogil=True)
+def _uniform_block(
+    a: np.ndarray, b: np.ndarray, h: np.ndarray, scales: np.ndarray, q_min: float, q_max: float,
+    regularizer: int, lam: float, q: np.ndarray,
+) -> None:
+    """One block of the sweep with a :class:`UniformGrid` (nearest rounding), compiled: the same
+    arithmetic as the Python loop of :func:`gpfq_blocked`. ``a``, ``b``: the block's columns of A
+    and B (N, k); ``h``: H restricted to the block (k, k); ``q``: the block's output columns.
+    ``regularizer``: 0 none, 1 L1, 2 L0."""
+    n, k = a.shape
+    for i in range(k):
+        diag = h[i, i]
+        for r in range(n):
+            v = (a[r, i] - b[r, i]) / diag if diag > 0 else 0.0
+            raw = v
+            if regularizer == 1:
+                raw = np.sign(v) * max(abs(v) - lam, 0.0)
+            code = min(max(np.rint(raw / scales[r]), q_min), q_max)
+            if regularizer == 2 and abs(v) <= lam:
+                code = 0.0
+            q[r, i] = code * scales[r]
+        for r in range(n):  # rows outer: b is row-major (each b[r, j] gets the same sum)
+            qi = q[r, i]
+            for j in range(i + 1, k):
+                b[r, j] += qi * h[j, i]
+
+
+def _compiled_grid(grid: Grid) -> bool:
+    return isinstance(grid, UniformGrid) and grid.rounding == "nearest"
+
+
 def gpfq_blocked(w: np.ndarray, h: np.ndarray, g: np.ndarray, grid: Grid, block: int = 128) -> np.ndarray:
     """The d×d form with lazy block updates (float64).
 
@@ -258,12 +290,23 @@ def gpfq_blocked(w: np.ndarray, h: np.ndarray, g: np.ndarray, grid: Grid, block:
     n, d = w.shape
     # A[:, t] = Σ_{j≤t} G[t, j]·W[:, j]: one GEMM for every column.
     a = w @ np.tril(np.asarray(g, dtype=np.float64)).T
+    compiled = _compiled_grid(grid)
+    if compiled:
+        scales = np.ascontiguousarray(np.broadcast_to(grid.scales, (n,)), dtype=np.float64)
+        regularizer = {None: 0, "L1": 1, "L0": 2}[grid.regularizer]
     diag = np.diag(h).copy()
     q = np.zeros((n, d))
     for start in range(0, d, block):
         end = min(start + block, d)
         # B[:, t] = Σ_{j<t} Q[:, j]·H[t, j]: the columns left of the block in one GEMM ...
         b = q[:, :start] @ h[start:end, :start].T if start else np.zeros((n, end - start))
+        if compiled:  # ... and the rank-1 updates inside it, compiled
+            out = np.zeros((n, end - start))
+            _uniform_block(np.ascontiguousarray(a[:, start:end]), np.ascontiguousarray(b),
+                           np.ascontiguousarray(h[start:end, start:end]), scales, float(grid.q_min),
+                           float(grid.q_max), regularizer, float(grid.lam), out)
+            q[:, start:end] = out
+            continue
         for t in range(start, end):
             i = t - start
             v = (a[:, t] - b[:, i]) / diag[t] if diag[t] > 0 else np.zeros(n)
@@ -299,17 +342,19 @@ class GramAccumulator:
         d: columns per group.
         groups: independent groups (grouped convolutions), each with its own products.
         matched: ``X̃`` is ``X`` for every batch (only ``H`` is kept; ``G = F = H``).
+        with_f: also stream ``F = XᵀX`` (needed only to report ``‖XWᵀ − X̃Qᵀ‖``).
     """
 
     d: int
     groups: int = 1
     matched: bool = False
+    with_f: bool = True
 
     def __post_init__(self) -> None:
         shape = (self.groups, self.d, self.d)
         self.h = np.zeros(shape)
         self.g = self.h if self.matched else np.zeros(shape)
-        self.f = self.h if self.matched else np.zeros(shape)
+        self.f = self.h if self.matched else (np.zeros(shape) if self.with_f else None)
         self.sum_x = np.zeros((self.groups, self.d))
         self.sum_x_tilde = self.sum_x if self.matched else np.zeros((self.groups, self.d))
         self.rows = 0
@@ -329,7 +374,8 @@ class GramAccumulator:
             self.sum_x[k] += x[k].sum(axis=0)
             if not self.matched:
                 self.g[k] += xt.T @ x[k]
-                self.f[k] += x[k].T @ x[k]
+                if self.f is not None:
+                    self.f[k] += x[k].T @ x[k]
                 self.sum_x_tilde[k] += xt.sum(axis=0)
         self.rows += x.shape[1]
 
