@@ -17,6 +17,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
+import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import AnnotationError
@@ -356,10 +357,8 @@ class IntegerWeights(Annotation):
     method: str = "gpfq"
     grid: str = "int"
 
-    def scale_array(self, ndim: int) -> "np.ndarray":
+    def scale_array(self, ndim: int) -> np.ndarray:
         """The scales shaped to broadcast against a weight of rank ``ndim``."""
-        import numpy as np
-
         scales = np.asarray(self.scales, dtype=np.float64)
         if self.axis is None:
             return scales.reshape(())

@@ -51,21 +51,31 @@ def _scale_and_zero(fmt: ann.FixedPoint, name: str, graph: ir.Graph, dtype: np.d
     return add_initializer(graph, f"{name}_scale", scales), add_initializer(graph, f"{name}_zero_point", zero)
 
 
-def _dequantize_constant(graph: ir.Graph, value: ir.Value, fmt: ann.FixedPoint, anchor: ir.Node) -> ir.Value:
-    """Replace a float initializer by integer codes + DequantizeLinear; return the DQ output."""
-    array = const_array(value)
-    dtype = container_dtype(fmt.wl, fmt.signed)
-    fl = np.asarray(fmt.fl) if isinstance(fmt.fl, tuple) else fmt.fl
-    codes = quantize_fixed(array, fmt.wl, fl, fmt.signed, fmt.axis).astype(dtype)
+def _dequantize_codes(
+    graph: ir.Graph, value: ir.Value, codes: np.ndarray, scales: np.ndarray, axis: int | None, anchor: ir.Node
+) -> ir.Value:
+    """Integer ``codes`` (already in their container dtype) + ``DequantizeLinear(scales, 0, axis)``
+    inserted before ``anchor``; return the DQ output that replaces ``value``."""
     q = add_initializer(graph, f"{value.name}_quantized", codes)
-    scale, zero = _scale_and_zero(fmt, value.name, graph, dtype)
-    attributes = {"axis": fmt.axis} if fmt.axis is not None else {}
+    scales = np.asarray(scales, dtype=np.float32)
+    scales = scales.reshape(()) if axis is None else scales.reshape(-1)
+    scale = add_initializer(graph, f"{value.name}_scale", scales)
+    zero = add_initializer(graph, f"{value.name}_zero_point", np.zeros(scales.shape, dtype=codes.dtype))
+    attributes = {"axis": axis} if axis is not None else {}
     dq = ir.node("DequantizeLinear", inputs=[q, scale, zero], attributes=attributes, name=f"{value.name}_DequantizeLinear")
     dq.outputs[0].name = f"{value.name}_dequantized"
     dq.outputs[0].dtype = ir.DataType.FLOAT
-    dq.outputs[0].shape = ir.Shape(array.shape)
+    dq.outputs[0].shape = ir.Shape(codes.shape)
     graph.insert_before(anchor, dq)
     return dq.outputs[0]
+
+
+def _dequantize_constant(graph: ir.Graph, value: ir.Value, fmt: ann.FixedPoint, anchor: ir.Node) -> ir.Value:
+    """Replace a float initializer by integer codes + DequantizeLinear; return the DQ output."""
+    dtype = container_dtype(fmt.wl, fmt.signed)
+    fl = np.asarray(fmt.fl) if isinstance(fmt.fl, tuple) else fmt.fl
+    codes = quantize_fixed(const_array(value), fmt.wl, fl, fmt.signed, fmt.axis).astype(dtype)
+    return _dequantize_codes(graph, value, codes, np.asarray(fmt.scales()), fmt.axis, anchor)
 
 
 def integer_codes(value: ir.Value, grid: ann.IntegerWeights) -> np.ndarray:
@@ -87,20 +97,8 @@ def integer_codes(value: ir.Value, grid: ann.IntegerWeights) -> np.ndarray:
 
 def _dequantize_integer(graph: ir.Graph, value: ir.Value, grid: ann.IntegerWeights, anchor: ir.Node) -> ir.Value:
     """Integer codes chosen by a pass (GPFQ) + DequantizeLinear with their (not power-of-two) scales."""
-    codes = integer_codes(value, grid)
-    dtype = container_dtype(grid.bits, signed=True)
-    q = add_initializer(graph, f"{value.name}_quantized", codes.astype(dtype))
-    scales = np.asarray(grid.scales, dtype=np.float32)
-    scales = scales.reshape(()) if grid.axis is None else scales
-    scale = add_initializer(graph, f"{value.name}_scale", scales)
-    zero = add_initializer(graph, f"{value.name}_zero_point", np.zeros(scales.shape, dtype=dtype))
-    attributes = {"axis": grid.axis} if grid.axis is not None else {}
-    dq = ir.node("DequantizeLinear", inputs=[q, scale, zero], attributes=attributes, name=f"{value.name}_DequantizeLinear")
-    dq.outputs[0].name = f"{value.name}_dequantized"
-    dq.outputs[0].dtype = ir.DataType.FLOAT
-    dq.outputs[0].shape = ir.Shape(codes.shape)
-    graph.insert_before(anchor, dq)
-    return dq.outputs[0]
+    codes = integer_codes(value, grid).astype(container_dtype(grid.bits, signed=True))
+    return _dequantize_codes(graph, value, codes, np.asarray(grid.scales), grid.axis, anchor)
 
 
 def _fake_quantize_activation(graph: ir.Graph, value: ir.Value, fmt: ann.FixedPoint) -> None:
