@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "resnet18"))
 
 from qcompiler import annotations as ann  # noqa: E402
+from qcompiler.api import first_output  # noqa: E402
 from qcompiler.data import ArrayDataset, load_dataset  # noqa: E402
 from qcompiler.gpfq import (  # noqa: E402
     GramAccumulator,
@@ -98,9 +99,7 @@ def resnet(samples: int) -> None:
 
 
 def _logits(model, data: ArrayDataset) -> np.ndarray:
-    runner = Runner(model)
-    name = runner.model_outputs[0]
-    return runner.collect(data.batches(64), [name])[name]
+    return first_output(Runner(model), data, 64)
 
 
 def digits() -> None:

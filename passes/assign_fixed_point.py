@@ -75,11 +75,7 @@ class AssignFixedPointPass(ir.passes.InPlacePass):
             w_fmt = self._weight_format(values[layer.weight], layer)
             ann.set(values[layer.weight], w_fmt)
             if layer.bias is not None:
-                w_fls = w_fmt.fl if isinstance(w_fmt.fl, tuple) else (w_fmt.fl,) * layer.weight_shape[layer.channel_axis]
-                ann.set(
-                    values[layer.bias],
-                    ann.FixedPoint(wl=BIAS_BITS, fl=tuple(act.fl + f for f in w_fls), signed=True, axis=0, rule="accumulator"),
-                )
+                ann.set(values[layer.bias], accumulator_format(act, w_fmt, layer.weight_shape[layer.channel_axis]))
         return ir.passes.PassResult(model, True)
 
     def _activation_format(self, value: ir.Value) -> ann.FixedPoint:
@@ -117,6 +113,14 @@ class AssignFixedPointPass(ir.passes.InPlacePass):
         if self.fl_cache is not None:
             return self.fl_cache.lookup(name, w, bits, self.fl_rule)[0]
         return fl_table(w, bits, self.fl_rule)[0]
+
+
+def accumulator_format(activation: ann.FixedPoint, weight: ann.FixedPoint, channels: int) -> ann.FixedPoint:
+    """The bias format of a layer: 32-bit codes in the accumulator's format,
+    ``fl_bias = fl_input + fl_weight`` per output channel."""
+    w_fls = weight.fl if isinstance(weight.fl, tuple) else (weight.fl,) * channels
+    return ann.FixedPoint(wl=BIAS_BITS, fl=tuple(activation.fl + f for f in w_fls), signed=True, axis=0,
+                          rule="accumulator")
 
 
 def _allocated_bits(value: ir.Value, default: int) -> int:

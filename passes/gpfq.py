@@ -39,6 +39,7 @@ from qcompiler.gpfq import (
     code_range,
     gpfq_blocked,
     mse_channel_scales,
+    output_energy,
     paper_alphabet,
     reference_step,
     relative_error,
@@ -46,6 +47,7 @@ from qcompiler.gpfq import (
 from qcompiler.graph import add_initializer, const_array, set_initializer, values_by_name
 from qcompiler.layer_matrix import LayerGeometry, from_weight_matrix, geometry, rows, weight_matrix
 from qcompiler.metrics import sqnr_db, top1_agreement
+from qcompiler.passes.assign_fixed_point import accumulator_format
 from qcompiler.passes.detect_layers import quantizable_nodes
 from qcompiler.progress import progress_bar
 from qcompiler.qdq import lower_to_qdq
@@ -226,9 +228,9 @@ class GPFQPass(ir.passes.InPlacePass):
                 q[k] = gpfq_blocked(wm[k][:, perm], h[np.ix_(perm, perm)], target_g[np.ix_(perm, perm)],
                                     grids[k], self.block_size)[:, inverse]
             rtn[k] = rtn_grids[k].quantize(wm[k], 0)
-            errors.append(relative_error(wm[k], q[k], h, g, f))
-            rtn_errors.append(relative_error(wm[k], rtn[k], h, g, f))
-            refs.append(float(np.einsum("ij,ij->", wm[k] @ f, wm[k])))
+            refs.append(output_energy(wm[k], f))
+            errors.append(relative_error(wm[k], q[k], h, g, f, refs[-1]))
+            rtn_errors.append(relative_error(wm[k], rtn[k], h, g, f, refs[-1]))
         corrected = self._correct_bias(model, node, layer, geo, wm, q, acc, last)
         set_initializer(model.graph, weight_value, from_weight_matrix(geo, q, w.dtype))
         if integer is not None:
@@ -266,8 +268,8 @@ class GPFQPass(ir.passes.InPlacePass):
                 l0 = self.lam if self.regularizer == "L0" else None
                 step = reference_step(wm, bits, scalar, self.radius_quantile, l0)
                 try:
-                    make = lambda rounding, reg: ReferenceGrid(step, 1 << (bits - 1), rounding, reg, self.lam, self.seed)  # noqa: E731
-                    grids = [make(self.rounding, self.regularizer) for _ in range(groups)]
+                    grids = [ReferenceGrid(step, 1 << (bits - 1), self.rounding, self.regularizer, self.lam, self.seed)
+                             for _ in range(groups)]
                 except ValueError as exc:
                     raise GPFQConfigError(f"GPFQ: node {node.name!r}: {exc}") from None
                 rtn = [ReferenceGrid(reference_step(wm, bits, scalar, self.radius_quantile), 1 << (bits - 1)) for _ in range(groups)]
@@ -334,9 +336,7 @@ class GPFQPass(ir.passes.InPlacePass):
         bias_fmt = ann.get(values[layer.bias], ann.FixedPoint)
         if act is None or bias_fmt is None:
             return
-        channels = layer.weight_shape[layer.channel_axis]
-        w_fls = fmt.fl if isinstance(fmt.fl, tuple) else (fmt.fl,) * channels
-        ann.set(values[layer.bias], dataclasses.replace(bias_fmt, fl=tuple(act.fl + f for f in w_fls)))
+        ann.set(values[layer.bias], accumulator_format(act, fmt, layer.weight_shape[layer.channel_axis]))
 
     # ------------------------------------------------------------------ data
 
@@ -411,10 +411,7 @@ class GPFQPass(ir.passes.InPlacePass):
         weight_fmt = ann.get(values[layer.weight], ann.FixedPoint)
         act_fmt = ann.get(values[layer.activation_input], ann.FixedPoint)
         if weight_fmt is not None and act_fmt is not None:
-            channels = layer.weight_shape[layer.channel_axis]
-            w_fls = weight_fmt.fl if isinstance(weight_fmt.fl, tuple) else (weight_fmt.fl,) * channels
-            ann.set(bias_value, ann.FixedPoint(wl=32, fl=tuple(act_fmt.fl + f for f in w_fls), signed=True, axis=0,
-                                               rule="accumulator"))
+            ann.set(bias_value, accumulator_format(act_fmt, weight_fmt, layer.weight_shape[layer.channel_axis]))
         return True
 
     # ------------------------------------------------------------------ summary

@@ -167,17 +167,18 @@ def accuracy_metric(
     """(metric, float top-1): the metric annotates a clone with the target's passes, simulates it
     in onnxruntime and returns its top-1 on ``data``."""
     labels = data.labels
-    reference = top1(_first_output(Runner(float_model), data, batch_size), labels)
+    reference = top1(first_output(Runner(float_model), data, batch_size), labels)
 
     def metric(model: ir.Model) -> float:
         for pass_ in backend.passes(config):
             pass_(model)
-        return top1(_first_output(Runner(backend.simulate(model)), data, batch_size), labels)
+        return top1(first_output(Runner(backend.simulate(model)), data, batch_size), labels)
 
     return metric, reference
 
 
-def _first_output(runner: Runner, data: ArrayDataset, batch_size: int) -> np.ndarray:
+def first_output(runner: Runner, data: ArrayDataset, batch_size: int) -> np.ndarray:
+    """The runner's first model output over every batch of ``data``, concatenated."""
     name = runner.model_outputs[0]
     return runner.collect(data.batches(batch_size), [name])[name]
 
@@ -190,12 +191,12 @@ def validate_outputs(
     Returns ``{"float": {...}, "simulated": {...}, "ort_kernel": {...}}`` with ``top1`` (when
     labels exist), ``sqnr_db``, ``top1_agreement`` and ``output_mse`` of the first output.
     """
-    reference = _first_output(Runner(float_model), data, batch_size)
+    reference = first_output(Runner(float_model), data, batch_size)
     metrics: dict[str, dict[str, float | None]] = {"float": {}}
     if data.labels is not None:
         metrics["float"]["top1"] = top1(reference, data.labels)
     for mode, optimize in (("simulated", False), ("ort_kernel", True)):
-        out = _first_output(Runner(quant_model, optimize=optimize), data, batch_size)
+        out = first_output(Runner(quant_model, optimize=optimize), data, batch_size)
         entry: dict[str, float | None] = {
             "sqnr_db": finite_or_none(sqnr_db(reference, out)),
             "top1_agreement": top1_agreement(reference, out),

@@ -42,6 +42,11 @@ def rhu(x: np.ndarray) -> np.ndarray:
     return np.floor(x + 0.5)
 
 
+def _check_regularizer(regularizer: str | None) -> None:
+    if regularizer not in REGULARIZERS:
+        raise ValueError(f"regularizer must be L0 or L1, got {regularizer!r}")
+
+
 class _Rounder:
     """Nearest (``rne`` or ``rhu``) or stochastic rounding with a seeded generator."""
 
@@ -84,8 +89,7 @@ class UniformGrid:
         self.scales = np.asarray(self.scales, dtype=np.float64)
         if np.any(self.scales <= 0):
             raise ValueError("grid scales must be positive")
-        if self.regularizer not in REGULARIZERS:
-            raise ValueError(f"regularizer must be L0 or L1, got {self.regularizer!r}")
+        _check_regularizer(self.regularizer)
         self._round = _Rounder(self.rounding, self.seed)
 
     def codes(self, v: np.ndarray) -> np.ndarray:
@@ -124,8 +128,7 @@ class ReferenceGrid:
             raise ValueError(
                 f"the alphabet step is {self.delta:.6g} <= 0 (L0 with lambda too large for the layer's radius)"
             )
-        if self.regularizer not in REGULARIZERS:
-            raise ValueError(f"regularizer must be L0 or L1, got {self.regularizer!r}")
+        _check_regularizer(self.regularizer)
         self._stochastic = _Rounder(self.rounding, self.seed) if self.rounding == "stochastic" else None
 
     def quantize(self, v: np.ndarray, t: int) -> np.ndarray:
@@ -321,14 +324,23 @@ def act_order(h: np.ndarray) -> np.ndarray:
     return np.argsort(-np.diag(h), kind="stable")
 
 
-def relative_error(w: np.ndarray, q: np.ndarray, h: np.ndarray, g: np.ndarray, f: np.ndarray) -> tuple[float, float]:
+def output_energy(w: np.ndarray, f: np.ndarray) -> float:
+    """``‖XWᵀ‖_F² = tr(W·F·Wᵀ)`` with ``F = XᵀX``."""
+    w = np.asarray(w, dtype=np.float64)
+    return float(np.einsum("ij,ij->", w @ f, w))
+
+
+def relative_error(
+    w: np.ndarray, q: np.ndarray, h: np.ndarray, g: np.ndarray, f: np.ndarray, reference: float | None = None
+) -> tuple[float, float]:
     """``(‖XWᵀ − X̃Qᵀ‖_F, ‖XWᵀ − X̃Qᵀ‖_F / ‖XWᵀ‖_F)`` from the streamed d×d products.
 
-    ``‖XWᵀ − X̃Qᵀ‖² = tr(W·F·Wᵀ) − 2·tr(Q·G·Wᵀ) + tr(Q·H·Qᵀ)`` with ``F = XᵀX``.
+    ``‖XWᵀ − X̃Qᵀ‖² = tr(W·F·Wᵀ) − 2·tr(Q·G·Wᵀ) + tr(Q·H·Qᵀ)`` with ``F = XᵀX``;
+    ``reference`` is :func:`output_energy` when the caller has it already.
     """
     w = np.asarray(w, dtype=np.float64)
     q = np.asarray(q, dtype=np.float64)
-    ref = float(np.einsum("ij,ij->", w @ f, w))
+    ref = output_energy(w, f) if reference is None else reference
     err = ref - 2.0 * float(np.einsum("ij,ij->", q @ g, w)) + float(np.einsum("ij,ij->", q @ h, q))
     norm = float(np.sqrt(max(err, 0.0)))
     return norm, norm / np.sqrt(ref) if ref > 0 else 0.0

@@ -24,11 +24,12 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import annotations as ann
+from qcompiler.api import first_output
 from qcompiler.data import ArrayDataset, load_dataset
 from qcompiler.errors import DataError, QCompilerError
 from qcompiler.fsutil import atomic_dir, write_bytes, write_json
 from qcompiler.ir import load_normalized, save
-from qcompiler.metrics import top1
+from qcompiler.metrics import top1, topk
 from qcompiler.passes.gpfq import GPFQPass, round_to_nearest_model
 from qcompiler.passes.pipelines import canonical_pipeline
 from qcompiler.pipeline import run_pipeline
@@ -99,17 +100,8 @@ class SweepConfig:
         return out
 
 
-def topk(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Fraction of samples whose label is among the ``k`` largest logits."""
-    k = min(k, logits.shape[1])
-    best = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-    return float(np.mean(np.any(best == labels[:, None], axis=1)))
-
-
 def _logits(model: ir.Model, data: ArrayDataset, batch_size: int) -> np.ndarray:
-    runner = Runner(model)
-    name = runner.model_outputs[0]
-    return runner.collect(data.batches(batch_size), [name])[name]
+    return first_output(Runner(model), data, batch_size)
 
 
 def run_name(stem: str, options: dict[str, Any], config: SweepConfig) -> str:
@@ -132,6 +124,7 @@ def run_sweep(model_path: Path, calib: Any, eval_data: Any, out: Path, config: S
     With ``log``, the rows are also appended to that CSV (created with a header when new), the
     way the seed accumulates its logs across runs.
     """
+    existing_log = _read_log(log) if log is not None else ""  # a wrong log fails before any work
     model = load_normalized(model_path)
     calib_data = load_dataset(calib, model)
     held_out = load_dataset(eval_data, model)
@@ -150,7 +143,7 @@ def run_sweep(model_path: Path, calib: Any, eval_data: Any, out: Path, config: S
         write_bytes(folder / "gpfq_log.csv", text.encode())
         write_json(folder / "sweep.json", {"model": str(model_path), "runs": rows})
     if log is not None:
-        _append_log(log, rows)
+        write_bytes(log, (existing_log + _csv(rows, header=not existing_log)).encode())
     return rows
 
 
@@ -213,12 +206,12 @@ def _csv(rows: Sequence[dict[str, Any]], header: bool) -> str:
     return buffer.getvalue()
 
 
-def _append_log(log: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Append to an existing log (same columns) or start one; written atomically."""
-    existing = ""
-    if log.exists():
-        existing = log.read_text(encoding="utf-8")
-        first = existing.splitlines()[0] if existing else ""
-        if first and first != ",".join(COLUMNS):
-            raise QCompilerError(f"{log}: not a qcompiler GPFQ log (its header differs); choose another --log file")
-    write_bytes(log, (existing + _csv(rows, header=not existing)).encode())
+def _read_log(log: Path) -> str:
+    """An existing log's text ("" when new); the rows are appended to it and written atomically."""
+    if not log.exists():
+        return ""
+    existing = log.read_text(encoding="utf-8")
+    first = existing.splitlines()[0] if existing else ""
+    if first and first != ",".join(COLUMNS):
+        raise QCompilerError(f"{log}: not a qcompiler GPFQ log (its header differs); choose another --log file")
+    return existing

@@ -144,11 +144,6 @@ def from_weight_matrix(geo: LayerGeometry, q: np.ndarray, dtype: np.dtype) -> np
     return np.ascontiguousarray(q[0].T).astype(dtype)
 
 
-def row_channels(geo: LayerGeometry) -> np.ndarray:
-    """For each row of the stacked weight matrices, the index along the weight's channel axis."""
-    return np.arange(geo.out_channels)
-
-
 # --------------------------------------------------------------------------- inputs
 
 

@@ -24,6 +24,13 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(logits.reshape(len(labels), -1).argmax(axis=1) == labels))
 
 
+def topk(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Fraction of samples whose label is among the ``k`` largest logits."""
+    k = min(k, logits.shape[1])
+    best = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    return float(np.mean(np.any(best == labels[:, None], axis=1)))
+
+
 def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
     """Fraction of samples on which two models' arg-max predictions agree."""
     n = a.shape[0]

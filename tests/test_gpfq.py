@@ -525,3 +525,17 @@ def test_token_mask_leaves_padding_rows_out_and_mse_scales_clip() -> None:
     mse = run_gpfq(load_normalized(make_model(text, inits)), data=data, bits=3, scale_search="mse")
     scales = np.asarray(ann.require(values_by_name(mse.graph)["w"], ann.IntegerWeights).scales)
     assert np.all(scales <= channel_scales(inits["w"].T, 3) * (1 + 1e-6))  # never wider than the max rule
+
+
+def test_cli_gpfq_sweep_refuses_a_foreign_log_before_writing(digits_model_path, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from qcompiler.cli import app
+
+    data = digits_model_path.parent
+    log = tmp_path / "other.csv"
+    log.write_text("a,b\n1,2\n")
+    result = CliRunner().invoke(app, ["gpfq", str(digits_model_path), "--calib", str(data / "calib.npz"),
+                                      "--eval", str(data / "eval.npz"), "-o", str(tmp_path / "o"), "--log", str(log), "-q"])
+    assert result.exit_code == 2 and "not a qcompiler GPFQ log" in result.output
+    assert not (tmp_path / "o").exists() and log.read_text() == "a,b\n1,2\n"
