@@ -25,6 +25,8 @@ from typing import Protocol
 import numba
 import numpy as np
 
+from qcompiler.quantizers import MIN_SCALE
+
 ROUNDINGS = ("nearest", "stochastic")
 REGULARIZERS = (None, "L0", "L1")
 
@@ -184,7 +186,7 @@ def channel_scales(w: np.ndarray, bits: int, scalar: float = 1.0, quantile: floa
     a = np.abs(w.reshape(w.shape[0], -1)).astype(np.float64)
     per_row = a.max(axis=1) if quantile >= 1.0 else np.quantile(a, quantile, axis=1)
     scales = scalar * per_row / max((1 << (bits - 1)) - 1, 1)
-    return np.where(scales > 0, scales, 1.0)
+    return np.where(scales > 0, np.maximum(scales, MIN_SCALE), 1.0)
 
 
 def mse_channel_scales(w: np.ndarray, bits: int, steps: int = 80, lowest: float = 0.2) -> np.ndarray:
@@ -203,7 +205,7 @@ def mse_channel_scales(w: np.ndarray, bits: int, steps: int = 80, lowest: float 
         error = ((np.clip(np.rint(rows_w / s), q_min, q_max) * s - rows_w) ** 2).sum(axis=1)
         better = error < best_error
         best[better], best_error[better] = s[better, 0], error[better]
-    return best
+    return np.maximum(best, MIN_SCALE)
 
 
 def code_range(bits: int, narrow: bool = False) -> tuple[int, int]:

@@ -116,6 +116,11 @@ def dequantize_uniform(q: np.ndarray, scale: float | np.ndarray, zero_point: int
     return (q.astype(np.float64) - zero_point) * scale
 
 
+#: The smallest scale a quantizer chooses: ONNX stores scales as float32, where anything
+#: smaller is denormal or 0 (then QuantizeLinear divides by zero).
+MIN_SCALE = float(np.finfo(np.float32).tiny)
+
+
 def symmetric_params(x: np.ndarray, bits: int, narrow: bool = False, alphabet_scalar: float = 1.0) -> tuple[float, int]:
     """(scale, 0) with s = C·max|x| / (2**(b−1) − 1) (algorithms.md §1.1)."""
     if bits < 2:
@@ -123,7 +128,7 @@ def symmetric_params(x: np.ndarray, bits: int, narrow: bool = False, alphabet_sc
     absmax = float(np.abs(x).max()) if x.size else 0.0
     levels = (1 << (bits - 1)) - 1
     scale = alphabet_scalar * absmax / levels
-    return (scale if scale > 0 else 1.0), 0
+    return (max(scale, MIN_SCALE) if scale > 0 else 1.0), 0
 
 
 def asymmetric_params(x: np.ndarray, bits: int) -> tuple[float, int]:
@@ -132,7 +137,7 @@ def asymmetric_params(x: np.ndarray, bits: int) -> tuple[float, int]:
     lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
     if hi == lo:
         return 1.0, 0
-    scale = (hi - lo) / (q_max - q_min)
+    scale = max((hi - lo) / (q_max - q_min), MIN_SCALE)
     zero = int(np.clip(np.rint(q_min - lo / scale), q_min, q_max))
     return scale, zero
 

@@ -7,11 +7,19 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import pytest
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits"
 GOLDEN = Path(__file__).resolve().parent / "golden"
 SHARED_MAX78000 = ROOT.parent / "shared" / "data" / "max78000"
+
+
+# Property tests draw the same examples on every run, so CI results are reproducible; explore
+# new examples locally with ``pytest --hypothesis-profile=explore``.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile("ci")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
