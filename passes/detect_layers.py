@@ -65,11 +65,24 @@ def describe(node: ir.Node) -> tuple[ann.QuantizableLayer | None, str]:
     )
 
 
-def find_layers(model: ir.Model) -> tuple[list[tuple[ir.Node, ann.QuantizableLayer]], list[tuple[ir.Node, str]]]:
-    """(quantizable nodes with their annotation, skipped candidate nodes with the reason)."""
+def kept_float(node: ir.Node, keep_float: tuple[str, ...]) -> bool:
+    """Whether the user asked to leave ``node`` in float (by node name or op type)."""
+    return node.name in keep_float or node.op_type in keep_float
+
+
+def find_layers(
+    model: ir.Model, keep_float: tuple[str, ...] = ()
+) -> tuple[list[tuple[ir.Node, ann.QuantizableLayer]], list[tuple[ir.Node, str]]]:
+    """(quantizable nodes with their annotation, skipped candidate nodes with the reason).
+
+    Nodes named in ``keep_float`` (by name or op type) are skipped: they stay in float.
+    """
     found, skipped = [], []
     for node in model.graph:
         if node.op_type not in QUANTIZABLE_OPS:
+            continue
+        if kept_float(node, keep_float):
+            skipped.append((node, "kept in float (--keep-float)"))
             continue
         layer, reason = describe(node)
         if layer is None:
@@ -106,12 +119,14 @@ class DetectLayersPass(ir.passes.InPlacePass):
 
     Attributes:
         require_any: raise :class:`UnsupportedModelError` when no layer is found.
+        keep_float: node names or op types left in float (never annotated as layers).
     """
 
     require_any: bool = True
+    keep_float: tuple[str, ...] = ()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        found, skipped = find_layers(model)
+        found, skipped = find_layers(model, self.keep_float)
         if not found and self.require_any:
             detail = "; ".join(f"{n.name} ({n.op_type}): {why}" for n, why in skipped[:5])
             raise UnsupportedModelError(
@@ -121,6 +136,10 @@ class DetectLayersPass(ir.passes.InPlacePass):
         for node, layer in found:
             _check_finite(model, node, layer)
         modified = False
+        for node, _ in skipped:
+            if ann.get(node, ann.QuantizableLayer) is not None:
+                ann.remove(node, ann.QuantizableLayer)
+                modified = True
         for node, layer in found:
             if ann.get(node, ann.QuantizableLayer) != layer:
                 ann.set(node, layer)

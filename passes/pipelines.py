@@ -23,9 +23,10 @@ from qcompiler.passes.profile_errors import ProfileErrorPass
 from qcompiler.targets.base import Target, TargetConfig
 
 
-def canonical_pipeline() -> list[ir.passes.PassBase]:
-    """Target-independent clean-up: fold constants, fold BatchNorm, detect layers."""
-    return [CanonicalizePass(), FoldBatchNormPass(), DetectLayersPass()]
+def canonical_pipeline(keep_float: tuple[str, ...] = ()) -> list[ir.passes.PassBase]:
+    """Target-independent clean-up: fold constants, fold BatchNorm, detect layers (except the
+    nodes or op types in ``keep_float``)."""
+    return [CanonicalizePass(), FoldBatchNormPass(), DetectLayersPass(keep_float=tuple(keep_float))]
 
 
 def allocation_passes(
@@ -81,7 +82,7 @@ def default_pipeline(
     [GPFQ on the grids the target chose]."""
     rewrite = [] if gpfq is None else [dataclasses.replace(gpfq, data=calib, show_progress=show_progress)]
     return [
-        *canonical_pipeline(),
+        *canonical_pipeline(config.keep_float),
         CalibratePass(
             data=calib,
             batch_size=batch_size,

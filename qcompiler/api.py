@@ -23,7 +23,7 @@ import onnx_ir as ir
 from qcompiler import __version__
 from qcompiler import annotations as ann
 from qcompiler.data import ArrayDataset, DataSource, load_dataset
-from qcompiler.errors import DataError
+from qcompiler.errors import DataError, QCompilerError
 from qcompiler.fl_search import compression_rate
 from qcompiler.fsutil import atomic_dir, write_json
 from qcompiler.graph import const_array, values_by_name
@@ -100,6 +100,7 @@ def compile_model(
     if target_config.model_name is None and source != "<memory>":
         target_config = dataclasses.replace(target_config, model_name=Path(source).name.split(".")[0])
     target_config = default_weight_budget(backend, target_config, ir_model)
+    check_keep_float(backend, target_config, ir_model)
     calib = load_dataset(config.calib, ir_model)
     evaluation = load_dataset(config.eval, ir_model) if config.eval is not None else None
     metric, reference = None, None
@@ -132,6 +133,19 @@ def compile_model(
 
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def check_keep_float(backend: Any, config: TargetConfig, model: ir.Model) -> None:
+    """``--keep-float`` names must be node names or op types of the model, on a target that
+    can leave nodes in float."""
+    if not config.keep_float:
+        return
+    if not getattr(backend, "supports_keep_float", False):
+        raise QCompilerError(f"target {backend.name!r} runs every layer in integer arithmetic: --keep-float is not supported")
+    known = {n.name for n in model.graph} | {n.op_type for n in model.graph} | {"unsupported"}
+    unknown = [name for name in config.keep_float if name not in known]
+    if unknown:
+        raise QCompilerError(f"--keep-float {unknown[0]!r} is neither a node name nor an op type of the model")
 
 
 def default_weight_budget(backend: Any, config: TargetConfig, model: ir.Model) -> TargetConfig:

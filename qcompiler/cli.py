@@ -174,6 +174,10 @@ def compile_command(
     gpfq_rounding: str = typer.Option("nearest", "--gpfq-rounding", help="GPFQ rounding: nearest or stochastic."),
     gpfq_bias_correction: str = typer.Option("none", "--gpfq-bias-correction", help="GPFQ bias correction: none, last or all."),
     gpfq_skip: str = typer.Option("", "--gpfq-skip", help="Layers GPFQ leaves alone: node names or indices, comma-separated."),
+    keep_float: str = typer.Option(
+        "", "--keep-float", help="Nodes left in float: node names or op types, comma-separated ('unsupported' = every node the target cannot represent)."
+    ),
+    native_int4: bool = typer.Option(False, "--native-int4", help="fixed-point: store weights of <= 4 bits as native INT4 (opset 21)."),
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="Write the IR after every pass into this folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no summary tables."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
@@ -216,6 +220,8 @@ def compile_command(
             allocate_scope=allocate_scope,
             fl_rule=fl_rule,
             max_loss=max_loss,
+            keep_float=tuple(split_list(keep_float)),
+            native_int4=native_int4,
         ),
         batch_size=batch_size,
         dump_ir=dump_ir,
@@ -223,12 +229,6 @@ def compile_command(
     )
 
     def checked() -> Any:
-        if gpfq:
-            from qcompiler.passes.gpfq import GPFQPass
-
-            rewrite = GPFQPass(bits=weight_bits, scalar=gpfq_scalar, samples=gpfq_samples, rounding=gpfq_rounding,
-                               bias_correction=gpfq_bias_correction, skip=split_list(gpfq_skip))
-            return compile_model(model, target, dataclasses.replace(config, gpfq=rewrite), out_dir)
         if weight_bits < 1 or activation_bits < 2 or batch_size < 1:
             raise QCompilerError("--weight-bits must be >= 1, --activation-bits >= 2 and --batch-size >= 1")
         if calib_method not in ("minmax", "percentile", "entropy", "mse"):
@@ -249,6 +249,12 @@ def compile_command(
             raise QCompilerError(f"--max-loss {max_loss} is not a fraction in [0, 1)")
         if (avg_bits is not None and avg_bits <= 0) or (total_bytes is not None and total_bytes <= 0):
             raise QCompilerError("--avg-bits and --total-bytes must be positive")
+        if gpfq:
+            from qcompiler.passes.gpfq import GPFQPass
+
+            rewrite = GPFQPass(bits=weight_bits, scalar=gpfq_scalar, samples=gpfq_samples, rounding=gpfq_rounding,
+                               bias_correction=gpfq_bias_correction, skip=split_list(gpfq_skip))
+            return compile_model(model, target, dataclasses.replace(config, gpfq=rewrite), out_dir)
         return compile_model(model, target, config, out_dir)
 
     result = _run(debug, checked)

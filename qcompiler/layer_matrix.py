@@ -147,7 +147,8 @@ def from_weight_matrix(geo: LayerGeometry, q: np.ndarray, dtype: np.dtype) -> np
 # --------------------------------------------------------------------------- inputs
 
 
-def _same_pads(spatial: tuple[int, ...], geo: LayerGeometry) -> tuple[int, ...]:
+def same_pads(spatial: tuple[int, ...], geo: LayerGeometry) -> tuple[int, ...]:
+    """``[begin…, end…]`` pads of ``auto_pad`` SAME_UPPER / SAME_LOWER for an input size."""
     begin, end = [], []
     for size, k, s, d in zip(spatial, geo.kernel, geo.strides, geo.dilations):
         total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
@@ -197,7 +198,7 @@ def rows(geo: LayerGeometry, x: np.ndarray) -> np.ndarray:
     if x.ndim != 2 + nd:
         raise UnsupportedModelError(f"node {geo.name!r} ({geo.op}): input rank {x.ndim} does not match the kernel")
     if geo.op == "Conv":
-        pads = geo.pads if geo.pads is not None else _same_pads(x.shape[2:], geo)
+        pads = geo.pads if geo.pads is not None else same_pads(x.shape[2:], geo)
         cols = im2col(x, geo.kernel, geo.strides, pads, geo.dilations)
     else:
         span = [(k - 1) * d for k, d in zip(geo.kernel, geo.dilations)]

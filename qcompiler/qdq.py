@@ -1,7 +1,7 @@
 """Lower :class:`~qcompiler.annotations.FixedPoint` annotations to standard-op QDQ ONNX.
 
-- weights: integer initializer (int8 container up to 8 bits, int16 up to 16) +
-  ``DequantizeLinear(scale 2**-fl, zero point 0, axis)``;
+- weights: integer initializer (int8 container up to 8 bits, int16 up to 16; optionally native
+  INT4 for at most 4 bits, opset 21) + ``DequantizeLinear(scale 2**-fl, zero point 0, axis)``;
 - biases: int32 initializer + ``DequantizeLinear`` with the accumulator scale;
 - activations: ``QuantizeLinear -> DequantizeLinear`` (8 / 16 bits) or
   ``QuantizeLinear -> Clip -> DequantizeLinear`` (QCDQ) for fewer bits than the container.
@@ -32,15 +32,40 @@ def container_dtype(wl: int, signed: bool) -> np.dtype:
     raise ValueError(f"word length {wl} exceeds 32 bits")
 
 
-def required_opset(model: ir.Model) -> int:
-    """Opset the QDQ form needs: 13 (per-axis, int8), 21 when a 16-bit container appears."""
-    need = 13
-    for value in values_by_name(model.graph).values():
+#: Native INT4 storage needs opset 21 and IR version 10 (onnx_representation.md §1).
+INT4_OPSET, INT4_IR_VERSION = 21, 10
+
+
+def weight_bits(value: ir.Value) -> int | None:
+    """The word length of a quantized constant (FixedPoint or IntegerWeights), else None."""
+    fmt = ann.get(value, ann.FixedPoint)
+    if fmt is not None:
+        return fmt.wl
+    grid = ann.get(value, ann.IntegerWeights)
+    return grid.bits if grid is not None else None
+
+
+def native_int4_values(model: ir.Model) -> set[str]:
+    """Constants whose codes fit native INT4 storage (signed weights of at most 4 bits)."""
+    out = set()
+    for value in model.graph.initializers.values():
         fmt = ann.get(value, ann.FixedPoint)
-        grid = ann.get(value, ann.IntegerWeights)
-        if (fmt is not None and 8 < fmt.wl <= 16) or (grid is not None and grid.bits > 8):
-            need = 21
-    return need
+        bits = weight_bits(value)
+        if bits is not None and bits <= 4 and (fmt is None or fmt.signed):
+            out.add(value.name)
+    return out
+
+
+def required_opset(model: ir.Model, native_int4: bool = False) -> int:
+    """Opset the QDQ form needs: 13 (per-axis, int8), 21 when a 16-bit container or a native
+    INT4 weight appears."""
+    if native_int4 and native_int4_values(model):
+        return INT4_OPSET
+    for value in values_by_name(model.graph).values():
+        bits = weight_bits(value)
+        if bits is not None and 8 < bits <= 16:
+            return 21
+    return 13
 
 
 def _scale_and_zero(fmt: ann.FixedPoint, name: str, graph: ir.Graph, dtype: np.dtype) -> tuple[ir.Value, ir.Value]:
@@ -52,15 +77,24 @@ def _scale_and_zero(fmt: ann.FixedPoint, name: str, graph: ir.Graph, dtype: np.d
 
 
 def _dequantize_codes(
-    graph: ir.Graph, value: ir.Value, codes: np.ndarray, scales: np.ndarray, axis: int | None, anchor: ir.Node
+    graph: ir.Graph, value: ir.Value, codes: np.ndarray, scales: np.ndarray, axis: int | None, anchor: ir.Node,
+    int4: bool = False,
 ) -> ir.Value:
     """Integer ``codes`` (already in their container dtype) + ``DequantizeLinear(scales, 0, axis)``
-    inserted before ``anchor``; return the DQ output that replaces ``value``."""
-    q = add_initializer(graph, f"{value.name}_quantized", codes)
+    inserted before ``anchor``; return the DQ output that replaces ``value``. ``int4`` stores the
+    codes (and the zero point) as native INT4, two per byte."""
     scales = np.asarray(scales, dtype=np.float32)
     scales = scales.reshape(()) if axis is None else scales.reshape(-1)
+    zeros = np.zeros(scales.shape, dtype=codes.dtype)
+    if int4:
+        codes_t = ir.tensor(codes.astype(np.int8), dtype=ir.DataType.INT4, name=f"{value.name}_quantized")
+        zeros_t = ir.tensor(zeros.astype(np.int8), dtype=ir.DataType.INT4, name=f"{value.name}_zero_point")
+        q = add_initializer(graph, f"{value.name}_quantized", codes_t)
+        zero = add_initializer(graph, f"{value.name}_zero_point", zeros_t)
+    else:
+        q = add_initializer(graph, f"{value.name}_quantized", codes)
+        zero = add_initializer(graph, f"{value.name}_zero_point", zeros)
     scale = add_initializer(graph, f"{value.name}_scale", scales)
-    zero = add_initializer(graph, f"{value.name}_zero_point", np.zeros(scales.shape, dtype=codes.dtype))
     attributes = {"axis": axis} if axis is not None else {}
     dq = ir.node("DequantizeLinear", inputs=[q, scale, zero], attributes=attributes, name=f"{value.name}_DequantizeLinear")
     dq.outputs[0].name = f"{value.name}_dequantized"
@@ -70,12 +104,17 @@ def _dequantize_codes(
     return dq.outputs[0]
 
 
-def _dequantize_constant(graph: ir.Graph, value: ir.Value, fmt: ann.FixedPoint, anchor: ir.Node) -> ir.Value:
-    """Replace a float initializer by integer codes + DequantizeLinear; return the DQ output."""
-    dtype = container_dtype(fmt.wl, fmt.signed)
+def fixed_codes(value: ir.Value, fmt: ann.FixedPoint) -> np.ndarray:
+    """The integer codes of a constant in its fixed-point format, in the container dtype."""
     fl = np.asarray(fmt.fl) if isinstance(fmt.fl, tuple) else fmt.fl
-    codes = quantize_fixed(const_array(value), fmt.wl, fl, fmt.signed, fmt.axis).astype(dtype)
-    return _dequantize_codes(graph, value, codes, np.asarray(fmt.scales()), fmt.axis, anchor)
+    return quantize_fixed(const_array(value), fmt.wl, fl, fmt.signed, fmt.axis).astype(container_dtype(fmt.wl, fmt.signed))
+
+
+def _dequantize_constant(
+    graph: ir.Graph, value: ir.Value, fmt: ann.FixedPoint, anchor: ir.Node, int4: bool = False
+) -> ir.Value:
+    """Replace a float initializer by integer codes + DequantizeLinear; return the DQ output."""
+    return _dequantize_codes(graph, value, fixed_codes(value, fmt), np.asarray(fmt.scales()), fmt.axis, anchor, int4)
 
 
 def integer_codes(value: ir.Value, grid: ann.IntegerWeights) -> np.ndarray:
@@ -95,10 +134,12 @@ def integer_codes(value: ir.Value, grid: ann.IntegerWeights) -> np.ndarray:
     return codes
 
 
-def _dequantize_integer(graph: ir.Graph, value: ir.Value, grid: ann.IntegerWeights, anchor: ir.Node) -> ir.Value:
+def _dequantize_integer(
+    graph: ir.Graph, value: ir.Value, grid: ann.IntegerWeights, anchor: ir.Node, int4: bool = False
+) -> ir.Value:
     """Integer codes chosen by a pass (GPFQ) + DequantizeLinear with their (not power-of-two) scales."""
     codes = integer_codes(value, grid).astype(container_dtype(grid.bits, signed=True))
-    return _dequantize_codes(graph, value, codes, np.asarray(grid.scales), grid.axis, anchor)
+    return _dequantize_codes(graph, value, codes, np.asarray(grid.scales), grid.axis, anchor, int4)
 
 
 def _fake_quantize_activation(graph: ir.Graph, value: ir.Value, fmt: ann.FixedPoint) -> None:
@@ -135,17 +176,25 @@ def _fake_quantize_activation(graph: ir.Graph, value: ir.Value, fmt: ann.FixedPo
         node.replace_input_with(index, dq.outputs[0])
 
 
-def lower_to_qdq(model: ir.Model) -> ir.Model:
+def lower_to_qdq(model: ir.Model, native_int4: bool = False) -> ir.Model:
     """A new model in which every FixedPoint-annotated value is quantized in QDQ form.
 
     Constants (weights, biases) become integer initializers + DequantizeLinear; activations
     get QuantizeLinear -> [Clip] -> DequantizeLinear. The input model is not modified.
+
+    Args:
+        model: the annotated model.
+        native_int4: store signed weights of at most 4 bits as native INT4 (raises the opset
+            to 21 and the IR version to 10); otherwise int8 containers (opset 13).
     """
     out = model.clone()
     graph = out.graph
-    need = required_opset(out)
+    need = required_opset(out, native_int4)
     if default_opset(out) < need:
         out.opset_imports[""] = need
+    int4_values = native_int4_values(out) if native_int4 else set()
+    if int4_values:
+        out.ir_version = max(out.ir_version or 0, INT4_IR_VERSION)
     replaced: dict[str, ir.Value] = {}
     for node in list(graph):
         for index, value in enumerate(node.inputs):
@@ -156,10 +205,11 @@ def lower_to_qdq(model: ir.Model) -> ir.Model:
             if fmt is None and grid is None:
                 continue
             if value.name not in replaced:
+                int4 = value.name in int4_values
                 replaced[value.name] = (
-                    _dequantize_constant(graph, value, fmt, anchor=node)
+                    _dequantize_constant(graph, value, fmt, anchor=node, int4=int4)
                     if fmt is not None
-                    else _dequantize_integer(graph, value, grid, anchor=node)
+                    else _dequantize_integer(graph, value, grid, anchor=node, int4=int4)
                 )
             node.replace_input_with(index, replaced[value.name])
     activations = [

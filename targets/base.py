@@ -30,6 +30,10 @@ class TargetConfig:
         max_loss: accuracy-aware mode: the smallest budget whose held-out top-1 drop is at most
             this (a fraction, 0.01 = one point); needs evaluation data with labels.
         model_name: the model's name (file stem), used by targets that name their artifacts.
+        keep_float: node names or op types left in float (``--keep-float``); the keyword
+            ``unsupported`` keeps every node the target cannot represent.
+        native_int4: store weights of at most 4 bits as native INT4 (opset 21) instead of
+            int8 containers (targets that emit QDQ ONNX).
     """
 
     weight_bits: int = 8
@@ -44,6 +48,8 @@ class TargetConfig:
     fl_rule: str = "minmax"
     max_loss: float | None = None
     model_name: str | None = None
+    keep_float: tuple[str, ...] = ()
+    native_int4: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
