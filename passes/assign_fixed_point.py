@@ -31,7 +31,7 @@ class AssignFixedPointPass(ir.passes.InPlacePass):
     """Choose WL/FL for each quantizable layer's weight, bias and activation input.
 
     Attributes:
-        weight_bits: weight word length (2..16).
+        weight_bits: weight word length (1..16; 1 bit is the signed code {-1, 0}).
         activation_bits: activation word length (2..16).
         per_channel: one weight FL per output channel (else one per tensor).
         range_method: the calibrated activation range to use: ``minmax``, ``percentile``,
@@ -52,10 +52,10 @@ class AssignFixedPointPass(ir.passes.InPlacePass):
     fl_cache: FLCache | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("weight_bits", "activation_bits"):
-            bits = getattr(self, name)
-            if not 2 <= bits <= 16:
-                raise ValueError(f"{name} must be in 2..16, got {bits}")
+        if not 1 <= self.weight_bits <= 16:
+            raise ValueError(f"weight_bits must be in 1..16, got {self.weight_bits}")
+        if not 2 <= self.activation_bits <= 16:
+            raise ValueError(f"activation_bits must be in 2..16, got {self.activation_bits}")
         if self.fl_rule not in FL_RULES:
             raise ValueError(f"fl_rule must be one of {', '.join(FL_RULES)}, got {self.fl_rule!r}")
 

@@ -547,6 +547,19 @@ def dump(model: ir.Model) -> dict[str, Any]:
     return {"model": _props(model), "nodes": nodes, "values": values}
 
 
+def strip_graph(model: ir.Model) -> None:
+    """Remove every qcompiler annotation from the graph's nodes and values (in place); the
+    model-level ones (provenance, summaries) stay. For deployable artifacts, where calibration
+    histograms and error curves would only add size."""
+    objects: list[Annotatable] = [*model.graph.inputs, *model.graph.initializers.values()]
+    for node in model.graph:
+        objects.append(node)
+        objects.extend(node.outputs)
+    for obj in objects:
+        for key in [k for k in obj.metadata_props if k.startswith(PREFIX)]:
+            del obj.metadata_props[key]
+
+
 def kinds() -> Mapping[str, type[Annotation]]:
     """The registered annotation kinds by key suffix."""
     return dict(_REGISTRY)

@@ -63,7 +63,7 @@ def candidate_set(
         for b in bits:
             if kind == "deadzone":
                 out += [Candidate(kind, b, r) for r in deadzone_ratios if b >= 2]
-            elif kind in ("log", "fixed") and b < 2:
+            elif kind == "log" and b < 2:
                 continue
             else:
                 out.append(Candidate(kind, b))

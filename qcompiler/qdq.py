@@ -4,7 +4,8 @@
   INT4 for at most 4 bits, opset 21) + ``DequantizeLinear(scale 2**-fl, zero point 0, axis)``;
 - biases: int32 initializer + ``DequantizeLinear`` with the accumulator scale;
 - activations: ``QuantizeLinear -> DequantizeLinear`` (8 / 16 bits) or
-  ``QuantizeLinear -> Clip -> DequantizeLinear`` (QCDQ) for fewer bits than the container.
+  ``QuantizeLinear -> Clip -> DequantizeLinear`` (QCDQ) for fewer bits than the container
+  (9..15 bits: int16 codes clipped as int32 between two Casts, onnxruntime has no int16 Clip).
 
 The result runs in onnxruntime; with graph optimisations off it is the reference fake-quant
 semantics of the file. Insertion follows the cycle-safe recipe of onnx_representation.md §6.3:
@@ -142,6 +143,33 @@ def _dequantize_integer(
     return _dequantize_codes(graph, value, codes, np.asarray(grid.scales), grid.axis, anchor, int4)
 
 
+def _clip_codes(graph: ir.Graph, value: ir.Value, codes: ir.Value, fmt: ann.FixedPoint, dtype: np.dtype) -> list[ir.Node]:
+    """Clip codes to the format's range inside a wider container (QCDQ). onnxruntime has no
+    16-bit Clip, so 9..15-bit codes are clipped as int32 between two Casts."""
+    lo, hi = fmt.code_range()
+    wide = dtype.itemsize == 2
+    clip_dtype = np.dtype(np.int32) if wide else dtype
+    nodes = []
+    if wide:
+        widen = ir.node("Cast", inputs=[codes], attributes={"to": ir.DataType.INT32}, name=f"{value.name}_Widen")
+        widen.outputs[0].name = f"{value.name}_widened"
+        widen.outputs[0].dtype = ir.DataType.INT32
+        nodes.append(widen)
+        codes = widen.outputs[0]
+    lo_v = add_initializer(graph, f"{value.name}_clip_min", np.array(lo, dtype=clip_dtype))
+    hi_v = add_initializer(graph, f"{value.name}_clip_max", np.array(hi, dtype=clip_dtype))
+    clip = ir.node("Clip", inputs=[codes, lo_v, hi_v], name=f"{value.name}_Clip")
+    clip.outputs[0].name = f"{value.name}_clipped" if not wide else f"{value.name}_clipped_int32"
+    clip.outputs[0].dtype = ir.DataType.from_numpy(clip_dtype)
+    nodes.append(clip)
+    if wide:
+        narrow = ir.node("Cast", inputs=[clip.outputs[0]], attributes={"to": ir.DataType.from_numpy(dtype)},
+                         name=f"{value.name}_Narrow")
+        narrow.outputs[0].name = f"{value.name}_clipped"
+        nodes.append(narrow)
+    return nodes
+
+
 def _fake_quantize_activation(graph: ir.Graph, value: ir.Value, fmt: ann.FixedPoint) -> None:
     """Insert Q -> [Clip] -> DQ after ``value`` and move its uses (not graph outputs) to DQ."""
     uses = list(value.uses())  # captured before the Q node exists (cycle pitfall)
@@ -151,20 +179,15 @@ def _fake_quantize_activation(graph: ir.Graph, value: ir.Value, fmt: ann.FixedPo
     nodes[0].outputs[0].name = f"{value.name}_quantized"
     codes = nodes[0].outputs[0]
     if fmt.wl < dtype.itemsize * 8:
-        lo, hi = fmt.code_range()
-        lo_v = add_initializer(graph, f"{value.name}_clip_min", np.array(lo, dtype=dtype))
-        hi_v = add_initializer(graph, f"{value.name}_clip_max", np.array(hi, dtype=dtype))
-        clip = ir.node("Clip", inputs=[codes, lo_v, hi_v], name=f"{value.name}_Clip")
-        clip.outputs[0].name = f"{value.name}_clipped"
-        nodes.append(clip)
-        codes = clip.outputs[0]
+        nodes += _clip_codes(graph, value, nodes[-1].outputs[0], fmt, dtype)
+        codes = nodes[-1].outputs[0]
     dq = ir.node("DequantizeLinear", inputs=[codes, scale, zero], name=f"{value.name}_DequantizeLinear")
     dq.outputs[0].name = f"{value.name}_dequantized"
     nodes.append(dq)
     for node in nodes:
         node.outputs[0].shape = value.shape
-    for node in nodes[:-1]:
-        node.outputs[0].dtype = ir.DataType.from_numpy(dtype)
+        if node.outputs[0].dtype is None:
+            node.outputs[0].dtype = ir.DataType.from_numpy(dtype)
     dq.outputs[0].dtype = ir.DataType.FLOAT
     producer = value.producer()
     if producer is None:

@@ -23,12 +23,14 @@ def code_range(wl: int, signed: bool = True) -> tuple[int, int]:
 def no_overflow_fl(absmax: float, wl: int, signed: bool = True) -> int:
     """The largest fractional length whose wl-bit range holds ``absmax`` without saturation.
 
-    That is the largest ``fl`` with ``absmax * 2**fl <= qmax``. A zero ``absmax`` gives
-    ``wl - 1`` (any format represents zero exactly).
+    That is the largest ``fl`` with ``absmax * 2**fl <= qmax`` (``|qmin| = 1`` for the 1-bit
+    signed code {-1, 0}). A zero ``absmax`` gives ``wl - 1`` (any format represents zero exactly).
     """
-    qmax = code_range(wl, signed)[1]
+    lo, qmax = code_range(wl, signed)
     if qmax <= 0:
-        raise ValueError(f"a {wl}-bit {'signed' if signed else 'unsigned'} code has no positive level")
+        # A 1-bit signed code is {-1, 0}: its one non-zero level bounds the magnitude
+        # (positive values saturate to 0; MAX78000 defines 1-bit weights the same way).
+        qmax = -lo
     if not math.isfinite(absmax):
         raise ValueError(f"range {absmax} is not finite")
     if absmax <= 0.0:

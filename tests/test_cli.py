@@ -33,7 +33,9 @@ def compiled(tmp_path_factory):
 
 def test_digits_end_to_end(compiled):
     out, result = compiled
-    assert sorted(p.name for p in out.iterdir()) == ["model.annotated.onnx", "model.qdq.onnx", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "digits_cnn_int.h", "model.annotated.onnx", "model.int.json", "model.int.npz", "model.qdq.onnx", "report.json"
+    ]
     report = json.loads((out / "report.json").read_text())
     m = report["metrics"]
     assert m["float"]["top1"] >= 0.97
@@ -70,13 +72,15 @@ def test_artifacts_are_byte_identical_across_runs(compiled, tmp_path):
     out, _ = compiled
     again = tmp_path / "again"
     assert _compile(again, "--quiet").exit_code == 0
-    for name in ("model.qdq.onnx", "model.annotated.onnx"):
+    for name in ("model.qdq.onnx", "model.annotated.onnx", "model.int.npz", "model.int.json", "digits_cnn_int.h"):
         assert (out / name).read_bytes() == (again / name).read_bytes(), name
     a = json.loads((out / "report.json").read_text())
     b = json.loads((again / "report.json").read_text())
-    for report in (a, b):
+    for report in (a, b):  # wall times are the only run-dependent entries
         for entry in report["pipeline"]:
             entry.pop("seconds")
+        for key in ("simulator_seconds", "onnxruntime_seconds"):
+            report["target_details"]["integer_simulator"].pop(key)
     assert a == b
 
 

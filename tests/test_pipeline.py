@@ -50,7 +50,7 @@ def test_provenance_and_stats(tmp_path):
     entries = ann.require(result.model, ann.Provenance).entries
     assert [e["pass"] for e in entries] == [
         "CanonicalizePass(fold_constants=True, reshape_to_flatten=True)",
-        "DetectLayersPass(require_any=True)",
+        "DetectLayersPass(require_any=True, keep_float=())",
     ]
     assert [s.name for s in result.stats] == ["CanonicalizePass", "DetectLayersPass"]
     first = result.stats[0]

@@ -118,5 +118,7 @@ def test_target_registry():
 
 
 def test_bad_bit_widths_are_refused():
-    with pytest.raises(ValueError, match="weight_bits must be in 2..16"):
-        AssignFixedPointPass(weight_bits=1)
+    with pytest.raises(ValueError, match=r"weight_bits must be in 1\.\.16"):
+        AssignFixedPointPass(weight_bits=0)
+    with pytest.raises(ValueError, match=r"activation_bits must be in 2\.\.16"):
+        AssignFixedPointPass(activation_bits=1)

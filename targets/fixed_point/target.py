@@ -71,7 +71,7 @@ class FixedPointTarget:
 
     name: ClassVar[str] = "fixed-point"
     #: Word lengths the allocator may choose (algorithms.md §2.6).
-    legal_weight_bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 7, 8, 16)
+    legal_weight_bits: ClassVar[tuple[int, ...]] = (1, 2, 3, 4, 5, 6, 7, 8, 16)
     legal_activation_bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 7, 8, 16)
     #: Quantizer kinds the target represents exactly (power-of-two scales).
     legal_kinds: ClassVar[tuple[str, ...]] = ("fixed",)
@@ -120,8 +120,11 @@ class FixedPointTarget:
                     )
 
     def simulate(self, model: ir.Model) -> ir.Model:
-        """The QDQ simulation model."""
-        return lower_to_qdq(model, native_int4=self.config.native_int4)
+        """The QDQ simulation model (graph annotations stripped: formats are in its Q/DQ nodes,
+        statistics and curves stay in ``model.annotated.onnx``)."""
+        simulation = lower_to_qdq(model, native_int4=self.config.native_int4)
+        ann.strip_graph(simulation)
+        return simulation
 
     def emit(self, model: ir.Model, out_dir: Path, data: ArrayDataset | None = None) -> Artifact:
         """Write ``model.qdq.onnx`` and the integer package; with ``data``, check the integer
