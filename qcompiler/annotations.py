@@ -465,6 +465,23 @@ class Provenance(Annotation):
     entries: tuple[Mapping[str, Any], ...] = ()
 
 
+@dataclasses.dataclass(frozen=True)
+class FineTuneLog(Annotation):
+    """On the model: the quantization-aware fine-tuning run.
+
+    Attributes:
+        epochs: one mapping per epoch: ``epoch``, ``train_loss``, ``lr``, ``seconds`` and
+            ``eval_top1`` when held-out data was given.
+        best_epoch: the epoch whose weights were kept.
+        stopped_early: training stopped before the last epoch (no held-out improvement).
+    """
+
+    KIND: ClassVar[str] = "finetune_log"
+    epochs: tuple[Mapping[str, Any], ...] = ()
+    best_epoch: int = 0
+    stopped_early: bool = False
+
+
 # --------------------------------------------------------------------------- access
 
 Annotatable = ir.Model | ir.Graph | ir.Node | ir.Value

@@ -174,6 +174,8 @@ def compile_command(
     gpfq_rounding: str = typer.Option("nearest", "--gpfq-rounding", help="GPFQ rounding: nearest or stochastic."),
     gpfq_bias_correction: str = typer.Option("none", "--gpfq-bias-correction", help="GPFQ bias correction: none, last or all."),
     gpfq_skip: str = typer.Option("", "--gpfq-skip", help="Layers GPFQ leaves alone: node names or indices, comma-separated."),
+    gpfq_token_mask: Optional[str] = typer.Option(None, "--gpfq-token-mask", help="GPFQ: model input masking padded tokens (e.g. attention_mask)."),
+    gpfq_target_inputs: str = typer.Option("fp", "--gpfq-target-inputs", help="GPFQ objective: fp (float inputs) or quantized (the quantized model's inputs)."),
     keep_float: str = typer.Option(
         "", "--keep-float", help="Nodes left in float: node names or op types, comma-separated ('unsupported' = every node the target cannot represent)."
     ),
@@ -253,7 +255,8 @@ def compile_command(
             from qcompiler.passes.gpfq import GPFQPass
 
             rewrite = GPFQPass(bits=weight_bits, scalar=gpfq_scalar, samples=gpfq_samples, rounding=gpfq_rounding,
-                               bias_correction=gpfq_bias_correction, skip=split_list(gpfq_skip))
+                               bias_correction=gpfq_bias_correction, skip=split_list(gpfq_skip),
+                               token_mask=gpfq_token_mask, target_inputs=gpfq_target_inputs)
             return compile_model(model, target, dataclasses.replace(config, gpfq=rewrite), out_dir)
         return compile_model(model, target, config, out_dir)
 

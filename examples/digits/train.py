@@ -10,7 +10,8 @@ train / 540 test (seed 0). Writes, next to this file:
 
 - ``digits_cnn.onnx``: the float model (BatchNorm unfolded, dynamic batch);
 - ``calib.npz``: 256 training images keyed by the model's input name;
-- ``eval.npz``: the 540 held-out images plus ``labels``.
+- ``eval.npz``: the 540 held-out images plus ``labels``;
+- ``train.npz``: the 1257 training images plus ``labels`` (fine-tuning data).
 
 Run: ``python examples/digits/train.py`` (about 20 s on 2 cores).
 """
@@ -97,6 +98,12 @@ def train(epochs: int = 30) -> tuple[object, float]:
     return model, acc
 
 
+def write_train_split(out: Path) -> None:
+    """``train.npz``: the 1257 training images and labels (for fine-tuning after quantization)."""
+    x_tr, y_tr, _, _ = load_digits_16x16()
+    np.savez_compressed(out / "train.npz", **{INPUT_NAME: x_tr, "labels": y_tr})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE)
@@ -117,6 +124,7 @@ def main() -> None:
     save(ir_model, args.out / "digits_cnn.onnx")
     np.savez_compressed(args.out / "calib.npz", **{INPUT_NAME: x_tr[:256]})
     np.savez_compressed(args.out / "eval.npz", **{INPUT_NAME: x_te, "labels": y_te})
+    write_train_split(args.out)
     print(f"float test accuracy: {acc:.4f} ({len(y_te)} images)")
 
 

@@ -125,17 +125,32 @@ def constant_state(value: ir.Value) -> State:
 # --------------------------------------------------------------------------- integer kernels
 
 
-def exact_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a @ b`` of int64 arrays, exactly: through float64 BLAS when every sum stays below
-    2^53, else in int64."""
-    if a.size == 0 or b.size == 0:
-        return np.matmul(a, b)
-    bound = float(np.abs(a).max()) * float(np.abs(b).max()) * a.shape[-1]
+def exact_dtype(a_max: float, b_max: float, depth: int) -> type | None:
+    """The cheapest float dtype in which a product of integer matrices is exact whatever the
+    summation order (every partial sum is an integer below the mantissa's limit), or None."""
+    bound = a_max * b_max * depth
+    if bound < FLOAT32_EXACT:
+        return np.float32
     if bound < FLOAT64_EXACT:
-        return np.rint(np.matmul(a.astype(np.float64), b.astype(np.float64))).astype(np.int64)
+        return np.float64
     if bound >= 2.0**63:
         raise TargetError("integer simulation overflows int64 (accumulator above 2^63)")
-    return np.matmul(a, b)
+    return None
+
+
+def _absmax(a: np.ndarray) -> float:
+    return float(np.abs(a).max()) if a.size else 0.0
+
+
+def exact_matmul(a: np.ndarray, b: np.ndarray, dtype: type | None = None) -> np.ndarray:
+    """``a @ b`` of integer arrays, exactly, as int64: float32 or float64 BLAS when every
+    partial sum stays within the mantissa, else int64 arithmetic. ``dtype`` skips the bound
+    computation when the caller knows it (:func:`exact_dtype`)."""
+    if dtype is None:
+        dtype = exact_dtype(_absmax(a), _absmax(b), a.shape[-1] if a.ndim else 1)
+    if dtype is None or dtype == np.int64:
+        return np.matmul(a.astype(np.int64), b.astype(np.int64))
+    return np.rint(np.matmul(a.astype(dtype, copy=False), b.astype(dtype, copy=False))).astype(np.int64)
 
 
 def _output_spatial(geo: LayerGeometry, spatial: tuple[int, ...]) -> tuple[int, ...]:
@@ -167,8 +182,10 @@ def _add_bias(acc: Fixed, bias: State | None, channel_axis: int) -> Fixed | None
 def _conv(node: ir.Node, x: Fixed, w: Fixed, bias: State | None = None) -> Fixed | None:
     geo = geometry(node, w.q.shape)
     out_sp = _output_spatial(geo, x.q.shape[2:])
-    patches = rows(geo, x.q)  # (g, m, d)
-    acc = exact_matmul(patches, np.swapaxes(weight_matrix(geo, w.q), 1, 2))  # (g, m, n)
+    # im2col in the matmul's exact dtype: float32 codes are 2x smaller than int64 ones
+    dtype = exact_dtype(_absmax(x.q), _absmax(w.q), geo.columns) or np.int64
+    patches = rows(geo, x.q.astype(dtype))  # (g, m, d)
+    acc = exact_matmul(patches, np.swapaxes(weight_matrix(geo, w.q), 1, 2), dtype)  # (g, m, n)
     out = acc.transpose(1, 0, 2).reshape(x.q.shape[0], *out_sp, -1)
     return _add_bias(Fixed(np.moveaxis(out, -1, 1), x.fl + w.fl), bias, 1)
 

@@ -1,0 +1,327 @@
+"""An annotated ONNX IR as a trainable ``torch.nn.Module`` with the targets' own quantizers.
+
+:class:`GraphModule` runs the graph node by node with ``torch.nn.functional``; the weights and
+biases of quantizable layers are ``nn.Parameter``\\ s. With ``quantize=True`` every value the
+target quantizes is fake-quantized exactly as the target emits it:
+
+- activations with a :class:`~qcompiler.annotations.FixedPoint` format:
+  ``clamp(round_half_even(x·2^fl), lo, hi)·2^-fl`` (``QuantizeLinear``/``DequantizeLinear``);
+- weights and biases with a ``FixedPoint`` format (per-channel FLs), integer codes chosen by a
+  pass (:class:`~qcompiler.annotations.IntegerWeights`, e.g. GPFQ) or a target grid
+  (:class:`~qcompiler.annotations.WeightGrid`, e.g. MAX78000's per-layer step):
+  ``clamp(round_half_even(w/s), q_min, q_max)·s``.
+
+Gradients pass through the rounding unchanged and are zero where the clamp saturates (the
+clipped straight-through estimator). Run in float64 (``module.double()``), the forward pass is
+exact in the integer domain and equals the fixed-point target's integer simulator code for code.
+
+Supported ops (:data:`TORCH_OPS`); any other op is a one-line error naming node and op.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+import torch
+import torch.nn.functional as F
+
+from qcompiler import annotations as ann
+from qcompiler.errors import UnsupportedModelError
+from qcompiler.graph import attr, const_array
+from qcompiler.passes.detect_layers import quantizable_nodes
+
+
+class _RoundSTE(torch.autograd.Function):
+    """Round half to even forward (``torch.round``), identity backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return grad
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, q_min: int, q_max: int) -> torch.Tensor:
+    """``clamp(rhe(x/scale), q_min, q_max)·scale`` with the clipped straight-through estimator."""
+    return torch.clamp(_RoundSTE.apply(x / scale), q_min, q_max) * scale
+
+
+class Quantizer(torch.nn.Module):
+    """A fixed integer grid: per-channel (or one) scale and a code range."""
+
+    def __init__(self, scales: Sequence[float], q_min: int, q_max: int, axis: int | None, ndim: int) -> None:
+        super().__init__()
+        shape = [1] * ndim
+        if axis is not None and len(scales) > 1:
+            shape[axis] = -1
+        self.register_buffer("scale", torch.tensor(np.asarray(scales, dtype=np.float64)).reshape(shape if ndim else ()))
+        self.q_min, self.q_max = int(q_min), int(q_max)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return fake_quant(x, self.scale.to(x.dtype), self.q_min, self.q_max)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer codes of ``x`` (no gradient)."""
+        return torch.clamp(torch.round(x / self.scale.to(x.dtype)), self.q_min, self.q_max)
+
+
+def fixed_point_quantizer(fmt: ann.FixedPoint, ndim: int) -> Quantizer:
+    """The quantizer of a fixed-point format (scales ``2^-fl``)."""
+    lo, hi = fmt.code_range()
+    return Quantizer(fmt.scales(), lo, hi, fmt.axis, ndim)
+
+
+def weight_quantizer(value: ir.Value, ndim: int) -> Quantizer | None:
+    """The grid a target stores ``value`` on: FixedPoint, then IntegerWeights, then WeightGrid."""
+    fmt = ann.get(value, ann.FixedPoint)
+    if fmt is not None:
+        return fixed_point_quantizer(fmt, ndim)
+    for kind in (ann.IntegerWeights, ann.WeightGrid):
+        grid = ann.get(value, kind)
+        if grid is not None:
+            return Quantizer(grid.scales, grid.q_min, grid.q_max, grid.axis, ndim)
+    return None
+
+
+# --------------------------------------------------------------------------- ops
+
+
+def _pads(node: ir.Node, nd: int) -> tuple[int, ...]:
+    if str(attr(node, "auto_pad", "NOTSET")) not in ("NOTSET", "VALID"):
+        raise UnsupportedModelError(f"node {node.name!r} ({node.op_type}): auto_pad SAME is not supported in torch conversion")
+    return tuple(int(p) for p in attr(node, "pads", None) or (0,) * (2 * nd))
+
+
+def _torch_pad(pads: tuple[int, ...]) -> list[int]:
+    """ONNX ``[b1, b2, …, e1, e2, …]`` to F.pad's last-axis-first ``[b_n, e_n, …, b_1, e_1]``."""
+    nd = len(pads) // 2
+    out: list[int] = []
+    for i in reversed(range(nd)):
+        out += [pads[i], pads[i + nd]]
+    return out
+
+
+def _conv(node: ir.Node, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    nd = w.dim() - 2
+    pads = _pads(node, nd)
+    stride = [int(s) for s in attr(node, "strides", None) or (1,) * nd]
+    dilation = [int(d) for d in attr(node, "dilations", None) or (1,) * nd]
+    groups = int(attr(node, "group", 1))
+    conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    if pads[:nd] == pads[nd:]:
+        return conv(x, w, b, stride=stride, padding=list(pads[:nd]), dilation=dilation, groups=groups)
+    return conv(F.pad(x, _torch_pad(pads)), w, b, stride=stride, dilation=dilation, groups=groups)
+
+
+def _gemm(node: ir.Node, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+    a = a.t() if attr(node, "transA", 0) else a
+    b = b.t() if attr(node, "transB", 0) else b
+    y = a @ b
+    alpha, beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
+    y = y * alpha if alpha != 1.0 else y
+    return y if c is None else y + (c * beta if beta != 1.0 else c)
+
+
+def _pool(node: ir.Node, x: torch.Tensor) -> torch.Tensor:
+    kernel = [int(k) for k in attr(node, "kernel_shape")]
+    nd = len(kernel)
+    pads = _pads(node, nd)
+    stride = [int(s) for s in attr(node, "strides", None) or (1,) * nd]
+    ceil = bool(attr(node, "ceil_mode", 0))
+    if node.op_type == "MaxPool":
+        dilation = [int(d) for d in attr(node, "dilations", None) or (1,) * nd]
+        padded = F.pad(x, _torch_pad(pads), value=-math.inf) if any(pads) else x
+        pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[nd - 1]
+        return pool(padded, kernel, stride, 0, dilation, ceil_mode=ceil)
+    include = bool(attr(node, "count_include_pad", 0))
+    if pads[:nd] != pads[nd:]:
+        raise UnsupportedModelError(f"node {node.name!r} (AveragePool): asymmetric pads are not supported in torch conversion")
+    pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1]
+    return pool(x, kernel, stride, list(pads[:nd]), ceil_mode=ceil, count_include_pad=include)
+
+
+def _reshape(node: ir.Node, x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    dims = [int(d) for d in shape.tolist()]
+    if not attr(node, "allowzero", 0):
+        dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
+    return x.reshape(dims)
+
+
+def _axes(node: ir.Node, given: torch.Tensor | None) -> list[int]:
+    if given is not None:
+        return [int(a) for a in given.tolist()]
+    return [int(a) for a in attr(node, "axes", None) or ()]
+
+
+def _squeeze(node: ir.Node, x: torch.Tensor, axes: torch.Tensor | None = None) -> torch.Tensor:
+    dims = _axes(node, axes)
+    return x.squeeze(tuple(dims)) if dims else x.squeeze()
+
+
+def _unsqueeze(node: ir.Node, x: torch.Tensor, axes: torch.Tensor | None = None) -> torch.Tensor:
+    out = x
+    for a in sorted(a % (x.dim() + len(_axes(node, axes))) for a in _axes(node, axes)):
+        out = out.unsqueeze(a)
+    return out
+
+
+def _clip(node: ir.Node, x: torch.Tensor, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.clamp(x, None if lo is None else lo.item(), None if hi is None else hi.item())
+
+
+def _flatten(node: ir.Node, x: torch.Tensor) -> torch.Tensor:
+    axis = int(attr(node, "axis", 1)) % max(x.dim(), 1)
+    return x.reshape(int(np.prod(x.shape[:axis])), -1)
+
+
+def _layer_norm(node: ir.Node, x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    axis = int(attr(node, "axis", -1)) % x.dim()
+    return F.layer_norm(x, x.shape[axis:], scale, bias, eps=float(attr(node, "epsilon", 1e-5)))
+
+
+#: Op → torch implementation (node, *inputs); inputs absent in the node are None.
+TORCH_OPS: dict[str, Callable[..., torch.Tensor]] = {
+    "Conv": _conv,
+    "Gemm": _gemm,
+    "MatMul": lambda n, a, b: a @ b,
+    "Add": lambda n, a, b: a + b,
+    "Sub": lambda n, a, b: a - b,
+    "Mul": lambda n, a, b: a * b,
+    "Div": lambda n, a, b: a / b,
+    "Relu": lambda n, x: F.relu(x),
+    "Sigmoid": lambda n, x: torch.sigmoid(x),
+    "Tanh": lambda n, x: torch.tanh(x),
+    "Clip": _clip,
+    "MaxPool": _pool,
+    "AveragePool": _pool,
+    "GlobalAveragePool": lambda n, x: x.mean(dim=tuple(range(2, x.dim())), keepdim=True),
+    "Flatten": _flatten,
+    "Reshape": _reshape,
+    "Transpose": lambda n, x: x.permute(*[int(p) for p in attr(n, "perm", None) or reversed(range(x.dim()))]),
+    "Concat": lambda n, *xs: torch.cat([x for x in xs if x is not None], dim=int(attr(n, "axis"))),
+    "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze,
+    "Identity": lambda n, x: x,
+    "Dropout": lambda n, x, *rest: x,
+    "Softmax": lambda n, x: torch.softmax(x, dim=int(attr(n, "axis", -1))),
+    "LayerNormalization": _layer_norm,
+}
+
+
+# --------------------------------------------------------------------------- the module
+
+
+def _key(name: str) -> str:
+    """A ParameterDict key for an initializer name (no dots allowed there)."""
+    return name.replace(".", "__dot__")
+
+
+class GraphModule(torch.nn.Module):
+    """The graph as a torch module; quantizable layers' weights and biases are parameters.
+
+    Args:
+        model: the (annotated) IR; not modified.
+        quantize: fake-quantize what the target quantizes (else a plain float copy).
+
+    Raises:
+        UnsupportedModelError: an op outside :data:`TORCH_OPS` (naming node and op).
+    """
+
+    def __init__(self, model: ir.Model, quantize: bool = True) -> None:
+        super().__init__()
+        self.nodes = list(model.graph)
+        for node in self.nodes:
+            if node.op_type not in TORCH_OPS or node.domain not in ("", "ai.onnx"):
+                supported = ", ".join(sorted(TORCH_OPS))
+                raise UnsupportedModelError(
+                    f"node {node.name!r} ({node.op_type}): cannot be converted to torch (supported ops: {supported})"
+                )
+        self.input_names = [v.name for v in model.graph.inputs]
+        self.output_names = [v.name for v in model.graph.outputs]
+        trainable = set()
+        for _, layer in quantizable_nodes(model):
+            trainable.add(layer.weight)
+            if layer.bias:
+                trainable.add(layer.bias)
+        self.params = torch.nn.ParameterDict()
+        self.constants: dict[str, torch.Tensor] = {}
+        self.weight_quantizers = torch.nn.ModuleDict()
+        for value in model.graph.initializers.values():
+            array = const_array(value)
+            tensor = torch.from_numpy(np.array(array))
+            if value.name in trainable:
+                self.params[_key(value.name)] = torch.nn.Parameter(tensor.float())
+                quantizer = weight_quantizer(value, array.ndim) if quantize else None
+                if quantizer is not None:
+                    self.weight_quantizers[_key(value.name)] = quantizer
+            else:
+                self.constants[value.name] = tensor
+        self.activation_quantizers = torch.nn.ModuleDict()
+        if quantize:
+            for node in self.nodes:
+                for value in [*node.outputs]:
+                    self._add_activation_quantizer(value)
+            for value in model.graph.inputs:
+                self._add_activation_quantizer(value)
+
+    def _add_activation_quantizer(self, value: ir.Value) -> None:
+        fmt = ann.get(value, ann.FixedPoint)
+        if fmt is not None and not value.is_initializer():
+            self.activation_quantizers[_key(value.name)] = fixed_point_quantizer(fmt, 0)
+
+    def parameter_names(self) -> list[str]:
+        """The IR names of the trainable initializers."""
+        return [k.replace("__dot__", ".") for k in self.params]
+
+    def quantized_weight(self, name: str) -> torch.Tensor:
+        """A trainable initializer as the target will store it (fake-quantized when it has a grid)."""
+        p = self.params[_key(name)]
+        q = self.weight_quantizers[_key(name)] if _key(name) in self.weight_quantizers else None
+        return q(p) if q is not None else p
+
+    def forward(self, *args: torch.Tensor, codes: dict[str, torch.Tensor] | None = None, **kwargs: torch.Tensor) -> list[torch.Tensor]:
+        """Run the graph; inputs by position or name. ``codes`` (optional) receives the integer
+        codes of every quantized activation. Returns the graph outputs (un-quantized, as in the
+        QDQ form, which quantizes the uses of a value, not the graph output)."""
+        feed = dict(zip(self.input_names, args)) | kwargs
+        env: dict[str, torch.Tensor] = {}
+        raw: dict[str, torch.Tensor] = {}
+        dtype = next(iter(self.params.values())).dtype if len(self.params) else torch.float32
+        for name in self.input_names:
+            x = feed[name]
+            env[name] = x.to(dtype) if torch.is_floating_point(x) else x
+            self._quantize(name, env, raw, codes)
+        for node in self.nodes:
+            inputs = [self._lookup(v, env, dtype) for v in node.inputs]
+            out = TORCH_OPS[node.op_type](node, *inputs)
+            env[node.outputs[0].name] = out
+            self._quantize(node.outputs[0].name, env, raw, codes)
+        return [raw.get(n, env[n]) for n in self.output_names]
+
+    def _lookup(self, value: ir.Value | None, env: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor | None:
+        if value is None or not value.name:
+            return None
+        name = value.name
+        if name in env:
+            return env[name]
+        if _key(name) in self.params:
+            return self.quantized_weight(name)
+        const = self.constants[name]
+        return const.to(dtype) if torch.is_floating_point(const) else const
+
+    def _quantize(self, name: str, env: dict[str, torch.Tensor], raw: dict[str, torch.Tensor],
+                  codes: dict[str, torch.Tensor] | None) -> None:
+        key = _key(name)
+        if key not in self.activation_quantizers:
+            return
+        quantizer = self.activation_quantizers[key]
+        if name in self.output_names:
+            raw[name] = env[name]
+        if codes is not None:
+            codes[name] = quantizer.codes(env[name].detach())
+        env[name] = quantizer(env[name])
