@@ -9,6 +9,7 @@ from qcompiler.passes.calibrate import CalibratePass
 from qcompiler.passes.canonicalize import CanonicalizePass
 from qcompiler.passes.detect_layers import DetectLayersPass
 from qcompiler.passes.channel_allocation import ChannelAllocationPass
+from qcompiler.passes.finetune import FineTunePass
 from qcompiler.passes.fold_batchnorm import FoldBatchNormPass
 from qcompiler.passes.profile_errors import ProfileErrorPass
 
@@ -20,5 +21,6 @@ __all__ = [
     "CalibratePass",
     "CanonicalizePass",
     "DetectLayersPass",
+    "FineTunePass",
     "FoldBatchNormPass",
 ]

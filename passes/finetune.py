@@ -45,7 +45,10 @@ class FineTunePass(ir.passes.InPlacePass):
     Attributes:
         data: training data with ``labels`` (path, mapping or dataset); ``labels`` may be
             absent when ``distill`` is set and ``distill_weight`` is 1.
-        eval_data: held-out data with ``labels`` for the per-epoch metric and early stop.
+        eval_data: held-out data with ``labels`` for the per-epoch metric and early stop;
+            without it, ``holdout`` of the training samples (a seeded random subset) are held out.
+        holdout: the fraction of ``data`` held out when ``eval_data`` is None (0 = none:
+            early stop then follows the training loss).
         epochs: training epochs.
         batch_size: training batch size.
         lr: the initial learning rate.
@@ -63,6 +66,7 @@ class FineTunePass(ir.passes.InPlacePass):
 
     data: DataSource | None = dataclasses.field(default=None, repr=False, compare=False)
     eval_data: DataSource | None = dataclasses.field(default=None, repr=False, compare=False)
+    holdout: float = 0.1
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3
@@ -89,6 +93,7 @@ class FineTunePass(ir.passes.InPlacePass):
             (0.0 <= self.distill_weight <= 1.0, f"distill_weight must be in [0, 1], got {self.distill_weight}"),
             (self.temperature > 0, f"temperature must be positive, got {self.temperature}"),
             (self.patience >= 0, f"patience must be >= 0, got {self.patience}"),
+            (0.0 <= self.holdout < 1.0, f"holdout must be in [0, 1), got {self.holdout}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -108,6 +113,8 @@ class FineTunePass(ir.passes.InPlacePass):
         if needs_labels and train.labels is None:
             raise DataError("fine-tune data has no 'labels' array (needed by the loss; or distill with distill_weight=1)")
         held_out = load_dataset(self.eval_data, model) if self.eval_data is not None else None
+        if held_out is None and self.holdout > 0 and train.labels is not None:
+            train, held_out = split_holdout(train, self.holdout, self.seed)
         if held_out is not None and held_out.labels is None:
             raise DataError("fine-tune evaluation data has no 'labels' array")
         torch.manual_seed(self.seed)
@@ -193,6 +200,17 @@ class FineTunePass(ir.passes.InPlacePass):
         return sum(terms)
 
 
+def split_holdout(data: ArrayDataset, fraction: float, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
+    """(train, held-out): a seeded random ``fraction`` of the samples held out."""
+    n = data.num_samples
+    order = np.random.default_rng(seed + 1).permutation(n)
+    k = max(1, int(round(n * fraction)))
+    held, kept = np.sort(order[:k]), np.sort(order[k:])
+    pick = lambda idx: ArrayDataset({name: a[idx] for name, a in data.arrays.items()},  # noqa: E731
+                                    None if data.labels is None else np.asarray(data.labels)[idx], data.source)
+    return pick(kept), pick(held)
+
+
 def _rounded(row: Mapping[str, float]) -> dict[str, float]:
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
 
@@ -266,3 +284,8 @@ def _write_back(model: ir.Model, module) -> None:
             weight = module.quantized_weight(name).detach().cpu().numpy()
             value = values[name]
             set_initializer(model.graph, value, weight.astype(np.float32))
+            grid = ann.get(value, ann.WeightGrid)
+            if grid is not None and ann.get(value, ann.FixedPoint) is None:
+                # the codes now come from training: the target keeps them (and its grid's shift)
+                ann.set(value, ann.IntegerWeights(bits=grid.bits, q_min=grid.q_min, q_max=grid.q_max, scales=grid.scales,
+                                                  axis=grid.axis, method="finetune", grid=grid.target))

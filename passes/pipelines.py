@@ -77,9 +77,11 @@ def default_pipeline(
     metric: Metric | None = None,
     reference: float | None = None,
     gpfq: GPFQPass | None = None,
+    finetune: ir.passes.PassBase | None = None,
 ) -> Sequence[ir.passes.PassBase]:
     """Canonicalisation, calibration, [profiling + allocation], the target's own passes, then
-    [GPFQ on the grids the target chose]."""
+    [GPFQ on the grids the target chose], [quantization-aware fine-tuning (a configured
+    FineTunePass, with its data)]."""
     rewrite = [] if gpfq is None else [dataclasses.replace(gpfq, data=calib, show_progress=show_progress)]
     return [
         *canonical_pipeline(config.keep_float),
@@ -95,4 +97,5 @@ def default_pipeline(
         *allocation_passes(target, config, calib, batch_size, show_progress, metric, reference),
         *target.passes(config),
         *rewrite,
+        *([finetune] if finetune is not None else []),
     ]

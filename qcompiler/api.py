@@ -54,6 +54,8 @@ class CompileConfig:
         show_progress: draw progress bars on a terminal.
         gpfq: a configured :class:`GPFQPass` (its ``data`` is filled with ``calib``): rewrite the
             weights with GPFQ on the target's grid after the target's passes.
+        finetune: a configured :class:`~qcompiler.passes.finetune.FineTunePass` (with its
+            training data): quantization-aware fine-tuning last, on the target's quantizers.
     """
 
     calib: DataSource
@@ -63,6 +65,7 @@ class CompileConfig:
     dump_ir: Path | None = None
     show_progress: bool = True
     gpfq: GPFQPass | None = None
+    finetune: ir.passes.PassBase | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +112,7 @@ def compile_model(
             raise DataError("--max-loss needs held-out data with labels (--eval)")
         metric, reference = accuracy_metric(backend, target_config, float_model, evaluation, config.batch_size)
     passes = default_pipeline(backend, target_config, calib, config.batch_size, config.show_progress, metric, reference,
-                              gpfq=config.gpfq)
+                              gpfq=config.gpfq, finetune=config.finetune)
     result = run_pipeline(ir_model, passes, dump_ir=config.dump_ir)
     annotated = result.model
     backend.validate(annotated)

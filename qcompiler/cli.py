@@ -176,6 +176,13 @@ def compile_command(
     gpfq_skip: str = typer.Option("", "--gpfq-skip", help="Layers GPFQ leaves alone: node names or indices, comma-separated."),
     gpfq_token_mask: Optional[str] = typer.Option(None, "--gpfq-token-mask", help="GPFQ: model input masking padded tokens (e.g. attention_mask)."),
     gpfq_target_inputs: str = typer.Option("fp", "--gpfq-target-inputs", help="GPFQ objective: fp (float inputs) or quantized (the quantized model's inputs)."),
+    finetune_data: Optional[Path] = typer.Option(None, "--finetune-data", help="Fine-tune after quantization (QAT) on this .npz (inputs + labels)."),
+    epochs: int = typer.Option(10, "--epochs", help="Fine-tune epochs."),
+    finetune_lr: float = typer.Option(1e-3, "--finetune-lr", help="Fine-tune learning rate."),
+    finetune_optimizer: str = typer.Option("adam", "--finetune-optimizer", help="Fine-tune optimiser: adam or sgd."),
+    finetune_schedule: str = typer.Option("cosine", "--finetune-schedule", help="Fine-tune LR schedule: cosine, step or constant."),
+    finetune_distill: str = typer.Option("none", "--finetune-distill", help="Distil from the float model: none, mse or kl."),
+    finetune_patience: int = typer.Option(3, "--finetune-patience", help="Early stop after this many epochs without held-out gain (0 = never)."),
     keep_float: str = typer.Option(
         "", "--keep-float", help="Nodes left in float: node names or op types, comma-separated ('unsupported' = every node the target cannot represent)."
     ),
@@ -251,6 +258,14 @@ def compile_command(
             raise QCompilerError(f"--max-loss {max_loss} is not a fraction in [0, 1)")
         if (avg_bits is not None and avg_bits <= 0) or (total_bytes is not None and total_bytes <= 0):
             raise QCompilerError("--avg-bits and --total-bytes must be positive")
+        nonlocal config
+        if finetune_data is not None:
+            from qcompiler.passes.finetune import FineTunePass
+
+            config = dataclasses.replace(config, finetune=FineTunePass(
+                data=finetune_data, epochs=epochs, lr=finetune_lr, optimizer=finetune_optimizer,
+                schedule=finetune_schedule, distill=finetune_distill, patience=finetune_patience,
+                batch_size=min(batch_size, 64), show_progress=not quiet))
         if gpfq:
             from qcompiler.passes.gpfq import GPFQPass
 

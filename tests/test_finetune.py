@@ -1,0 +1,195 @@
+"""Quantization-aware fine-tuning: the torch graph, its quantizers, the pass, re-emission, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+torch = pytest.importorskip("torch")
+
+from qcompiler import annotations as ann  # noqa: E402
+from qcompiler.api import CompileConfig, compile_model  # noqa: E402
+from qcompiler.cli import app  # noqa: E402
+from qcompiler.data import ArrayDataset  # noqa: E402
+from qcompiler.errors import DataError, UnsupportedModelError  # noqa: E402
+from qcompiler.graph import const_array, values_by_name  # noqa: E402
+from qcompiler.ir import normalize  # noqa: E402
+from qcompiler.passes.finetune import FineTuneConfigError, FineTunePass, split_holdout  # noqa: E402
+from qcompiler.qdq import integer_codes  # noqa: E402
+from qcompiler.runtime import Runner  # noqa: E402
+from qcompiler.targets import TargetConfig  # noqa: E402
+from qcompiler.targets.fixed_point.simulator import IntegerSimulator  # noqa: E402
+from qcompiler.torch_graph import GraphModule, fake_quant  # noqa: E402
+from tests.conftest import DIGITS, make_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def train() -> dict[str, np.ndarray]:
+    with np.load(DIGITS / "train.npz") as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def _compiled(bits: int, target: str = "fixed-point", **config):
+    return compile_model(DIGITS / "digits_cnn.onnx", target,
+                         CompileConfig(calib=DIGITS / "calib.npz", target=TargetConfig(weight_bits=bits),
+                                       show_progress=False, **config))
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_fake_quant_forward_equals_the_integer_simulator_bit_exactly(bits, digits_eval):
+    model = _compiled(bits).model
+    x = digits_eval["x"][:96]
+    module = GraphModule(model).double()
+    codes: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        out = module(x=torch.from_numpy(x), codes=codes)[0].numpy()
+    sim_out, sim_codes = IntegerSimulator(model).run({"x": x})
+    assert sorted(codes) == sorted(sim_codes) and len(codes) == 5
+    for name in codes:
+        assert np.array_equal(codes[name].numpy().astype(np.int64), sim_codes[name]), name
+    assert np.array_equal(out.astype(np.float32), sim_out[model.graph.outputs[0].name])
+
+
+def test_float32_module_matches_the_qdq_model(digits_eval):
+    result = _compiled(4)
+    x = digits_eval["x"][:64]
+    with torch.no_grad():
+        ours = GraphModule(result.model)(x=torch.from_numpy(x))[0].numpy()
+    ref = Runner(result.simulation_model).run({"x": x})[result.simulation_model.graph.outputs[0].name]
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_straight_through_estimator_passes_gradients_inside_the_range():
+    x = torch.tensor([-3.0, -0.3, 0.26, 0.74, 5.0], requires_grad=True)
+    y = fake_quant(x, torch.tensor(0.5), -4, 3)  # range [-2.0, 1.5]
+    assert y.tolist() == [-2.0, -0.5, 0.5, 0.5, 1.5]  # round half to even: 0.26/0.5 = 0.52 -> 1
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]  # clipped STE
+
+
+def test_weights_get_gradients_through_their_quantizers(train):
+    model = _compiled(2).model
+    module = GraphModule(model)
+    out = module(x=torch.from_numpy(train["x"][:32]))[0]
+    torch.nn.functional.cross_entropy(out, torch.from_numpy(train["labels"][:32])).backward()
+    grads = [p.grad for p in module.params.values()]
+    assert len(grads) == 10 and all(g is not None and float(g.abs().sum()) > 0 for g in grads)
+
+
+@pytest.fixture(scope="module")
+def tuned_fixed(train):
+    finetune = FineTunePass(data=train, epochs=3, show_progress=False, seed=1)
+    return _compiled(2, eval=DIGITS / "eval.npz", finetune=finetune)
+
+
+def test_finetune_recovers_w2_accuracy_and_logs_epochs(tuned_fixed):
+    ptq = _compiled(2, eval=DIGITS / "eval.npz").report["metrics"]["simulated"]["top1"]
+    tuned = tuned_fixed.report["metrics"]["simulated"]["top1"]
+    assert ptq < 0.7 and tuned > 0.93  # 0.639 -> ~0.96 after three epochs
+    log = ann.require(tuned_fixed.model, ann.FineTuneLog)
+    assert [e["epoch"] for e in log.epochs] == [1, 2, 3]
+    assert log.epochs[-1]["train_loss"] < log.epochs[0]["train_loss"]
+    assert all(0.0 <= e["eval_top1"] <= 1.0 for e in log.epochs) and 1 <= log.best_epoch <= 3
+
+
+def test_finetuned_weights_lie_on_their_grids_and_re_emit_exactly(tuned_fixed):
+    model = tuned_fixed.model
+    values = values_by_name(model.graph)
+    for node in model.graph:
+        layer = ann.get(node, ann.QuantizableLayer)
+        if layer is None:
+            continue
+        fmt = ann.get(values[layer.weight], ann.FixedPoint)
+        w = const_array(values[layer.weight]).astype(np.float64)
+        scaled = w * (2.0 ** np.asarray(fmt.fl, dtype=np.float64)).reshape(-1, *([1] * (w.ndim - 1)))
+        assert np.array_equal(scaled, np.rint(scaled))  # exactly code·2^-fl
+        lo, hi = fmt.code_range()
+        assert scaled.min() >= lo and scaled.max() <= hi
+    assert tuned_fixed.report["target_details"]["integer_simulator"]["exact"]
+
+
+def test_finetuned_model_re_emits_through_max78000_and_its_simulator(train, tmp_path):
+    from qcompiler.targets.max78000.checkpoint import load_checkpoint
+    from qcompiler.targets.max78000.network import load_network
+    from qcompiler.targets.max78000.simulator import params_from_state_dict, simulate
+    from qcompiler.targets.max78000.target import compile_network
+
+    out = tmp_path / "mx"
+    finetune = FineTunePass(data=train, epochs=2, show_progress=False)
+    result = compile_model(DIGITS / "digits_cnn.onnx", "max78000",
+                           CompileConfig(calib=DIGITS / "calib.npz", eval=DIGITS / "eval.npz",
+                                         target=TargetConfig(weight_bits=2), finetune=finetune, show_progress=False), out)
+    assert result.report["metrics"]["simulated"]["top1"] > 0.9  # PTQ on this grid: 0.73
+    compiled = compile_network(result.model)
+    nodes = {n.name: n for n in result.model.graph}
+    for legal, quantized in zip(compiled.legal, compiled.quantized):
+        if quantized is None:
+            continue
+        weight = nodes[legal.weight_node].inputs[1]
+        grid = ann.require(weight, ann.IntegerWeights)
+        assert grid.method == "finetune" and grid.grid == "max78000"
+        codes = integer_codes(weight, grid).reshape(quantized.params.weights.shape)
+        assert np.array_equal(codes.astype(np.int64), quantized.params.weights)
+    network = load_network(out / "digits_cnn.yaml")
+    params = params_from_state_dict(network, load_checkpoint(out / "digits_cnn.pth.tar")["state_dict"])
+    sample, kat = np.load(out / "sample_digits_cnn.npy"), np.load(out / "kat-digits_cnn.npy")
+    assert np.array_equal(np.asarray(simulate(network, params, sample)), kat)
+
+
+def test_same_seed_gives_identical_weights(train):
+    small = {"x": train["x"][:256], "labels": train["labels"][:256]}
+    models = []
+    for _ in range(2):
+        model = _compiled(3).model
+        FineTunePass(data=small, epochs=1, show_progress=False, seed=5)(model)
+        models.append({v.name: const_array(v) for v in model.graph.initializers.values()})
+    assert all(np.array_equal(models[0][k], models[1][k]) for k in models[0])
+
+
+def test_holdout_split_is_seeded_and_disjoint():
+    data = ArrayDataset({"x": np.arange(100, dtype=np.float32)[:, None]}, np.arange(100))
+    a, b = split_holdout(data, 0.1, 0)
+    assert a.num_samples == 90 and b.num_samples == 10
+    assert not set(a.labels) & set(b.labels)
+    assert np.array_equal(split_holdout(data, 0.1, 0)[1].labels, b.labels)
+
+
+def test_bad_input_is_a_clear_error(train):
+    model = _compiled(4).model
+    with pytest.raises(DataError, match="fine-tune data has no 'labels' array"):
+        FineTunePass(data={"x": train["x"][:64]}, epochs=1, show_progress=False)(model.clone())
+    with pytest.raises(DataError, match=r"'labels' must be a 1-D integer array, got float32"):
+        FineTunePass(data={"x": train["x"][:64], "labels": train["labels"][:64].astype(np.float32)}, epochs=1,
+                     show_progress=False)(model.clone())
+    with pytest.raises(DataError, match=r"labels span \[12, 12\] but the model.s first output has shape \[2, 10\]"):
+        FineTunePass(data={"x": train["x"][:64], "labels": np.full(64, 12)}, epochs=1, holdout=0.0,
+                     show_progress=False)(model.clone())
+    with pytest.raises(FineTuneConfigError, match="fine-tune: epochs must be >= 1, got 0"):
+        FineTunePass(epochs=0)
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x) => (float[N, 3] y) {
+        h = Gemm <transB = 1> (x, w, b)
+        y = Erf (h)
+    }
+    """
+    odd = normalize(make_model(text, {"w": np.ones((3, 4), np.float32), "b": np.zeros(3, np.float32)}))
+    with pytest.raises(UnsupportedModelError, match=r"node '.*' \(Erf\): cannot be converted to torch"):
+        GraphModule(odd)
+
+
+def test_cli_finetune(tmp_path):
+    out = tmp_path / "o"
+    args = [str(DIGITS / "digits_cnn.onnx"), "--bits", "2", "--calib", str(DIGITS / "calib.npz"), "-o", str(out), "-q",
+            "--finetune-data", str(DIGITS / "train.npz"), "--epochs", "1"]
+    ok = CliRunner().invoke(app, args)
+    assert ok.exit_code == 0, ok.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["pipeline"][-1]["pass"] == "FineTunePass"
+    bad = CliRunner().invoke(app, [*args[:-2], "--epochs", "0"])
+    assert bad.exit_code == 2 and "fine-tune: epochs must be >= 1, got 0" in bad.output
+    missing = CliRunner().invoke(app, [*args[:-4], "--finetune-data", str(DIGITS / "calib.npz")])
+    assert missing.exit_code == 2 and "fine-tune data has no 'labels' array" in missing.output
