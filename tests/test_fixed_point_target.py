@@ -222,6 +222,8 @@ def test_c_header_compiles_and_holds_the_arrays(digits_out, tmp_path):
     with np.load(out / "model.int.npz") as npz:
         w0 = npz["L000.weight"]
     assert f"static const int8_t L000_weight[{w0.size}] = {{" in header
+    assert f"#define QC_NUM_LAYERS {len(manifest['layers'])}" in header
+    assert f"#define L000_INPUT_FL {manifest['layers'][0]['input']['fl']}" in header
     first = header.split("L000_weight[")[1].split("{")[1].split("}")[0]
     assert [int(v) for v in first.replace("\n", " ").split(",")] == w0.reshape(-1).tolist()
     compiler = shutil.which("cc") or shutil.which("gcc")
