@@ -18,7 +18,7 @@ def test_wheel_contains_and_imports_passes_and_targets(tmp_path):
     )
     (wheel,) = wheels.glob("qcompiler-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "qcompiler/passes/calibrate.py" in names and "qcompiler/targets/fixed_point.py" in names
+    assert "qcompiler/passes/calibrate.py" in names and "qcompiler/targets/fixed_point/simulator.py" in names
     assert "qcompiler/targets/max78000/simulator.py" in names
     assert not [n for n in names if n.startswith(("passes/", "targets/"))]
     site = tmp_path / "site"
