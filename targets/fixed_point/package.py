@@ -28,7 +28,7 @@ import onnx_ir as ir
 from qcompiler import annotations as ann
 from qcompiler.errors import TargetError
 from qcompiler.fsutil import write_bytes, write_json, write_npz
-from qcompiler.graph import attr
+from qcompiler.graph import attr, values_by_name
 from qcompiler.passes.detect_layers import quantizable_nodes
 from qcompiler.qdq import container_dtype, fixed_codes, integer_codes
 
@@ -123,12 +123,7 @@ def _attr_json(value: object) -> object:
 
 def integer_package(model: ir.Model, model_name: str = "model") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(manifest, arrays) of an annotated fixed-point model."""
-    values = {v.name: v for v in model.graph.initializers.values()}
-    for v in model.graph.inputs:
-        values[v.name] = v
-    for node in model.graph:
-        for out in node.outputs:
-            values[out.name] = out
+    values = values_by_name(model.graph)
     layers, arrays = [], {}
     for index, (node, layer) in enumerate(quantizable_nodes(model)):
         entry, layer_arrays = _layer_entry(index, node, layer, values)

@@ -34,7 +34,7 @@ import onnxruntime as ort
 
 from qcompiler import annotations as ann
 from qcompiler.errors import TargetError
-from qcompiler.graph import attr, const_array
+from qcompiler.graph import attr, const_array, values_by_name
 from qcompiler.ir import default_opset
 from qcompiler.layer_matrix import LayerGeometry, geometry, im2col, rows, same_pads, weight_matrix
 from qcompiler.qdq import fixed_codes, integer_codes
@@ -345,7 +345,7 @@ class IntegerSimulator:
         }
         self.formats = {
             v.name: fmt
-            for v in _all_values(model)
+            for v in values_by_name(model.graph).values()
             if not v.is_initializer() and (fmt := ann.get(v, ann.FixedPoint)) is not None
         }
         self.outputs = [v.name for v in model.graph.outputs]
@@ -407,13 +407,13 @@ class IntegerSimulator:
     def _execute(self, node: ir.Node, args: list[State | None]) -> list[State]:
         fixed_args = all(a is None or isinstance(a, Fixed) or not _is_float(a) for a in args)
         kernel = INTEGER_KERNELS.get(node.op_type)
-        if kernel is not None and all(isinstance(a, Fixed) or a is None for a in args[: _arity(node)]):
+        if kernel is not None and all(isinstance(a, Fixed) or a is None for a in args):
             result = kernel(node, *args)
             if result is not None:
                 return [result]
         if node.op_type in SELECTION_OPS and fixed_args and any(isinstance(a, Fixed) for a in args):
             return self._select(node, args)
-        return self._run_float(node, [a.to_float32() if isinstance(a, Fixed) else a for a in args])
+        return self._run_node(node, [a.to_float32() if isinstance(a, Fixed) else a for a in args], output_float=None)
 
     def _select(self, node: ir.Node, args: list[State | None]) -> list[State]:
         """A selection op on the codes (as float64, exact below 2^53), FLs aligned first."""
@@ -421,9 +421,6 @@ class IntegerSimulator:
         plain = [a.aligned(fl).q.astype(np.float64) if isinstance(a, Fixed) else a for a in args]
         outs = self._run_node(node, plain, output_float=np.float64)
         return [Fixed(np.rint(o).astype(np.int64), fl) if o.dtype == np.float64 else o for o in outs]
-
-    def _run_float(self, node: ir.Node, args: list[np.ndarray | None]) -> list[State]:
-        return self._run_node(node, args, output_float=None)
 
     def _run_node(self, node: ir.Node, args: list[np.ndarray | None], output_float: type | None) -> list[np.ndarray]:
         """Run ``node`` alone in onnxruntime (optimisations off, as the simulation ONNX)."""
@@ -477,16 +474,6 @@ class IntegerSimulator:
         return cat(outs), cat(codes)
 
 
-def _arity(node: ir.Node) -> int:
-    return len(node.inputs)
-
-
 def _is_float(a: object) -> bool:
     return isinstance(a, np.ndarray) and np.issubdtype(a.dtype, np.floating)
 
-
-def _all_values(model: ir.Model) -> list[ir.Value]:
-    values = list(model.graph.inputs)
-    for node in model.graph:
-        values.extend(o for o in node.outputs)
-    return values
