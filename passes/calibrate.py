@@ -162,7 +162,7 @@ class CalibratePass(ir.passes.InPlacePass):
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool, progress_bar(
             "calibrate", total, enabled=self.show_progress
         ) as advance:
-            for feed in iter_feeds(self.data, self.batch_size):
+            for feed in iter_feeds(self.data, self.batch_size, model):
                 outputs = runner.run(feed, fetched)
                 if pending is not None:
                     pending.result()

@@ -119,6 +119,7 @@ class FineTunePass(ir.passes.InPlacePass):
             raise DataError("fine-tune evaluation data has no 'labels' array")
         torch.manual_seed(self.seed)
         module = GraphModule(model, quantize=True)
+        module.fit_pending_codebooks({k: torch.from_numpy(np.ascontiguousarray(v[:256])) for k, v in train.arrays.items()})
         teacher = _teacher_logits(model, train, self.batch_size) if self.distill != "none" else None
         _check_label_shape(module, train, self.loss)
         log = self._train(module, train, held_out, teacher)
@@ -279,6 +280,8 @@ def _write_back(model: ir.Model, module) -> None:
     import torch
 
     values = values_by_name(model.graph)
+    for name, book in module.codebooks().items():
+        ann.set(values[name], book)
     with torch.no_grad():
         for name in module.parameter_names():
             weight = module.quantized_weight(name).detach().cpu().numpy()

@@ -178,7 +178,7 @@ class GPFQPass(ir.passes.InPlacePass):
     # ------------------------------------------------------------------ the pass
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        feeds = list(iter_feeds(self.data, self.batch_size))
+        feeds = list(iter_feeds(self.data, self.batch_size, model))
         if not feeds:
             raise DataError("GPFQ: calibration data is empty")
         layers, skipped = self.selected(model)

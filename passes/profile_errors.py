@@ -223,7 +223,7 @@ class ProfileErrorPass(ir.passes.InPlacePass):
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.workers) as pool, progress_bar(
             f"profile ({self.mode})", total, enabled=self.show_progress
         ) as advance:
-            for feed in iter_feeds(self.data, self.batch_size):
+            for feed in iter_feeds(self.data, self.batch_size, model):
                 out = dict(feed)
                 out.update(runner.run(feed, needed))
                 batch = next(iter(feed.values())).shape[0]
@@ -249,7 +249,7 @@ class ProfileErrorPass(ir.passes.InPlacePass):
                     clone = model.clone()
                     set_initializer(clone.graph, values_by_name(clone.graph)[t.name], t.quantized_weights[i])
                     quantized = Runner(clone, logits)
-                for feed in iter_feeds(self.data, self.batch_size):
+                for feed in iter_feeds(self.data, self.batch_size, model):
                     ref = float_runner.run(feed, logits)
                     if t.kind == "weight":
                         got = quantized.run(feed, logits)
@@ -269,7 +269,7 @@ class ProfileErrorPass(ir.passes.InPlacePass):
 
     # ------------------------------------------------------------------ the pass
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        first = next(iter(iter_feeds(self.data, self.batch_size)), None)
+        first = next(iter(iter_feeds(self.data, self.batch_size, model)), None)
         if first is None:
             raise DataError("profiling data is empty")
         tensors = self._prepare(model, first)

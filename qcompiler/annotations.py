@@ -393,6 +393,63 @@ class WeightGrid(Annotation):
 
 
 @dataclasses.dataclass(frozen=True)
+class Codebook(Annotation):
+    """On a weight or activation value: the fitted profiling quantizer it is held on (seed 000's
+    exported ``(dz, L, λ, δ)``, or a uniform or log codebook), fixed once fitted.
+
+    Written by fine-tuning for tensors whose :class:`BitWidth` kind no target grid covers, so
+    that the fine-tuned weights and any later evaluation use exactly the trained codebook.
+
+    Attributes:
+        candidate: the candidate label (``kind:bits[:rratio]``).
+        signed: whether the tensor takes negative values.
+        axis: the channel axis of per-channel parameters, or None.
+        params: the fitted parameters (``(λ, δ)`` for ``deadzone``, per-channel steps for
+            ``uniform`` weights, ``(e_min, e_max)`` for ``log``, FLs for ``fixed``).
+    """
+
+    KIND: ClassVar[str] = "codebook"
+    candidate: str
+    signed: bool
+    axis: int | None
+    params: tuple[float, ...]
+
+
+#: How an :class:`ActivationGrid` rounds: half to even (``QuantizeLinear``), half up
+#: (``floor(u + 0.5)``, MAX78000's output shift) or toward zero (MAX78000's average pooling).
+ROUNDINGS = ("half_even", "half_up", "toward_zero")
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationGrid(Annotation):
+    """On an activation value: the integer grid a target computes it on, when that grid is not
+    a :class:`FixedPoint` format (e.g. MAX78000's Q7 codes ``λ/128`` with output shifts).
+
+    The value is stored as ``clamp(rounding(x / scale), q_min, q_max)·scale``. Before rounding,
+    ``x / scale`` is a multiple of ``1/lattice`` in the target's integer arithmetic (an
+    accumulator shifted right by ``log2(lattice)`` bits, or a pooling sum divided by the window
+    size); simulations snap to that lattice first, so that a float forward pass rounds the
+    exact ties the way the hardware does. ``lattice`` 0 means the value is not on a lattice
+    (a model input).
+
+    Attributes:
+        scale: the float value of one code.
+        q_min, q_max: the inclusive code range.
+        rounding: one of :data:`ROUNDINGS`.
+        lattice: see above (0 = none).
+        target: the target that defined the grid.
+    """
+
+    KIND: ClassVar[str] = "activation_grid"
+    scale: float
+    q_min: int
+    q_max: int
+    rounding: str = "half_even"
+    lattice: int = 0
+    target: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class GPFQLayer(Annotation):
     """On a node: what GPFQ did to its weight, with round-to-nearest on the same grid as baseline.
 

@@ -49,6 +49,19 @@ class Candidate:
         return f"{self.kind}:{self.bits}" + (f":r{self.ratio:g}" if self.kind == "deadzone" else "")
 
 
+def parse_candidate(label: str) -> Candidate:
+    """The candidate of a label (``uniform:4``, ``deadzone:4:r0.3``), the inverse of :attr:`Candidate.label`.
+
+    Raises:
+        ValueError: an unknown kind or a malformed label.
+    """
+    parts = label.split(":")
+    if len(parts) not in (2, 3) or parts[0] not in KINDS or not parts[1].isdigit():
+        raise ValueError(f"malformed quantizer candidate {label!r} (expected kind:bits[:rratio])")
+    ratio = float(parts[2][1:]) if len(parts) == 3 and parts[2].startswith("r") else 0.0
+    return Candidate(parts[0], int(parts[1]), ratio)
+
+
 def candidate_set(
     bits: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 16),
     kinds: tuple[str, ...] = KINDS,

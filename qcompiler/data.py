@@ -157,8 +157,18 @@ def load_dataset(source: DataSource, model: ir.Model) -> ArrayDataset:
     return validate(arrays, labels, model, str(path))
 
 
-def iter_feeds(data: ArrayDataset | Iterable[Mapping[str, np.ndarray]], batch_size: int) -> Iterator[Mapping[str, np.ndarray]]:
-    """Feed dicts from an :class:`ArrayDataset` (batched) or any iterable of feed dicts."""
+def iter_feeds(data: DataSource | Iterable[Mapping[str, np.ndarray]], batch_size: int,
+               model: ir.Model | None = None) -> Iterator[Mapping[str, np.ndarray]]:
+    """Feed dicts from an :class:`ArrayDataset` (batched), a path or a mapping of arrays (loaded
+    and validated against ``model``), or any iterable of feed dicts.
+
+    Raises:
+        DataError: a path or mapping without a model to validate it against.
+    """
+    if isinstance(data, (str, os.PathLike, Mapping)):
+        if model is None:
+            raise DataError(f"data {data if not isinstance(data, Mapping) else '<memory>'}: load it with load_dataset(source, model)")
+        data = load_dataset(data, model)
     if isinstance(data, ArrayDataset):
         yield from data.batches(batch_size)
     else:

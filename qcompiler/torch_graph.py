@@ -6,6 +6,9 @@ target quantizes is fake-quantized exactly as the target emits it:
 
 - activations with a :class:`~qcompiler.annotations.FixedPoint` format:
   ``clamp(round_half_even(x·2^fl), lo, hi)·2^-fl`` (``QuantizeLinear``/``DequantizeLinear``);
+- activations with a target grid (:class:`~qcompiler.annotations.ActivationGrid`, e.g.
+  MAX78000's Q7 codes: the output shift rounds half up, average pooling truncates toward zero):
+  ``clamp(rounding(snap(x/scale)), lo, hi)·scale``;
 - weights and biases with a ``FixedPoint`` format (per-channel FLs), integer codes chosen by a
   pass (:class:`~qcompiler.annotations.IntegerWeights`, e.g. GPFQ) or a target grid
   (:class:`~qcompiler.annotations.WeightGrid`, e.g. MAX78000's per-layer step):
@@ -13,7 +16,8 @@ target quantizes is fake-quantized exactly as the target emits it:
 
 Gradients pass through the rounding unchanged and are zero where the clamp saturates (the
 clipped straight-through estimator). Run in float64 (``module.double()``), the forward pass is
-exact in the integer domain and equals the fixed-point target's integer simulator code for code.
+exact in the integer domain and equals the fixed-point target's integer simulator and the
+MAX78000 layer simulator code for code.
 
 Supported ops (:data:`TORCH_OPS`); any other op is a one-line error naming node and op.
 """
@@ -31,7 +35,11 @@ import torch.nn.functional as F
 from qcompiler import annotations as ann
 from qcompiler.errors import UnsupportedModelError
 from qcompiler.graph import attr, const_array
+from qcompiler.candidates import Fitted, fit, parse_candidate
+from qcompiler.candidates import codes as codebook_codes
+from qcompiler.passes.calibrate import META_KEY
 from qcompiler.passes.detect_layers import quantizable_nodes
+from qcompiler.passes.profile_errors import PER_CHANNEL_KINDS
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -46,28 +54,72 @@ class _RoundSTE(torch.autograd.Function):
         return grad
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, q_min: int, q_max: int) -> torch.Tensor:
-    """``clamp(rhe(x/scale), q_min, q_max)·scale`` with the clipped straight-through estimator."""
-    return torch.clamp(_RoundSTE.apply(x / scale), q_min, q_max) * scale
+class _FloorSTE(torch.autograd.Function):
+    """Floor forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return torch.floor(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return grad
+
+
+class _TruncSTE(torch.autograd.Function):
+    """Round toward zero forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return torch.trunc(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return grad
+
+
+def _round(u: torch.Tensor, rounding: str) -> torch.Tensor:
+    """``u`` rounded to an integer the way :data:`~qcompiler.annotations.ROUNDINGS` names, with STE."""
+    if rounding == "half_up":
+        return _FloorSTE.apply(u + 0.5)
+    if rounding == "toward_zero":
+        return _TruncSTE.apply(u)
+    return _RoundSTE.apply(u)
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, q_min: int, q_max: int,
+               rounding: str = "half_even", lattice: int = 0) -> torch.Tensor:
+    """``clamp(rounding(x/scale), q_min, q_max)·scale`` with the clipped straight-through estimator.
+
+    With ``lattice`` > 0, ``x/scale`` is first snapped to the nearest multiple of ``1/lattice``
+    (it is one in the target's integer arithmetic; the float forward pass is only off by
+    rounding noise, which would otherwise decide exact ties)."""
+    u = x / scale
+    if lattice > 0:
+        u = _RoundSTE.apply(u * lattice) / lattice
+    return torch.clamp(_round(u, rounding), q_min, q_max) * scale
 
 
 class Quantizer(torch.nn.Module):
-    """A fixed integer grid: per-channel (or one) scale and a code range."""
+    """A fixed integer grid: per-channel (or one) scale, a code range and a rounding."""
 
-    def __init__(self, scales: Sequence[float], q_min: int, q_max: int, axis: int | None, ndim: int) -> None:
+    def __init__(self, scales: Sequence[float], q_min: int, q_max: int, axis: int | None, ndim: int,
+                 rounding: str = "half_even", lattice: int = 0) -> None:
         super().__init__()
         shape = [1] * ndim
         if axis is not None and len(scales) > 1:
             shape[axis] = -1
         self.register_buffer("scale", torch.tensor(np.asarray(scales, dtype=np.float64)).reshape(shape if ndim else ()))
         self.q_min, self.q_max = int(q_min), int(q_max)
+        self.rounding, self.lattice = rounding, int(lattice)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return fake_quant(x, self.scale.to(x.dtype), self.q_min, self.q_max)
+        return fake_quant(x, self.scale.to(x.dtype), self.q_min, self.q_max, self.rounding, self.lattice)
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """The integer codes of ``x`` (no gradient)."""
-        return torch.clamp(torch.round(x / self.scale.to(x.dtype)), self.q_min, self.q_max)
+        with torch.no_grad():
+            return torch.round(self.forward(x) / self.scale.to(x.dtype))
 
 
 def fixed_point_quantizer(fmt: ann.FixedPoint, ndim: int) -> Quantizer:
@@ -86,6 +138,86 @@ def weight_quantizer(value: ir.Value, ndim: int) -> Quantizer | None:
         if grid is not None:
             return Quantizer(grid.scales, grid.q_min, grid.q_max, grid.axis, ndim)
     return None
+
+
+def activation_quantizer(value: ir.Value) -> Quantizer | None:
+    """The grid a target computes an activation on: an ActivationGrid, else its FixedPoint format."""
+    grid = ann.get(value, ann.ActivationGrid)
+    if grid is not None:
+        return Quantizer((grid.scale,), grid.q_min, grid.q_max, None, 0, grid.rounding, grid.lattice)
+    fmt = ann.get(value, ann.FixedPoint)
+    return fixed_point_quantizer(fmt, 0) if fmt is not None else None
+
+
+class _CodebookSTE(torch.autograd.Function):
+    """A fitted profiling quantizer (``candidates.apply``) forward; the clipped STE backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fitted: Fitted, top: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        ctx.save_for_backward(x.abs() <= top)
+        return torch.from_numpy(np.ascontiguousarray(fitted.apply(x.detach().cpu().numpy()))).to(x.device)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: D102
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None
+
+
+class CodebookQuantizer(torch.nn.Module):
+    """A profiling candidate (uniform, dead-zone, log, fixed) fitted once and held fixed, as
+    seed 000 fine-tunes with fixed codebooks; the forward pass is :func:`qcompiler.candidates.apply`.
+
+    Args:
+        fitted: the fitted candidate.
+        shape: the tensor's shape (weights, whose parameters may be per channel) or None
+            (activations, per tensor).
+    """
+
+    def __init__(self, fitted: Fitted, shape: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.fitted = fitted
+        # the largest reconstruction magnitude (per element for per-channel weights): the STE
+        # passes gradients only inside it
+        big = np.full(tuple(shape) if shape is not None else (1,), np.finfo(np.float32).max / 4, dtype=np.float64)
+        top = np.abs(fitted.apply(big)).reshape(tuple(shape) if shape is not None else ())
+        self.register_buffer("top", torch.from_numpy(top))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return _CodebookSTE.apply(x, self.fitted, self.top.to(x.dtype))
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The codebook indices of ``x`` (no gradient)."""
+        return torch.from_numpy(codebook_codes(self.fitted, x.detach().cpu().numpy()))
+
+    def annotation(self) -> ann.Codebook:
+        """The :class:`~qcompiler.annotations.Codebook` that records this quantizer."""
+        f = self.fitted
+        return ann.Codebook(f.candidate.label, bool(f.signed), f.axis, tuple(float(v) for v in np.ravel(f.params)))
+
+
+def codebook_of(value: ir.Value, array: np.ndarray | None, weight_axis: int | None = None) -> Fitted | None:
+    """A value's fixed codebook: its :class:`~qcompiler.annotations.Codebook`, else its allocated
+    :class:`~qcompiler.annotations.BitWidth` fitted to ``array`` exactly as error profiling fits
+    it; None when neither annotation is present (or there is nothing to fit to yet).
+
+    Args:
+        value: the weight or activation value.
+        array: the weight, or an activation sample.
+        weight_axis: the weight's channel axis (None for activations).
+    """
+    book = ann.get(value, ann.Codebook)
+    if book is not None:
+        params = np.asarray(book.params) if book.axis is not None else book.params
+        return Fitted(parse_candidate(book.candidate), book.signed, book.axis, params)
+    chosen = ann.get(value, ann.BitWidth)
+    if chosen is None or array is None:
+        return None
+    candidate = parse_candidate(chosen.candidate)
+    if weight_axis is not None:
+        return fit(candidate, array, True, axis=weight_axis if candidate.kind in PER_CHANNEL_KINDS else None)
+    stats = ann.get(value, ann.TensorStats)
+    signed = stats.min < 0 if stats is not None else bool((array < 0).any())
+    return fit(candidate, array, signed, None, stats.absmax if stats is not None else None)
 
 
 # --------------------------------------------------------------------------- ops
@@ -243,11 +375,11 @@ class GraphModule(torch.nn.Module):
                 )
         self.input_names = [v.name for v in model.graph.inputs]
         self.output_names = [v.name for v in model.graph.outputs]
-        trainable = set()
+        trainable: dict[str, int | None] = {}  # name → the channel axis of weights (None for biases)
         for _, layer in quantizable_nodes(model):
-            trainable.add(layer.weight)
+            trainable[layer.weight] = layer.channel_axis
             if layer.bias:
-                trainable.add(layer.bias)
+                trainable[layer.bias] = None
         self.params = torch.nn.ParameterDict()
         self.constants: dict[str, torch.Tensor] = {}
         self.weight_quantizers = torch.nn.ModuleDict()
@@ -257,11 +389,16 @@ class GraphModule(torch.nn.Module):
             if value.name in trainable:
                 self.params[_key(value.name)] = torch.nn.Parameter(tensor.float())
                 quantizer = weight_quantizer(value, array.ndim) if quantize else None
+                if quantizer is None and quantize and trainable[value.name] is not None:
+                    fitted = codebook_of(value, array, trainable[value.name])
+                    quantizer = CodebookQuantizer(fitted, array.shape) if fitted is not None else None
                 if quantizer is not None:
                     self.weight_quantizers[_key(value.name)] = quantizer
             else:
                 self.constants[value.name] = tensor
         self.activation_quantizers = torch.nn.ModuleDict()
+        #: activations with an allocated codebook and no calibration sample: fitted on the first batch
+        self.pending_codebooks: dict[str, ir.Value] = {}
         if quantize:
             for node in self.nodes:
                 for value in [*node.outputs]:
@@ -270,9 +407,32 @@ class GraphModule(torch.nn.Module):
                 self._add_activation_quantizer(value)
 
     def _add_activation_quantizer(self, value: ir.Value) -> None:
-        fmt = ann.get(value, ann.FixedPoint)
-        if fmt is not None and not value.is_initializer():
-            self.activation_quantizers[_key(value.name)] = fixed_point_quantizer(fmt, 0)
+        if value.is_initializer():
+            return
+        quantizer = activation_quantizer(value)
+        if quantizer is None and ann.get(value, ann.BitWidth) is not None:
+            stats = value.meta.get(META_KEY)
+            sample = stats.reservoir_sample() if stats is not None and stats.reservoir_size and stats.count else None
+            fitted = codebook_of(value, sample)
+            if fitted is None:
+                self.pending_codebooks[value.name] = value
+            else:
+                quantizer = CodebookQuantizer(fitted)
+        if quantizer is not None:
+            self.activation_quantizers[_key(value.name)] = quantizer
+
+    def fit_pending_codebooks(self, feed: Mapping[str, torch.Tensor]) -> None:
+        """Fit the codebooks of allocated activations that had no calibration sample, on the
+        float values ``feed`` produces (one forward pass; they are fixed afterwards)."""
+        if self.pending_codebooks:
+            with torch.no_grad():
+                self(**feed)
+
+    def codebooks(self) -> dict[str, ann.Codebook]:
+        """The fixed codebooks in use, by value name (to record on the IR)."""
+        return {k.replace("__dot__", "."): q.annotation()
+                for group in (self.weight_quantizers, self.activation_quantizers)
+                for k, q in group.items() if isinstance(q, CodebookQuantizer)}
 
     def parameter_names(self) -> list[str]:
         """The IR names of the trainable initializers."""
@@ -317,6 +477,9 @@ class GraphModule(torch.nn.Module):
     def _quantize(self, name: str, env: dict[str, torch.Tensor], raw: dict[str, torch.Tensor],
                   codes: dict[str, torch.Tensor] | None) -> None:
         key = _key(name)
+        if name in self.pending_codebooks:  # fitted once, on the first batch's float values
+            fitted = codebook_of(self.pending_codebooks.pop(name), env[name].detach().cpu().numpy().astype(np.float64))
+            self.activation_quantizers[key] = CodebookQuantizer(fitted)
         if key not in self.activation_quantizers:
             return
         quantizer = self.activation_quantizers[key]

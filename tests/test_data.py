@@ -80,3 +80,18 @@ def test_pickled_object_arrays_are_refused(tmp_path, model):
 def test_in_memory_sources(model):
     assert load_dataset({"x": _x(2)}, model).num_samples == 2
     assert load_dataset(ArrayDataset({"x": _x(4)}), model).take(3).num_samples == 3
+
+
+def test_passes_accept_a_data_path_and_iter_feeds_needs_a_model_for_it():
+    from qcompiler import annotations as ann
+    from qcompiler.data import iter_feeds
+    from qcompiler.ir import load
+    from qcompiler.passes import CalibratePass, DetectLayersPass
+    from tests.conftest import DIGITS
+
+    model = load(DIGITS / "digits_cnn.onnx")
+    DetectLayersPass()(model)
+    CalibratePass(data=str(DIGITS / "calib.npz"), show_progress=False)(model)
+    assert ann.require(model.graph.inputs[0], ann.TensorStats).samples == 256
+    with pytest.raises(DataError, match="load_dataset"):
+        next(iter_feeds(DIGITS / "calib.npz", 8))

@@ -53,6 +53,41 @@ def test_fake_quant_forward_equals_the_integer_simulator_bit_exactly(bits, digit
     assert np.array_equal(out.astype(np.float32), sim_out[model.graph.outputs[0].name])
 
 
+@pytest.mark.parametrize("bits", [2, 8])
+def test_max78000_fake_quant_equals_the_layer_simulator_bit_exactly(bits, digits_eval):
+    """Q7 activations (input rounding, half-up output shifts, int8 clamps), weight and bias codes:
+    every layer's codes equal the MAX78000 simulator's (max78000.md §5.1) on 64 eval images."""
+    from qcompiler.targets.max78000.target import compile_network, convert_input
+    from qcompiler.targets.max78000.simulator import simulate
+
+    model = _compiled(bits, "max78000").model
+    compiled = compile_network(model)
+    x = digits_eval["x"][:64]
+    codes: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        out = GraphModule(model).double()(x=torch.from_numpy(x), codes=codes)[0].numpy()
+    inputs = convert_input(x, compiled.lambda_input)
+    assert np.array_equal(codes[model.graph.inputs[0].name].numpy(), inputs)
+    nodes = {n.name: n for n in model.graph}
+    per_layer = [np.stack(layer) for layer in zip(*(simulate(compiled.network, compiled.params, s, keep_all=True)
+                                                    for s in inputs))]
+    checked = 0
+    for legal, hw, expected in zip(compiled.legal, compiled.network.layers, per_layer):
+        if legal.weight_node is None or hw.output_width == 32:
+            continue
+        last = nodes[hw.nodes[-1]]
+        before = (last.inputs[0] if hw.activation else last.outputs[0]).name
+        got = codes[before].numpy().astype(np.int64)
+        got = np.clip(got, 0, 127) if hw.activation == "ReLU" else got
+        assert np.array_equal(got, expected.reshape(got.shape)), legal.hw.name
+        checked += 1
+    assert checked == 4
+    assert np.array_equal(np.rint(out / compiled.output_scale()).astype(np.int64), per_layer[-1].reshape(out.shape))
+    # the biases are trained on their hardware grid too (int8 b_hw, 128 accumulator units each)
+    bias = nodes[compiled.legal[0].weight_node].inputs[2]
+    assert ann.require(bias, ann.WeightGrid).q_max == 127
+
+
 def test_float32_module_matches_the_qdq_model(digits_eval):
     result = _compiled(4)
     x = digits_eval["x"][:64]
@@ -193,3 +228,72 @@ def test_cli_finetune(tmp_path):
     assert bad.exit_code == 2 and "fine-tune: epochs must be >= 1, got 0" in bad.output
     missing = CliRunner().invoke(app, [*args[:-4], "--finetune-data", str(DIGITS / "calib.npz")])
     assert missing.exit_code == 2 and "fine-tune data has no 'labels' array" in missing.output
+
+
+@pytest.fixture(scope="module")
+def deadzone_allocated():
+    """Seed 000's flow on digits: dead-zone candidates profiled for weights and activations,
+    allocated at 2 bits per weight on average (ternary codebooks) and 8-bit activations."""
+    from qcompiler.candidates import candidate_set
+    from qcompiler.ir import load
+    from qcompiler.passes import AllocateBitsPass, CalibratePass, ProfileErrorPass
+    from qcompiler.passes.pipelines import canonical_pipeline
+    from qcompiler.pipeline import run_pipeline
+
+    model = load(DIGITS / "digits_cnn.onnx")
+    calib = DIGITS / "calib.npz"
+    run_pipeline(model, [*canonical_pipeline(), CalibratePass(data=calib, show_progress=False),
+                         ProfileErrorPass(data=calib, candidates=tuple(candidate_set(bits=(2, 8), kinds=("deadzone",))),
+                                          tensors="all", show_progress=False),
+                         AllocateBitsPass(avg_bits=2.0, scope="weights", kinds=("deadzone",))])
+    for value in model.graph.inputs:  # quantize the input activation with the 8-bit dead-zone codebook too
+        ann.set(value, ann.BitWidth("deadzone:8:r0.1", "deadzone", 8, 0.0, 0.0, "test"))
+    return model
+
+
+def test_deadzone_codebooks_are_the_profiling_quantizers(deadzone_allocated):
+    from qcompiler.candidates import apply, fit, parse_candidate
+    from qcompiler.passes.calibrate import META_KEY
+
+    module = GraphModule(deadzone_allocated)
+    values = values_by_name(deadzone_allocated.graph)
+    weights = [n for n in module.parameter_names() if n.replace(".", "__dot__") in module.weight_quantizers]
+    assert len(weights) == 5
+    for name in weights:
+        w = const_array(values[name])
+        chosen = ann.require(values[name], ann.BitWidth)
+        assert chosen.kind == "deadzone" and chosen.bits == 2
+        expected = apply(fit(parse_candidate(chosen.candidate), w, True), w)
+        got = module.quantized_weight(name).detach().numpy()
+        assert np.array_equal(got, expected) and len(np.unique(got)) <= 3
+    # the input codebook is fitted on the calibration reservoir (as profiling fits it) and fixed
+    x = values["x"]
+    sample = x.meta[META_KEY].reservoir_sample()
+    fitted = fit(parse_candidate("deadzone:8:r0.1"), sample, False, None, ann.require(x, ann.TensorStats).absmax)
+    probe = torch.linspace(-0.5, 20.0, 999, dtype=torch.float64)
+    assert np.array_equal(module.activation_quantizers["x"](probe).numpy(), apply(fitted, probe.numpy()))
+    # gradients flow through the codebook (STE) inside the largest level, not beyond it
+    w = module.params[weights[0].replace(".", "__dot__")]
+    module.quantized_weight(weights[0]).sum().backward()
+    assert w.grad is not None and bool((w.grad != 0).any())
+
+
+def test_finetune_with_fixed_deadzone_codebooks(deadzone_allocated, digits_eval, train):
+    """Seed 000 step 7: QAT with the fixed codebooks and STE; ternary weights recover."""
+    from qcompiler.passes.finetune import evaluate_top1
+
+    from qcompiler.passes.calibrate import META_KEY
+
+    model = deadzone_allocated.clone()
+    model.graph.inputs[0].meta.pop(META_KEY, None)  # no calibration sample: fitted on the training data
+    assert list(GraphModule(model).pending_codebooks) == ["x"]
+    eval_set = ArrayDataset({"x": digits_eval["x"]}, digits_eval["labels"], "eval")
+    before = evaluate_top1(GraphModule(model), eval_set, 256)
+    FineTunePass(data=train, epochs=3, lr=2e-3, show_progress=False)(model)
+    values = values_by_name(model.graph)
+    books = {name: ann.require(values[name], ann.Codebook) for name in ("x", *[n for n in GraphModule(model).parameter_names() if n.endswith("weight")])}
+    assert all(b.candidate.startswith("deadzone:") for b in books.values())
+    after = evaluate_top1(GraphModule(model), eval_set, 256)
+    assert before < 0.93 and after > 0.97, (before, after)
+    for name in [n for n in GraphModule(model).parameter_names() if n.endswith("weight")]:  # the written weights lie on their codebooks
+        assert len(np.unique(const_array(values[name]))) <= 3

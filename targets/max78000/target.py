@@ -22,7 +22,7 @@ from qcompiler import annotations as ann
 from qcompiler.data import ArrayDataset
 from qcompiler.errors import AnnotationError, DataError, TargetError
 from qcompiler.fsutil import write_bytes, write_json, write_npy
-from qcompiler.graph import nodes_by_name, values_by_name
+from qcompiler.graph import attr, nodes_by_name, values_by_name
 from qcompiler.ir import save
 from qcompiler.passes.calibrate import range_key
 from qcompiler.passes.detect_layers import quantizable_nodes
@@ -181,6 +181,7 @@ class Max78000QuantizePass(ir.passes.InPlacePass):
         )
         compiled = compile_network(model)  # checks every hardware constraint now, before anything is written
         annotate_weight_grids(model, compiled)
+        annotate_activation_grids(model, compiled)
         return ir.passes.PassResult(model, True)
 
     def _input_scale(
@@ -210,8 +211,10 @@ class Max78000QuantizePass(ir.passes.InPlacePass):
 
 
 def annotate_weight_grids(model: ir.Model, compiled: CompiledNetwork) -> None:
-    """Write each weight's MAX78000 grid (:class:`~qcompiler.annotations.WeightGrid`), so that
-    GPFQ chooses codes on it; :func:`compile_network` then keeps that grid's bit shift."""
+    """Write each weight's and bias's MAX78000 grid (:class:`~qcompiler.annotations.WeightGrid`),
+    so that GPFQ and fine-tuning choose codes on it; :func:`compile_network` then keeps that
+    grid's bit shift. A bias code ``b_hw`` (int8) adds ``128·b_hw`` accumulator units, i.e.
+    ``b_hw·step·λ_in`` in float."""
     nodes = nodes_by_name(model.graph)
     for layer, quantized in zip(compiled.legal, compiled.quantized):
         if quantized is None:
@@ -221,6 +224,62 @@ def annotate_weight_grids(model: ir.Model, compiled: CompiledNetwork) -> None:
         ann.set(nodes[layer.weight_node].inputs[1], ann.WeightGrid(
             bits=bits, q_min=-(1 << (bits - 1)), q_max=(1 << (bits - 1)) - 1, scales=(step,), axis=None,
             target="max78000"))
+        bias = _bias_value(nodes, layer)
+        if bias is not None:
+            ann.set(bias, ann.WeightGrid(bits=8, q_min=-128, q_max=127, scales=(step * quantized.lambda_in,),
+                                         axis=None, target="max78000"))
+
+
+def _bias_value(nodes: dict[str, ir.Node], layer: LegalLayer) -> ir.Value | None:
+    """The float bias initializer of a weight layer (Conv/Gemm input 2, or MatMul's Add)."""
+    weight_node = nodes[layer.weight_node]
+    if len(weight_node.inputs) > 2 and weight_node.inputs[2] is not None:
+        return weight_node.inputs[2]
+    for name in layer.hw.nodes:
+        if nodes[name].op_type == "Add":
+            return next(v for v in nodes[name].inputs if v is not None and v.is_initializer())
+    return None
+
+
+def annotate_activation_grids(model: ir.Model, compiled: CompiledNetwork) -> None:
+    """Write the Q7 grid of every value the hardware holds as int8 codes
+    (:class:`~qcompiler.annotations.ActivationGrid`), so that fine-tuning computes exactly
+    what the accelerator computes (max78000.md §5.1):
+
+    - the model input: ``round_half_even(128·a/λ_0)`` clamped to int8 (§6.4);
+    - each weight layer's output before its activation: the accumulator shifted right by
+      ``7 − S`` bits, rounded half up, clamped to int8 (a wide last layer stays unquantized);
+    - each average pooling: the window sum divided by the window size, truncated toward zero.
+    """
+    nodes = nodes_by_name(model.graph)
+    wide = compiled.network.layers[-1].output_width == 32
+    ann.set(model.graph.inputs[0], _q7(compiled.lambda_input, "half_even", 0))
+    current = compiled.lambda_input
+    for i, (layer, quantized) in enumerate(zip(compiled.legal, compiled.quantized)):
+        pool = nodes[layer.hw.nodes[0]] if layer.hw.pool is not None else None
+        if pool is not None and pool.op_type in ("AveragePool", "GlobalAveragePool"):
+            ann.set(pool.outputs[0], _q7(current, "toward_zero", _window(pool)))
+        if quantized is None:
+            continue
+        current = quantized.lambda_out
+        if wide and i == len(compiled.legal) - 1:
+            continue
+        last = nodes[layer.hw.nodes[-1]]
+        before = last.inputs[0] if layer.hw.activation is not None else last.outputs[0]
+        k = 7 - quantized.params.shift
+        ann.set(before, _q7(current, "half_up", 1 << k if k > 0 else 1))
+
+
+def _q7(lam: float, rounding: str, lattice: int) -> ann.ActivationGrid:
+    return ann.ActivationGrid(scale=lam / 128.0, q_min=-128, q_max=127, rounding=rounding, lattice=lattice,
+                              target="max78000")
+
+
+def _window(pool: ir.Node) -> int:
+    """The number of values an average pooling sums."""
+    if pool.op_type == "GlobalAveragePool":
+        return int(np.prod([int(d) for d in list(pool.inputs[0].shape)[2:]]))
+    return int(np.prod(attr(pool, "kernel_shape")))
 
 
 @dataclasses.dataclass(frozen=True)
