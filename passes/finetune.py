@@ -25,7 +25,7 @@ import onnx_ir as ir
 from qcompiler import annotations as ann
 from qcompiler.data import ArrayDataset, DataSource, load_dataset
 from qcompiler.errors import DataError, QCompilerError
-from qcompiler.graph import set_initializer, values_by_name
+from qcompiler.graph import const_array, set_initializer, values_by_name
 from qcompiler.progress import progress_bar
 
 LOSSES = ("cross-entropy", "mse")
@@ -62,6 +62,8 @@ class FineTunePass(ir.passes.InPlacePass):
         patience: epochs without held-out improvement before stopping (0 = never stop early).
         seed: seeds torch and the shuffling (same seed, same weights).
         show_progress: a progress bar on a terminal.
+        module: the ``torch.nn.Module`` the model was lowered from (optional): it is trained in
+            place, i.e. its parameters receive the fine-tuned weights (see :func:`write_into_module`).
     """
 
     data: DataSource | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -80,6 +82,7 @@ class FineTunePass(ir.passes.InPlacePass):
     patience: int = 3
     seed: int = 0
     show_progress: bool = dataclasses.field(default=True, repr=False, compare=False)
+    module: object | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         checks = [
@@ -124,6 +127,8 @@ class FineTunePass(ir.passes.InPlacePass):
         _check_label_shape(module, train, self.loss)
         log = self._train(module, train, held_out, teacher)
         _write_back(model, module)
+        if self.module is not None:
+            write_into_module(model, self.module)
         ann.set(model, log)
         return ir.passes.PassResult(model, True)
 
@@ -292,3 +297,54 @@ def _write_back(model: ir.Model, module) -> None:
                 # the codes now come from training: the target keeps them (and its grid's shift)
                 ann.set(value, ann.IntegerWeights(bits=grid.bits, q_min=grid.q_min, q_max=grid.q_max, scales=grid.scales,
                                                   axis=grid.axis, method="finetune", grid=grid.target))
+
+
+def write_into_module(model: ir.Model, module) -> None:
+    """Write the IR's quantizable-layer weights into the ``torch.nn.Module`` it was lowered from.
+
+    Parameters are matched by name (the lowering keeps ``state_dict`` keys as initializer names)
+    and shape (a 2-D weight stored transposed is transposed back). A layer with a folded
+    BatchNormalization (:class:`~qcompiler.annotations.FoldedBatchNorm`) gets the folded weight
+    and bias, and its BatchNormalization becomes the identity (γ = 1, β = 0 or the bias when the
+    layer has none, mean 0, variance 1 − ε): the module then computes the fine-tuned network,
+    and lowering it again gives the same weights.
+
+    Raises:
+        QCompilerError: a weight with no parameter of that name and shape in the module.
+    """
+    import torch
+
+    from qcompiler.passes.detect_layers import quantizable_nodes
+
+    state = module.state_dict(keep_vars=False)
+    values = values_by_name(model.graph)
+
+    def put(key: str, array: np.ndarray) -> None:
+        target = state.get(key)
+        if target is None:
+            raise QCompilerError(f"fine-tune: the module has no parameter or buffer {key!r} to write the trained weights into")
+        if tuple(target.shape) != array.shape and array.ndim == 2 and tuple(target.shape) == array.T.shape:
+            array = array.T
+        if tuple(target.shape) != array.shape:
+            raise QCompilerError(f"fine-tune: module parameter {key!r} has shape {tuple(target.shape)}, the trained weight {array.shape}")
+        with torch.no_grad():
+            target.copy_(torch.from_numpy(np.ascontiguousarray(array)).to(target.dtype))
+
+    for node, layer in quantizable_nodes(model):
+        weight = const_array(values[layer.weight])
+        bias = const_array(values[layer.bias]) if layer.bias else None
+        folded = ann.get(node, ann.FoldedBatchNorm)
+        if folded is None:
+            put(layer.weight, weight)
+            if bias is not None and layer.bias in state:
+                put(layer.bias, bias)
+            continue
+        put(folded.weight, weight)
+        put(folded.scale, np.ones_like(bias))
+        put(folded.mean, np.zeros_like(bias))
+        put(folded.var, np.full_like(bias, 1.0 - folded.epsilon))
+        if folded.bias is not None and folded.bias in state:  # (the exporter gives bias-free layers a zero constant)
+            put(folded.bias, bias)
+            put(folded.shift, np.zeros_like(bias))
+        else:
+            put(folded.shift, bias)

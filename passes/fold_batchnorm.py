@@ -17,6 +17,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler import annotations as ann
 from qcompiler.graph import add_initializer, attr, const_array, set_initializer
 
 _FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
@@ -71,6 +72,9 @@ def _fold(graph: ir.Graph, layer: ir.Node, bn: ir.Node) -> None:
     new_w = (w * k.reshape(shape)).astype(np.float32)
     has_bias = len(layer.inputs) > 2 and layer.inputs[2] is not None
     b = const_array(layer.inputs[2]).astype(np.float64) if has_bias else np.zeros_like(k)
+    folded = ann.FoldedBatchNorm(
+        weight=w_value.name, bias=layer.inputs[2].name if has_bias else None, scale=bn.inputs[1].name,
+        shift=bn.inputs[2].name, mean=bn.inputs[3].name, var=bn.inputs[4].name, epsilon=eps)
     new_b = ((b - mean) * k + beta).astype(np.float32)
 
     # A weight shared with another node must not change under it: give this layer its own copy.
@@ -87,6 +91,7 @@ def _fold(graph: ir.Graph, layer: ir.Node, bn: ir.Node) -> None:
         else:
             layer.resize_inputs(3)
             layer.replace_input_with(2, bias)
+    ann.set(layer, folded)
     out = bn.outputs[0]
     name = out.name
     ir.convenience.replace_all_uses_with(out, layer.outputs[0], replace_graph_outputs=True)

@@ -37,9 +37,13 @@ def allocation_passes(
     show_progress: bool = True,
     metric: Metric | None = None,
     reference: float | None = None,
+    tune: ir.passes.PassBase | None = None,
 ) -> list[ir.passes.PassBase]:
     """Profile the target-legal candidates, then allocate bits (with a size budget), or bisect
-    the budget against ``metric`` when ``config.max_loss`` is set."""
+    the budget against ``metric`` when ``config.max_loss`` is set; the greedy search retrains
+    with ``tune`` between word-length cuts (seed 002's ``tune_model``)."""
+    if tune is not None and config.allocator != "greedy":
+        raise QCompilerError("retraining between word-length cuts needs the greedy search (--allocator greedy --max-loss L)")
     if config.allocator == "greedy" and config.max_loss is None:
         raise QCompilerError("--allocator greedy needs --max-loss (and --eval): it is driven by accuracy")
     if config.avg_bits is None and config.total_bytes is None and config.max_loss is None:
@@ -56,8 +60,12 @@ def allocation_passes(
     if config.max_loss is not None and metric is None:
         raise ValueError("max_loss needs a metric callback and a reference value")
     if config.allocator == "greedy":
+        def prepare(model: ir.Model) -> None:
+            for pass_ in target.passes(config):
+                pass_(model)
+
         return [GreedyAllocatePass(metric=metric, reference=reference, max_loss=config.max_loss,
-                                   legal_bits=tuple(b for b in weight_bits if b <= 8))]
+                                   legal_bits=tuple(b for b in weight_bits if b <= 8), tune=tune, prepare=prepare)]
     return [
         ProfileErrorPass(data=calib, candidates=candidates, mode="exact",
                          tensors="all" if config.allocate_scope == "all" else "weights",
@@ -78,6 +86,7 @@ def default_pipeline(
     reference: float | None = None,
     gpfq: GPFQPass | None = None,
     finetune: ir.passes.PassBase | None = None,
+    tune: ir.passes.PassBase | None = None,
 ) -> Sequence[ir.passes.PassBase]:
     """Canonicalisation, calibration, [profiling + allocation], the target's own passes, then
     [GPFQ on the grids the target chose], [quantization-aware fine-tuning (a configured
@@ -94,7 +103,7 @@ def default_pipeline(
             show_progress=show_progress,
             post_activation=getattr(target, "calibrate_post_activation", False),
         ),
-        *allocation_passes(target, config, calib, batch_size, show_progress, metric, reference),
+        *allocation_passes(target, config, calib, batch_size, show_progress, metric, reference, tune),
         *target.passes(config),
         *rewrite,
         *([finetune] if finetune is not None else []),

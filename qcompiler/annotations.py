@@ -269,6 +269,29 @@ class ChannelAllocation(Annotation):
 
 
 @dataclasses.dataclass(frozen=True)
+class FoldedBatchNorm(Annotation):
+    """On a Conv/ConvTranspose/Gemm node: the BatchNormalization folded into it, by the names of
+    the original initializers (for a model lowered from torch: its ``state_dict`` keys), so
+    that trained folded weights can be written back into the source module.
+
+    Attributes:
+        weight: the layer's weight before the fold.
+        bias: the layer's bias before the fold, or None.
+        scale, shift, mean, var: the BatchNormalization's γ, β, running mean and variance.
+        epsilon: its ε.
+    """
+
+    KIND: ClassVar[str] = "folded_batchnorm"
+    weight: str
+    bias: str | None
+    scale: str
+    shift: str
+    mean: str
+    var: str
+    epsilon: float
+
+
+@dataclasses.dataclass(frozen=True)
 class BitWidth(Annotation):
     """On a weight or activation value: the candidate the allocator chose.
 
@@ -537,6 +560,22 @@ class FineTuneLog(Annotation):
     epochs: tuple[Mapping[str, Any], ...] = ()
     best_epoch: int = 0
     stopped_early: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class WordLengthSearchLog(Annotation):
+    """On the model: seed 002's greedy word-length search, step by step (its
+    ``acc_vs_compress_log.txt``).
+
+    Attributes:
+        steps: one mapping per committed step: ``phase`` (``compress_first``, ``loss_first``
+            or ``tune`` for a successful retraining), ``tensor``, ``loss`` and ``compression``.
+        evaluations: metric calls.
+    """
+
+    KIND: ClassVar[str] = "wl_search_log"
+    steps: tuple[Mapping[str, Any], ...] = ()
+    evaluations: int = 0
 
 
 # --------------------------------------------------------------------------- access

@@ -56,6 +56,8 @@ class CompileConfig:
             weights with GPFQ on the target's grid after the target's passes.
         finetune: a configured :class:`~qcompiler.passes.finetune.FineTunePass` (with its
             training data): quantization-aware fine-tuning last, on the target's quantizers.
+        tune_between_cuts: the greedy word-length search retrains with ``finetune`` (one epoch
+            per trial, up to 10 trials) when a cut overshoots ``max_loss`` (seed 002's ``tune_model``).
     """
 
     calib: DataSource
@@ -66,6 +68,7 @@ class CompileConfig:
     show_progress: bool = True
     gpfq: GPFQPass | None = None
     finetune: ir.passes.PassBase | None = None
+    tune_between_cuts: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +115,7 @@ def compile_model(
             raise DataError("--max-loss needs held-out data with labels (--eval)")
         metric, reference = accuracy_metric(backend, target_config, float_model, evaluation, config.batch_size)
     passes = default_pipeline(backend, target_config, calib, config.batch_size, config.show_progress, metric, reference,
-                              gpfq=config.gpfq, finetune=config.finetune)
+                              gpfq=config.gpfq, finetune=config.finetune, tune=_cut_tuner(config))
     result = run_pipeline(ir_model, passes, dump_ir=config.dump_ir)
     annotated = result.model
     backend.validate(annotated)
@@ -133,6 +136,15 @@ def compile_model(
     return CompileResult(
         annotated, artifact.simulation_model, report, result.stats, Path(out_dir) if out_dir is not None else None
     )
+
+
+def _cut_tuner(config: CompileConfig) -> ir.passes.PassBase | None:
+    """The retraining between word-length cuts: the configured fine-tune, one epoch per trial."""
+    if not config.tune_between_cuts:
+        return None
+    if config.finetune is None:
+        raise QCompilerError("retraining between word-length cuts needs training data (--finetune-data)")
+    return dataclasses.replace(config.finetune, epochs=1, holdout=0.0, patience=0, show_progress=False)
 
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")

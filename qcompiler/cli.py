@@ -183,6 +183,7 @@ def compile_command(
     finetune_schedule: str = typer.Option("cosine", "--finetune-schedule", help="Fine-tune LR schedule: cosine, step or constant."),
     finetune_distill: str = typer.Option("none", "--finetune-distill", help="Distil from the float model: none, mse or kl."),
     finetune_patience: int = typer.Option(3, "--finetune-patience", help="Early stop after this many epochs without held-out gain (0 = never)."),
+    tune_cuts: bool = typer.Option(False, "--tune-cuts", help="Greedy WL search: retrain (one epoch per trial, --finetune-data) when a cut overshoots --max-loss (seed 002's tune_model)."),
     keep_float: str = typer.Option(
         "", "--keep-float", help="Nodes left in float: node names or op types, comma-separated ('unsupported' = every node the target cannot represent)."
     ),
@@ -235,6 +236,7 @@ def compile_command(
         batch_size=batch_size,
         dump_ir=dump_ir,
         show_progress=not quiet,
+        tune_between_cuts=tune_cuts,
     )
 
     def checked() -> Any:

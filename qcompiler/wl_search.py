@@ -11,9 +11,11 @@ search lowers word lengths one bit at a time:
   whose predicted loss ``apb_i·N_i`` is under ``cap`` take the largest; none qualifies → the first
   tensor (Q002-5);
 - phase B (``loss_first``), while the loss is below ``max_loss``: the smallest ``apb``;
-- a phase that overshoots ``max_loss`` undoes its last decrement (no retraining here; a ``tune``
-  callback can try to recover first, the seed's ``tune_model``);
-- the search stops once the compression reaches ``target_compression``.
+- a phase that overshoots ``max_loss`` undoes its last decrement, unless a ``tune`` callback
+  (the seed's ``tune_model``: retraining at the new word lengths) recovers the accuracy first;
+- the search stops once the compression reaches ``target_compression``; with ``tune``, a final
+  ``tune(word_lengths, start − max_loss/10)`` tries to recover most of the loss (seed 002's
+  final step).
 
 Compression is seed 002's Σ wl·N / (32·Σ N). Each step costs one probe per tensor plus one check.
 """
@@ -26,6 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 from qcompiler.fl_search import compression_rate
 
 Accuracy = Callable[[Mapping[str, int]], float]
+#: ``tune(word_lengths, min_accuracy) -> recovered``: retrain at these word lengths until the
+#: metric reaches ``min_accuracy``; the retrained weights become the new starting point on success.
 Tune = Callable[[Mapping[str, int], float], bool]
 
 
@@ -99,9 +103,15 @@ def greedy_wl_search(
             wl[choice] -= 1
             current = measure(wl)
             steps += 1
-            if start - current > max_loss and not (tune is not None and tune(wl, max_loss)):
-                wl[choice] += 1  # undo the step that overshot and end this phase
+            if start - current > max_loss:
+                if tune is None or not tune(wl, start - max_loss):
+                    wl[choice] += 1  # undo the step that overshot and end this phase
+                    current = measure(wl)
+                    break
                 current = measure(wl)
-                break
+                log.append(("tune", choice, start - current, compression()))
             log.append((phase, choice, start - current, compression()))
+    if tune is not None and start - current > max_loss / 10 and tune(wl, start - max_loss / 10):
+        current = measure(wl)
+        log.append(("tune", "", start - current, compression()))
     return GreedyResult(dict(wl), start - current, compression(), tuple(log), calls)

@@ -297,3 +297,100 @@ def test_finetune_with_fixed_deadzone_codebooks(deadzone_allocated, digits_eval,
     assert before < 0.93 and after > 0.97, (before, after)
     for name in [n for n in GraphModule(model).parameter_names() if n.endswith("weight")]:  # the written weights lie on their codebooks
         assert len(np.unique(const_array(values[name]))) <= 3
+
+
+def test_greedy_wl_search_retrains_between_cuts(train, digits_eval):
+    """Seed 002's tune_model: a cut that overshoots max_loss is retrained instead of undone, so
+    the search compresses further at the same accuracy limit."""
+    from qcompiler.api import accuracy_metric
+    from qcompiler.ir import load
+    from qcompiler.passes import CalibratePass
+    from qcompiler.passes.greedy_allocate import GreedyAllocatePass
+    from qcompiler.passes.pipelines import canonical_pipeline
+    from qcompiler.pipeline import run_pipeline
+    from qcompiler.targets import get_target
+
+    backend, config = get_target("fixed-point"), TargetConfig()
+    eval_set = ArrayDataset({"x": digits_eval["x"][:270]}, digits_eval["labels"][:270], "eval")
+    small = {"x": train["x"][:640], "labels": train["labels"][:640]}
+
+    def prepare(model):
+        for pass_ in backend.passes(config):
+            pass_(model)
+
+    results = {}
+    for name, tune in (("plain", None), ("tuned", FineTunePass(data=small, epochs=1, holdout=0.0, patience=0, lr=2e-3,
+                                                               show_progress=False))):
+        model = load(DIGITS / "digits_cnn.onnx")
+        metric, _ = accuracy_metric(backend, config, model.clone(), eval_set, 270)
+        run_pipeline(model, [*canonical_pipeline(), CalibratePass(data=DIGITS / "calib.npz", show_progress=False)])
+        before = {n: const_array(v).copy() for n, v in values_by_name(model.graph).items() if n.endswith("weight")}
+        GreedyAllocatePass(metric=metric, max_loss=0.02, target_compression=0.07, legal_bits=(1, 2, 3, 4, 5, 6, 7, 8),
+                           tune=tune, prepare=prepare)(model)
+        log = ann.require(model, ann.WordLengthSearchLog)
+        changed = any(not np.array_equal(before[n], const_array(v)) for n, v in values_by_name(model.graph).items() if n in before)
+        results[name] = (log.steps[-1]["compression"], log.steps[-1]["loss"], [s["phase"] for s in log.steps], changed)
+    plain, tuned = results["plain"], results["tuned"]
+    assert "tune" not in plain[2] and not plain[3]
+    assert "tune" in tuned[2] and tuned[3]  # retrained weights became the model's weights
+    assert tuned[0] < plain[0] - 0.005 and tuned[1] <= 0.02, results
+
+
+def test_cli_tune_cuts_needs_training_data_and_the_greedy_search(tmp_path):
+    runner = CliRunner()
+    base = [str(DIGITS / "digits_cnn.onnx"), "--calib", str(DIGITS / "calib.npz"), "--eval", str(DIGITS / "eval.npz"),
+            "-q", "-o", str(tmp_path / "out")]
+    result = runner.invoke(app, [*base, "--allocator", "greedy", "--max-loss", "0.01", "--tune-cuts"])
+    assert result.exit_code == 2 and "--finetune-data" in result.output
+    result = runner.invoke(app, [*base, "--avg-bits", "4", "--tune-cuts", "--finetune-data", str(DIGITS / "train.npz")])
+    assert result.exit_code == 2 and "greedy" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_module_lowered_from_torch_is_trained_in_place(train, tmp_path):
+    """FineTunePass(module=...) writes the trained weights into the source nn.Module, folded
+    BatchNorms become the identity, and lowering the module again gives the fine-tuned weights."""
+    from qcompiler.frontend import lower
+    from qcompiler.passes.pipelines import canonical_pipeline
+    from qcompiler.pipeline import run_pipeline
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 16 * 16, 10),
+    )
+    with torch.no_grad():
+        for bn in (net[1], net[4]):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    model = lower(net, [torch.zeros(2, 1, 16, 16)], input_names=["x"])
+    data = {"x": train["x"][:512], "labels": train["labels"][:512]}
+    result = compile_model(model, "fixed-point", CompileConfig(
+        calib={"x": train["x"][:128]}, target=TargetConfig(weight_bits=4), show_progress=False,
+        finetune=FineTunePass(data=data, epochs=2, lr=3e-3, show_progress=False, module=net)))
+    assert not torch.equal(before["0.weight"], net.state_dict()["0.weight"])
+    x = torch.from_numpy(train["x"][600:700])
+    with torch.no_grad():
+        ours = net(x).numpy()
+        expected = GraphModule(result.model, quantize=False)(x=x)[0].numpy()
+    assert np.allclose(ours, expected, atol=1e-4), np.abs(ours - expected).max()
+    assert torch.equal(net.state_dict()["1.weight"], torch.ones(8)) and torch.equal(net.state_dict()["4.running_mean"], torch.zeros(8))
+    again = lower(net, [torch.zeros(2, 1, 16, 16)], input_names=["x"])
+    run_pipeline(again, canonical_pipeline())
+    tuned = values_by_name(result.model.graph)
+    for name in ("0.weight", "3.weight", "7.weight"):
+        assert np.allclose(const_array(values_by_name(again.graph)[name]), const_array(tuned[name]), atol=1e-6), name
+
+
+def test_write_into_module_names_a_missing_parameter():
+    from qcompiler.errors import QCompilerError
+    from qcompiler.passes.finetune import write_into_module
+
+    model = _compiled(8).model
+    with pytest.raises(QCompilerError, match="no parameter or buffer '0.weight'"):
+        write_into_module(model, torch.nn.Linear(2, 2))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 
 from qcompiler.fl_search import compression_rate
 from qcompiler.wl_search import greedy_wl_search
@@ -41,9 +43,22 @@ def test_overshoot_is_undone_unless_tune_recovers():
     greedy = greedy_wl_search({"a": 100}, {"a": 2}, lambda wl: 1.0 - (0.0 if wl["a"] >= 2 else 0.5),
                               max_loss=0.1, phases=("loss_first",), target_compression=0.0)
     assert greedy.word_lengths == {"a": 2} and greedy.loss == 0.0
-    tuned = greedy_wl_search({"a": 100}, {"a": 2}, lambda wl: 1.0 - (0.0 if wl["a"] >= 2 else 0.5), max_loss=0.1,
-                             phases=("loss_first",), target_compression=0.0, tune=lambda wl, loss: True)
+    # a tune that retrains: afterwards 1 bit costs only 0.05, then the final tune (loss above
+    # max_loss/10) brings it to 0.005
+    state = {"penalty": 0.5}
+    calls = []
+
+    def tune(wl, min_accuracy):
+        calls.append((dict(wl), min_accuracy))
+        state["penalty"] = 0.05 if len(calls) == 1 else 0.005
+        return True
+
+    tuned = greedy_wl_search({"a": 100}, {"a": 2}, lambda wl: 1.0 - (0.0 if wl["a"] >= 2 else state["penalty"]),
+                             max_loss=0.1, phases=("loss_first",), target_compression=0.0, tune=tune, min_wl=1)
     assert tuned.word_lengths == {"a": 1}
+    assert calls == [({"a": 1}, 0.9), ({"a": 1}, 0.99)]
+    assert tuned.loss == pytest.approx(0.005)
+    assert [row[0] for row in tuned.log] == ["tune", "loss_first", "tune"]
 
 
 def test_min_wl_sentinel():
