@@ -282,6 +282,48 @@ def compile_command(
         _print_summary(result)
 
 
+@app.command("inspect")
+def inspect_command(
+    model: Path = typer.Argument(..., help="The model (.onnx)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the answer as JSON to this file."),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Quantizable layers, parameter counts, op histogram and what each target supports (no data needed)."""
+    from qcompiler.fsutil import write_json
+    from qcompiler.inspection import inspect_model
+
+    info = _run(debug, inspect_model, model)
+    if json_out is not None:
+        _run(debug, write_json, json_out, info)
+    _print_inspection(info)
+
+
+def _print_inspection(info: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=120)
+    ins = ", ".join(f"{v['name']} {v['shape']}" for v in info["inputs"])
+    console.print(f"[bold]{info['model']}[/bold]: {info['nodes']} nodes, {info['parameters']:,} parameters "
+                  f"({info['float32_bytes'] / 1024:.1f} KiB float32), inputs {ins}")
+    table = Table(title=f"{len(info['layers'])} quantizable layers, {info['quantizable_parameters']:,} parameters")
+    for column in ("node", "op", "weight shape", "params", "output shape"):
+        table.add_column(column, justify="right" if column == "params" else "left")
+    for row in info["layers"]:
+        table.add_row(row["node"], row["op"], str(row["weight_shape"]), f"{row['params']:,}", str(row["output_shape"]))
+    console.print(table)
+    console.print("ops: " + ", ".join(f"{op}×{n}" for op, n in info["ops"].items()))
+    for name, verdict in info["targets"].items():
+        if verdict["supported"]:
+            extra = f" ({verdict['hardware_layers']} hardware layers)" if "hardware_layers" in verdict else ""
+            console.print(f"target {name}: [green]supported[/green]{extra}")
+        elif "float_only_ops" in verdict:
+            ops = ", ".join(f"{op}×{n}" for op, n in verdict["float_only_ops"].items())
+            console.print(f"target {name}: [yellow]needs float ops[/yellow] {ops}; {verdict['hint']}")
+        else:
+            console.print(f"target {name}: [red]not supported[/red]: {verdict['reason']}")
+
+
 @app.command("profile")
 def profile_command(
     model: Path = typer.Argument(..., help="The float model (.onnx)."),
