@@ -10,7 +10,7 @@ Training: cross-entropy on the first output (or MSE), optional knowledge distill
 the float model's logits (MSE or KL at a temperature), Adam or SGD with momentum, a cosine,
 step or constant LR schedule, a seed for determinism, a per-epoch log (train loss, held-out
 top-1) stored as a :class:`~qcompiler.annotations.FineTuneLog`, and early stop when the
-held-out top-1 stops improving (the best epoch's weights are kept).
+held-out top-1 (ties: the held-out loss) stops improving (the best epoch's weights are kept).
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ class FineTunePass(ir.passes.InPlacePass):
         generator = np.random.default_rng(self.seed)
         n = train.num_samples
         rows: list[dict[str, float]] = []
-        best = (-np.inf, None, 0)  # (metric, state, epoch)
+        best = ((-np.inf,), None, 0)  # (metric, state, epoch)
         stale = 0
         with progress_bar("fine-tune", total=self.epochs * -(-n // self.batch_size), enabled=self.show_progress) as advance:
             for epoch in range(self.epochs):
@@ -166,10 +166,11 @@ class FineTunePass(ir.passes.InPlacePass):
                 sched.step()
                 row = {"epoch": epoch + 1, "train_loss": total / seen, "seconds": round(time.perf_counter() - start, 4),
                        "lr": float(opt.param_groups[0]["lr"])}
-                metric = -row["train_loss"]
+                metric = (-row["train_loss"],)
                 if held_out is not None:
-                    row["eval_top1"] = evaluate_top1(module, held_out, self.batch_size)
-                    metric = row["eval_top1"]
+                    # top-1 first, the held-out loss breaks ties (a small hold-out saturates)
+                    row["eval_top1"], row["eval_loss"] = evaluate(module, held_out, self.batch_size, self.loss)
+                    metric = (row["eval_top1"], -row["eval_loss"])
                 rows.append(row)
                 if metric > best[0]:
                     best, stale = (metric, {k: v.detach().clone() for k, v in module.params.items()}, epoch + 1), 0
@@ -233,15 +234,26 @@ def _scheduler(opt, schedule: str, epochs: int):
 
 def evaluate_top1(module, data: ArrayDataset, batch_size: int = 256) -> float:
     """Top-1 of the module's first output on ``data`` (eval mode, no gradients)."""
+    return evaluate(module, data, batch_size)[0]
+
+
+def evaluate(module, data: ArrayDataset, batch_size: int = 256, loss: str = "cross-entropy") -> tuple[float, float]:
+    """(top-1, mean loss) of the module's first output on ``data`` (eval mode, no gradients)."""
     import torch
+    import torch.nn.functional as F
 
     module.eval()
-    correct = 0
+    correct, total = 0, 0.0
     with torch.no_grad():
         for feed, labels in _batches(data, batch_size):
             out = module(**{k: torch.from_numpy(v) for k, v in feed.items()})[0]
-            correct += int((out.argmax(dim=-1).numpy() == labels).sum())
-    return correct / data.num_samples
+            target = torch.from_numpy(np.asarray(labels))
+            if loss == "cross-entropy":
+                correct += int((out.argmax(dim=-1).numpy() == labels).sum())
+                total += float(F.cross_entropy(out, target.long(), reduction="sum"))
+            else:
+                total += float(F.mse_loss(out, target.to(out.dtype), reduction="sum")) / max(1, out[0].numel())
+    return correct / data.num_samples, total / data.num_samples
 
 
 def _batches(data: ArrayDataset, batch_size: int):

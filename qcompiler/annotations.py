@@ -551,7 +551,7 @@ class FineTuneLog(Annotation):
 
     Attributes:
         epochs: one mapping per epoch: ``epoch``, ``train_loss``, ``lr``, ``seconds`` and
-            ``eval_top1`` when held-out data was given.
+            ``eval_top1`` and ``eval_loss`` when held-out data was given.
         best_epoch: the epoch whose weights were kept.
         stopped_early: training stopped before the last epoch (no held-out improvement).
     """
