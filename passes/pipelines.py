@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -108,3 +109,54 @@ def default_pipeline(
         *rewrite,
         *([finetune] if finetune is not None else []),
     ]
+
+
+#: Passes that run after the target's own passes (they rewrite on the grids the target chose).
+REWRITE_PASSES = ("GPFQPass", "FineTunePass")
+
+
+def text_pipeline(
+    target: Target,
+    config: TargetConfig,
+    text: str,
+    calib: ArrayDataset | Iterable[Mapping[str, np.ndarray]],
+    finetune_data: Any = None,
+    show_progress: bool = True,
+) -> list[ir.passes.PassBase]:
+    """The pipeline a ``--pipeline`` description gives: canonicalisation, the described analysis
+    passes (calibrate, profile, allocate, channels), the target's passes, then the described
+    rewrites (gpfq, finetune). Calibration data goes to every pass that takes ``data``, except
+    ``finetune``, which takes ``finetune_data``.
+
+    Raises:
+        PipelineTextError: an unreadable description, or ``finetune`` without training data.
+    """
+    from qcompiler.pipeline_text import PipelineTextError, parse_pipeline
+
+    described = parse_pipeline(text, show_progress=show_progress, data=calib)
+    before, after = [], []
+    for pass_ in described:
+        name = type(pass_).__name__
+        if name == "FineTunePass":
+            if finetune_data is None:
+                raise PipelineTextError("pipeline: finetune(...) needs training data (--finetune-data)")
+            pass_ = dataclasses.replace(pass_, data=finetune_data)
+        pass_ = _target_legal(pass_, target)
+        (after if name in REWRITE_PASSES else before).append(pass_)
+    return [*canonical_pipeline(config.keep_float), *before, *target.passes(config), *after]
+
+
+def _target_legal(pass_: ir.passes.PassBase, target: Target) -> ir.passes.PassBase:
+    """A described pass with the target's requirements filled in where the text left the default:
+    post-activation calibration (MAX78000), the target-legal candidates and bit widths."""
+    legal_bits = tuple(target.legal_weight_bits)
+    if isinstance(pass_, CalibratePass) and getattr(target, "calibrate_post_activation", False):
+        return dataclasses.replace(pass_, post_activation=True)
+    if isinstance(pass_, ProfileErrorPass) and pass_.candidates == tuple(candidate_set()):
+        bits = tuple(sorted(set(legal_bits) | set(target.legal_activation_bits)))
+        return dataclasses.replace(pass_, candidates=tuple(candidate_set(bits=bits, kinds=tuple(target.legal_kinds))))
+    if isinstance(pass_, AllocateBitsPass) and pass_.legal_bits is None:
+        activation_bits = tuple(target.legal_activation_bits) if pass_.scope == "all" else None
+        return dataclasses.replace(pass_, legal_bits=legal_bits, legal_activation_bits=activation_bits,
+                                   kinds=tuple(target.legal_kinds))
+    return pass_

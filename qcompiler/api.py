@@ -31,7 +31,8 @@ from qcompiler.ir import ModelLike, load_normalized, save
 from qcompiler.metrics import finite_or_none, mean_cosine, output_mse, sqnr_db, top1, top1_agreement
 from qcompiler.passes.detect_layers import quantizable_nodes
 from qcompiler.passes.gpfq import GPFQPass, gpfq_report
-from qcompiler.passes.pipelines import default_pipeline
+from qcompiler.passes.pipelines import default_pipeline, text_pipeline
+from qcompiler.pipeline_text import describe_pipeline
 from qcompiler.pipeline import PassStat, run_pipeline
 from qcompiler.quantizers import fake_quant_fixed
 from qcompiler.runtime import Runner
@@ -58,6 +59,9 @@ class CompileConfig:
             training data): quantization-aware fine-tuning last, on the target's quantizers.
         tune_between_cuts: the greedy word-length search retrains with ``finetune`` (one epoch
             per trial, up to 10 trials) when a cut overshoots ``max_loss`` (seed 002's ``tune_model``).
+        pipeline: a textual pipeline (:mod:`qcompiler.pipeline_text`) replacing the default
+            calibration, allocation and rewrite passes; ``finetune_data`` feeds its ``finetune``.
+        finetune_data: training data for a ``finetune(...)`` in ``pipeline``.
     """
 
     calib: DataSource
@@ -69,6 +73,8 @@ class CompileConfig:
     gpfq: GPFQPass | None = None
     finetune: ir.passes.PassBase | None = None
     tune_between_cuts: bool = False
+    pipeline: str | None = None
+    finetune_data: DataSource | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +120,11 @@ def compile_model(
         if evaluation is None or evaluation.labels is None:
             raise DataError("--max-loss needs held-out data with labels (--eval)")
         metric, reference = accuracy_metric(backend, target_config, float_model, evaluation, config.batch_size)
-    passes = default_pipeline(backend, target_config, calib, config.batch_size, config.show_progress, metric, reference,
-                              gpfq=config.gpfq, finetune=config.finetune, tune=_cut_tuner(config))
+    if config.pipeline is not None:
+        passes = text_pipeline(backend, target_config, config.pipeline, calib, config.finetune_data, config.show_progress)
+    else:
+        passes = default_pipeline(backend, target_config, calib, config.batch_size, config.show_progress, metric,
+                                  reference, gpfq=config.gpfq, finetune=config.finetune, tune=_cut_tuner(config))
     result = run_pipeline(ir_model, passes, dump_ir=config.dump_ir)
     annotated = result.model
     backend.validate(annotated)
@@ -128,7 +137,8 @@ def compile_model(
         artifact = backend.emit(annotated, folder, data=data)
         save(annotated, folder / ANNOTATED_FILE)
         metrics = validate_outputs(float_model, artifact.simulation_model, data, config.batch_size)
-        report = build_report(source, backend.name, annotated, metrics, split, result.stats, artifact.files)
+        report = build_report(source, backend.name, annotated, metrics, split, result.stats, artifact.files,
+                              describe_pipeline(passes))
         if artifact.report:
             report["target_details"] = dict(artifact.report)
             _merge_target_layers(report)
@@ -334,8 +344,9 @@ def build_report(
     split: str,
     stats: tuple[PassStat, ...],
     files: tuple[str, ...],
+    pipeline_text: str | None = None,
 ) -> dict[str, Any]:
-    """The ``report.json`` content."""
+    """The ``report.json`` content (``pipeline_text``: the configurable passes as ``--pipeline`` text)."""
     layers = layer_table(model)
     cpu = _cpu()
     summary = ann.get(model, ann.AllocationSummary)
@@ -366,6 +377,7 @@ def build_report(
             {"pass": s.name, "config": s.config, "seconds": round(s.seconds, 4), "modified": s.modified}
             for s in stats
         ],
+        "pipeline_text": pipeline_text,
         "artifacts": sorted([*files, ANNOTATED_FILE, REPORT_FILE]),
         "cpu": cpu,
     }

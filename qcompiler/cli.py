@@ -183,6 +183,7 @@ def compile_command(
     finetune_schedule: str = typer.Option("cosine", "--finetune-schedule", help="Fine-tune LR schedule: cosine, step or constant."),
     finetune_distill: str = typer.Option("none", "--finetune-distill", help="Distil from the float model: none, mse or kl."),
     finetune_patience: int = typer.Option(3, "--finetune-patience", help="Early stop after this many epochs without held-out gain (0 = never)."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", help='Passes as text, e.g. "calibrate(methods=percentile),profile(mode=fast),allocate(avg_bits=4),gpfq(bits=4)"; the target\'s passes run between analysis and rewrites.'),
     tune_cuts: bool = typer.Option(False, "--tune-cuts", help="Greedy WL search: retrain (one epoch per trial, --finetune-data) when a cut overshoots --max-loss (seed 002's tune_model)."),
     keep_float: str = typer.Option(
         "", "--keep-float", help="Nodes left in float: node names or op types, comma-separated ('unsupported' = every node the target cannot represent)."
@@ -261,6 +262,14 @@ def compile_command(
         if (avg_bits is not None and avg_bits <= 0) or (total_bytes is not None and total_bytes <= 0):
             raise QCompilerError("--avg-bits and --total-bytes must be positive")
         nonlocal config
+        if pipeline is not None:
+            given = [flag for flag, value in (("--avg-bits", avg_bits), ("--total-bytes", total_bytes), ("--max-loss", max_loss),
+                                              ("--gpfq", gpfq or None), ("--tune-cuts", tune_cuts or None)) if value is not None]
+            if given:
+                raise QCompilerError(f"--pipeline describes the passes: put {given[0]} into it instead "
+                                     "(e.g. allocate(avg_bits=4), gpfq(bits=4))")
+            return compile_model(model, target, dataclasses.replace(config, pipeline=pipeline, finetune_data=finetune_data),
+                                 out_dir)
         if finetune_data is not None:
             from qcompiler.passes.finetune import FineTunePass
 
