@@ -22,12 +22,85 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
 
 
+#: ``--settings FILE.toml`` (anywhere on the command line): option defaults for every sub-command.
+SETTINGS_OPTION = "--settings"
+
+
+def _pop_settings(args: list[str]) -> tuple[list[str], str | None]:
+    """The arguments without ``--settings FILE`` (or ``--settings=FILE``), and FILE."""
+    out, settings, i = [], None, 0
+    while i < len(args):
+        arg = args[i]
+        if arg == SETTINGS_OPTION:
+            if i + 1 >= len(args):
+                raise QCompilerError(f"{SETTINGS_OPTION} needs a file")
+            settings, i = args[i + 1], i + 2
+            continue
+        if arg.startswith(SETTINGS_OPTION + "="):
+            settings = arg.split("=", 1)[1]
+        else:
+            out.append(arg)
+        i += 1
+    return out, settings
+
+
+def load_settings(path: str | Path, commands: dict[str, Any], default_command: str) -> dict[str, dict[str, Any]]:
+    """Option defaults from a TOML file: top-level keys are ``compile`` options, ``[profile]``,
+    ``[gpfq]``, ... tables hold a sub-command's options. Keys are option names with ``-`` or
+    ``_`` (``weight-bits`` = ``weight_bits``); the command line overrides them; relative paths are
+    relative to the working directory, as on the command line.
+
+    Raises:
+        QCompilerError: an unreadable file, an unknown table or option (naming file and key).
+    """
+    import tomllib
+
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise QCompilerError(f"{path}: no such settings file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise QCompilerError(f"{path}: not valid TOML ({exc})") from None
+    tables = {default_command: {k: v for k, v in data.items() if not isinstance(v, dict)}}
+    for name, table in data.items():
+        if isinstance(table, dict):
+            if name not in commands:
+                raise QCompilerError(f"{path}: unknown table [{name}] (commands: {', '.join(sorted(commands))})")
+            tables.setdefault(name, {}).update(table)
+    out: dict[str, dict[str, Any]] = {}
+    for name, table in tables.items():
+        params = {}  # the parameter each accepted key names: its long options and its own name
+        for param in commands[name].params:
+            for alias in [param.name, *(o[2:] for o in param.opts if o.startswith("--"))]:
+                params[alias.replace("-", "_")] = param.name
+        for key, value in table.items():
+            option = params.get(key.replace("-", "_"))
+            if option is None or option == "debug":
+                where = f"[{name}]" if name != default_command or key not in data else "top level (compile)"
+                raise QCompilerError(f"{path}: {where} has no option {key!r}")
+            if isinstance(value, list):  # list options are comma-separated on the command line
+                value = ",".join(str(v) for v in value)
+            out.setdefault(name, {})[option] = value
+    return out
+
+
 class DefaultCommandGroup(TyperGroup):
-    """A group whose first argument, when it is not a sub-command, goes to ``compile``."""
+    """A group whose first argument, when it is not a sub-command, goes to ``compile``; a
+    ``--settings FILE.toml`` anywhere supplies option defaults (:func:`load_settings`)."""
 
     default_command = "compile"
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        try:
+            args, settings = _pop_settings(list(args))
+            if settings is not None:
+                ctx.default_map = load_settings(settings, self.commands, self.default_command)
+        except QCompilerError as exc:
+            typer.echo(f"error: {one_line(exc)}", err=True)
+            ctx.exit(EXIT_BAD_INPUT)
+        if settings is not None and not any(a in self.commands for a in args[:1]) and not args:
+            args = [self.default_command]
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = [self.default_command, *args]
         return super().parse_args(ctx, args)
