@@ -9,6 +9,8 @@ import pytest
 from qcompiler.metrics import top1
 from tests.conftest import DIGITS, load_example
 
+ROOT = DIGITS.parents[1]
+
 
 def test_shipped_files_are_small():
     for name in ("digits_cnn.onnx", "calib.npz", "eval.npz"):
@@ -56,3 +58,29 @@ def test_resnet18_builder(tmp_path):
     x = np.random.default_rng(0).normal(size=(1, 3, 224, 224)).astype(np.float32)
     out = ort.InferenceSession(str(path)).run(None, {"image": x})[0]
     assert out.shape == (1, 1000) and np.isfinite(out).all() and out.std() > 0
+
+
+def test_example_custom_pass_pins_the_edge_layers():
+    module = _example_script("custom_pass")
+    out = module.main()
+    assert out["bits"][0] == 8 and out["bits"][-1] == 8 and max(out["bits"][1:-1]) <= 4
+    assert out["metrics"]["simulated"]["top1"] > 0.97
+
+
+def test_example_python_pipeline_runs_seed_000_and_fine_tunes():
+    pytest.importorskip("torch")
+    module = _example_script("python_pipeline")
+    out = module.main(epochs=2)
+    assert out["before"] > 0.9 and out["after"] >= out["before"] - 0.01
+
+
+def _example_script(name: str):
+    """Import ``examples/pipelines/<name>.py`` as a module (registered, as dataclasses need)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / "pipelines" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
