@@ -162,7 +162,9 @@ WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 def check_keep_float(backend: Any, config: TargetConfig, model: ir.Model) -> None:
     """``--keep-float`` names must be node names or op types of the model, on a target that
-    can leave nodes in float."""
+    can leave nodes in float; ``--native-int4`` needs a target that stores ONNX INT4."""
+    if config.native_int4 and not getattr(backend, "supports_native_int4", False):
+        raise QCompilerError(f"target {backend.name!r} does not store ONNX INT4 weights: --native-int4 is not supported")
     if not config.keep_float:
         return
     if not getattr(backend, "supports_keep_float", False):

@@ -42,49 +42,29 @@ from qcompiler.passes.detect_layers import quantizable_nodes
 from qcompiler.passes.profile_errors import PER_CHANNEL_KINDS
 
 
-class _RoundSTE(torch.autograd.Function):
-    """Round half to even forward (``torch.round``), identity backward."""
+class _RoundingSTE(torch.autograd.Function):
+    """An integer rounding forward, the identity backward (the straight-through estimator)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return torch.round(x)
+    def forward(ctx, x: torch.Tensor, rounder: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:  # noqa: D102
+        return rounder(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return grad
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: D102
+        return grad, None
 
 
-class _FloorSTE(torch.autograd.Function):
-    """Floor forward, identity backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return torch.floor(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return grad
+#: The roundings of :data:`~qcompiler.annotations.ROUNDINGS` (``torch.round`` is half to even).
+ROUNDERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "half_even": torch.round,
+    "half_up": lambda u: torch.floor(u + 0.5),
+    "toward_zero": torch.trunc,
+}
 
 
-class _TruncSTE(torch.autograd.Function):
-    """Round toward zero forward, identity backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return torch.trunc(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return grad
-
-
-def _round(u: torch.Tensor, rounding: str) -> torch.Tensor:
-    """``u`` rounded to an integer the way :data:`~qcompiler.annotations.ROUNDINGS` names, with STE."""
-    if rounding == "half_up":
-        return _FloorSTE.apply(u + 0.5)
-    if rounding == "toward_zero":
-        return _TruncSTE.apply(u)
-    return _RoundSTE.apply(u)
+def _round(u: torch.Tensor, rounding: str = "half_even") -> torch.Tensor:
+    """``u`` rounded to an integer as ``rounding`` says, with the straight-through estimator."""
+    return _RoundingSTE.apply(u, ROUNDERS[rounding])
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, q_min: int, q_max: int,
@@ -96,7 +76,7 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, q_min: int, q_max: int,
     rounding noise, which would otherwise decide exact ties)."""
     u = x / scale
     if lattice > 0:
-        u = _RoundSTE.apply(u * lattice) / lattice
+        u = _round(u * lattice) / lattice
     return torch.clamp(_round(u, rounding), q_min, q_max) * scale
 
 

@@ -335,3 +335,11 @@ def test_cli_keep_float_and_native_int4(tmp_path):
     bad = runner.invoke(app, [*args, "--keep-float", "NoSuchNode"])
     assert bad.exit_code == 2 and "--keep-float 'NoSuchNode' is neither" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_native_int4_on_max78000_is_a_one_line_error(tmp_path):
+    out = tmp_path / "o"
+    result = CliRunner().invoke(app, [str(DIGITS / "digits_cnn.onnx"), "--target", "max78000", "--calib",
+                                      str(DIGITS / "calib.npz"), "--bits", "4", "--native-int4", "-q", "-o", str(out)])
+    assert result.exit_code == 2 and "'max78000' does not store ONNX INT4 weights" in result.output
+    assert not out.exists()

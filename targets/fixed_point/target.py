@@ -77,6 +77,8 @@ class FixedPointTarget:
     legal_kinds: ClassVar[tuple[str, ...]] = ("fixed",)
     #: Nodes may stay in float (``--keep-float``).
     supports_keep_float: ClassVar[bool] = True
+    #: Weights of <= 4 bits may be stored as ONNX INT4 (``--native-int4``).
+    supports_native_int4: ClassVar[bool] = True
 
     def __init__(self) -> None:
         # One FL cache per compile: accuracy-driven searches re-assign formats many times.
