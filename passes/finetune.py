@@ -43,7 +43,8 @@ class FineTunePass(ir.passes.InPlacePass):
     """Quantization-aware fine-tuning of an annotated model.
 
     Attributes:
-        data: training data with ``labels`` (path, mapping or dataset); ``labels`` may be
+        data: training data with ``labels`` (path, mapping, dataset, or an iterable of batches such
+            as a torch ``DataLoader`` of ``(inputs, labels)``, collected once); ``labels`` may be
             absent when ``distill`` is set and ``distill_weight`` is 1.
         eval_data: held-out data with ``labels`` for the per-epoch metric and early stop;
             without it, ``holdout`` of the training samples (a seeded random subset) are held out.

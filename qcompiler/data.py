@@ -13,6 +13,7 @@ import dataclasses
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -143,8 +144,9 @@ def _shape_str(shape: ir.Shape) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def load_dataset(source: DataSource, model: ir.Model) -> ArrayDataset:
-    """Load and validate data for ``model`` from a path, a mapping or an :class:`ArrayDataset`."""
+def load_dataset(source: DataSource | Iterable[Any], model: ir.Model) -> ArrayDataset:
+    """Load and validate data for ``model`` from a path, a mapping, an :class:`ArrayDataset`, or
+    an iterable of batches (a torch ``DataLoader``; see :func:`_collect_batches`)."""
     input_names = [v.name for v in model.graph.inputs if not v.is_initializer()]
     if isinstance(source, ArrayDataset):
         return validate(source.arrays, source.labels, model, source.source)
@@ -152,9 +154,41 @@ def load_dataset(source: DataSource, model: ir.Model) -> ArrayDataset:
         arrays = dict(source)
         labels = arrays.pop(LABELS_KEY, None)
         return validate(arrays, labels, model, "<memory>")
+    if not isinstance(source, (str, os.PathLike)):
+        arrays, labels = _collect_batches(source, input_names)
+        return validate(arrays, labels, model, "<batches>")
     path = Path(source)
     arrays, labels = _read(path, input_names)
     return validate(arrays, labels, model, str(path))
+
+
+def _collect_batches(batches: Iterable[Any], input_names: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Concatenate an iterable of batches (e.g. a torch ``DataLoader``): each batch is a feed
+    mapping (``labels`` optional) or an ``(inputs, labels)`` pair whose inputs are a mapping or,
+    for a one-input model, one array or tensor.
+
+    Raises:
+        DataError: an empty iterable or a batch of another form.
+    """
+    parts: dict[str, list[np.ndarray]] = {}
+    for i, batch in enumerate(batches):
+        if isinstance(batch, Mapping):
+            feed = dict(batch)
+        elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+            inputs, labels = batch
+            feed = dict(inputs) if isinstance(inputs, Mapping) else ({input_names[0]: inputs} if len(input_names) == 1 else None)
+            if feed is None:
+                raise DataError(f"batch {i}: a model with inputs {input_names} needs each batch's inputs as a mapping")
+            feed[LABELS_KEY] = labels
+        else:
+            raise DataError(f"batch {i}: expected a feed mapping or an (inputs, labels) pair, got {type(batch).__name__}")
+        for name, value in feed.items():
+            array = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+            parts.setdefault(name, []).append(array)
+    if not parts:
+        raise DataError("the data iterable yielded no batch")
+    arrays = {name: np.concatenate(chunks) for name, chunks in parts.items()}
+    return arrays, arrays.pop(LABELS_KEY, None)
 
 
 def iter_feeds(data: DataSource | Iterable[Mapping[str, np.ndarray]], batch_size: int,

@@ -394,3 +394,23 @@ def test_write_into_module_names_a_missing_parameter():
     model = _compiled(8).model
     with pytest.raises(QCompilerError, match="no parameter or buffer '0.weight'"):
         write_into_module(model, torch.nn.Linear(2, 2))
+
+
+def test_finetune_takes_a_torch_dataloader(train):
+    """The training data may be a torch DataLoader of (inputs, labels) or of feed dicts."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from qcompiler.data import load_dataset
+
+    model = _compiled(4).model
+    x, y = torch.from_numpy(train["x"][:200]), torch.from_numpy(train["labels"][:200])
+    pairs = DataLoader(TensorDataset(x, y), batch_size=64)
+    dataset = load_dataset(pairs, model)
+    assert dataset.num_samples == 200 and np.array_equal(dataset.labels, train["labels"][:200])
+    dicts = [{"x": x[i:i + 50], "labels": y[i:i + 50]} for i in range(0, 200, 50)]
+    assert np.array_equal(load_dataset(dicts, model).arrays["x"], train["x"][:200])
+    tuned = model.clone()
+    FineTunePass(data=pairs, epochs=1, show_progress=False)(tuned)
+    assert ann.require(tuned, ann.FineTuneLog).epochs[0]["epoch"] == 1
+    with pytest.raises(DataError, match="batch 0: expected a feed mapping or an"):
+        load_dataset([x[:4]], model)
