@@ -25,7 +25,7 @@ from qcompiler import annotations as ann
 from qcompiler.data import ArrayDataset, DataSource, load_dataset
 from qcompiler.errors import DataError, QCompilerError
 from qcompiler.fl_search import compression_rate
-from qcompiler.fsutil import atomic_dir, write_json
+from qcompiler.fsutil import atomic_dir, write_bytes, write_json
 from qcompiler.graph import const_array, values_by_name
 from qcompiler.ir import ModelLike, load_normalized, save
 from qcompiler.metrics import finite_or_none, mean_cosine, output_mse, sqnr_db, top1, top1_agreement
@@ -33,6 +33,7 @@ from qcompiler.passes.detect_layers import quantizable_nodes
 from qcompiler.passes.gpfq import GPFQPass, gpfq_report
 from qcompiler.passes.pipelines import default_pipeline, text_pipeline
 from qcompiler.pipeline_text import describe_pipeline
+from qcompiler.report_html import render_html
 from qcompiler.pipeline import PassStat, run_pipeline
 from qcompiler.quantizers import fake_quant_fixed
 from qcompiler.runtime import Runner
@@ -40,6 +41,7 @@ from qcompiler.targets import TargetConfig, get_target
 
 ANNOTATED_FILE = "model.annotated.onnx"
 REPORT_FILE = "report.json"
+REPORT_HTML_FILE = "report.html"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +145,7 @@ def compile_model(
             report["target_details"] = dict(artifact.report)
             _merge_target_layers(report)
         write_json(folder / REPORT_FILE, report)
+        write_bytes(folder / REPORT_HTML_FILE, render_html(report, annotated).encode("utf-8"))
     return CompileResult(
         annotated, artifact.simulation_model, report, result.stats, Path(out_dir) if out_dir is not None else None
     )
