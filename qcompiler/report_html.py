@@ -126,14 +126,18 @@ def _pareto_figure(points: Mapping[str, list[tuple[float, float]]]) -> str:
     return _png(fig)
 
 
-def _layer_rows(report: Mapping[str, Any]) -> list[list[Any]]:
+def _layer_rows(report: Mapping[str, Any], model: ir.Model) -> list[list[Any]]:
+    """Per layer: name, op, shape, params, bits, format, size, and its error contribution: the
+    profiled output MSE of its chosen width (when allocated) and GPFQ's or the weight's error."""
+    chosen = {v.name: b.distortion for v in model.graph.initializers.values() if (b := ann.get(v, ann.BitWidth)) is not None}
     rows = []
     for r in report.get("layers", []):
         fmt = (f"fl {r.get('weight_fl_min')}..{r.get('weight_fl_max')}" if r.get("weight_fl_min") is not None
                else r.get("weight_scale"))
         error = r.get("gpfq_error") if r.get("gpfq_error") is not None else r.get("weight_sqnr_db")
         rows.append([r.get("name"), r.get("op"), "×".join(str(d) for d in r.get("weight_shape", [])), r.get("params"),
-                     r.get("weight_bits"), r.get("activation_bits"), fmt, r.get("weight_bytes"), error])
+                     r.get("weight_bits"), r.get("activation_bits"), fmt, r.get("weight_bytes"), chosen.get(r.get("weight")),
+                     error])
     return rows
 
 
@@ -154,7 +158,8 @@ def render_html(report: Mapping[str, Any], model: ir.Model) -> str:
         "".join(f"<p>note: {html.escape(str(n))}</p>" for n in report.get("notes", [])),
         "<h2>Layers</h2>",
         _table("layers", ["layer", "op", "weight shape", "params", "bits W", "bits A", "WL/FL or scale",
-                          "weight bytes", "error (GPFQ rel. or weight SQNR dB)"], _layer_rows(report)),
+                          "weight bytes", "profiled output MSE", "GPFQ rel. error or weight SQNR dB"],
+               _layer_rows(report, model)),
     ]
     profiles = _weight_profiles(model)
     if profiles:

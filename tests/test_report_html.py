@@ -88,6 +88,8 @@ def test_report_html_parses_with_the_report_numbers_and_embedded_plots(compiled)
     layers = page.tables["layers"][1:]
     assert [row[0] for row in layers] == [r["name"] for r in report["layers"]]
     assert [int(row[4]) for row in layers] == [r["weight_bits"] for r in report["layers"]]
+    contributions = [float(row[8]) for row in layers]  # the profiled output MSE of each chosen width
+    assert sum(contributions) == pytest.approx(report["allocation"]["predicted_distortion"], rel=1e-3)
     assert [row[0] for row in page.tables["pipeline"][1:]] == [s["pass"] for s in report["pipeline"]]
     for key in ("rd", "pareto"):
         data = base64.b64decode(page.images[key].split(",", 1)[1])
