@@ -99,7 +99,7 @@ class DefaultCommandGroup(TyperGroup):
         except QCompilerError as exc:
             typer.echo(f"error: {one_line(exc)}", err=True)
             ctx.exit(EXIT_BAD_INPUT)
-        if settings is not None and not any(a in self.commands for a in args[:1]) and not args:
+        if settings is not None and not args:  # everything came from the file
             args = [self.default_command]
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = [self.default_command, *args]
