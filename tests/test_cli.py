@@ -34,7 +34,7 @@ def compiled(tmp_path_factory):
 def test_digits_end_to_end(compiled):
     out, result = compiled
     assert sorted(p.name for p in out.iterdir()) == [
-        "digits_cnn_int.h", "model.annotated.onnx", "model.int.json", "model.int.npz", "model.qdq.onnx", "report.json"
+        "digits_cnn_int.h", "model.annotated.onnx", "model.int.json", "model.int.npz", "model.qdq.onnx", "report.html", "report.json"
     ]
     report = json.loads((out / "report.json").read_text())
     m = report["metrics"]
