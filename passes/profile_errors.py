@@ -29,7 +29,7 @@ import onnx_ir as ir
 
 from qcompiler import annotations as ann
 from qcompiler.candidates import Candidate, Fitted, apply, candidate_set, fit, rates
-from qcompiler.data import ArrayDataset, iter_feeds
+from qcompiler.data import ArrayDataset, iter_feeds, load_dataset
 from qcompiler.errors import DataError, UnsupportedModelError
 from qcompiler.graph import const_array, set_initializer, values_by_name
 from qcompiler.passes.calibrate import META_KEY
@@ -269,6 +269,8 @@ class ProfileErrorPass(ir.passes.InPlacePass):
 
     # ------------------------------------------------------------------ the pass
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if isinstance(self.data, (str, os.PathLike, Mapping)):  # read and validate once, not on every pass over it
+            return dataclasses.replace(self, data=load_dataset(self.data, model)).call(model)
         first = next(iter(iter_feeds(self.data, self.batch_size, model)), None)
         if first is None:
             raise DataError("profiling data is empty")

@@ -29,10 +29,10 @@ def layer_rows(model: ir.Model) -> list[dict[str, Any]]:
     """One row per quantizable layer: node, op, weight name and shape, parameters, channel axis."""
     from qcompiler.passes.detect_layers import quantizable_nodes
 
-    values = {v.name: v for v in model.graph.initializers.values()}
+    initializers = model.graph.initializers
     rows = []
     for node, layer in quantizable_nodes(model):
-        bias = const_array(values[layer.bias]) if layer.bias and layer.bias in values else None
+        bias = const_array(initializers[layer.bias]) if layer.bias and layer.bias in initializers else None
         rows.append({
             "node": node.name,
             "op": node.op_type,

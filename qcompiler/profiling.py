@@ -131,12 +131,19 @@ def json_profile(profile: ann.ErrorProfile) -> dict[str, Any]:
     return {"kind": profile.tensor_kind, "elements": profile.elements, "mode": profile.mode, "rows": rows}
 
 
-def plot_curve(name: str, profile: ann.ErrorProfile, path: Path) -> None:
-    """Rate (bits per element, entropy and fixed) vs distortion on a log scale, per quantizer kind."""
+def headless_pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curve(name: str, profile: ann.ErrorProfile, path: Path) -> None:
+    """Rate (bits per element, entropy and fixed) vs distortion on a log scale, per quantizer kind."""
+    plt = headless_pyplot()
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)

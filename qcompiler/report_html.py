@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import annotations as ann
+from qcompiler.profiling import headless_pyplot
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1200px; }
@@ -51,9 +52,7 @@ def _table(table_id: str, headers: Sequence[str], rows: Sequence[Sequence[Any]])
 def _png(fig: Any) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, metadata={"Software": None})
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    headless_pyplot().close(fig)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -63,12 +62,7 @@ def _weight_profiles(model: ir.Model) -> dict[str, ann.ErrorProfile]:
 
 
 def _rd_figure(profiles: Mapping[str, ann.ErrorProfile]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = headless_pyplot().subplots(figsize=(7, 4))
     for name, p in profiles.items():
         order = np.argsort(p.rate_fixed)
         ax.plot(np.asarray(p.rate_fixed)[order] / 8 / 1024, np.maximum(np.asarray(p.distortion)[order], 1e-12),
@@ -108,9 +102,7 @@ def pareto_points(profiles: Mapping[str, ann.ErrorProfile], chosen: Mapping[str,
 
 
 def _pareto_figure(points: Mapping[str, list[tuple[float, float]]]) -> str:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = headless_pyplot().subplots(figsize=(7, 4))
     if points["front"]:
         x, y = zip(*points["front"])
         ax.plot(np.asarray(x) / 1024, np.maximum(y, 1e-12), "-", color="#888", label="front (convex hull)")
@@ -126,17 +118,22 @@ def _pareto_figure(points: Mapping[str, list[tuple[float, float]]]) -> str:
     return _png(fig)
 
 
-def _layer_rows(report: Mapping[str, Any], model: ir.Model) -> list[list[Any]]:
+def _chosen_widths(model: ir.Model) -> dict[str, ann.BitWidth]:
+    """The allocator's choice per weight, by name."""
+    return {v.name: b for v in model.graph.initializers.values() if (b := ann.get(v, ann.BitWidth)) is not None}
+
+
+def _layer_rows(report: Mapping[str, Any], chosen: Mapping[str, ann.BitWidth]) -> list[list[Any]]:
     """Per layer: name, op, shape, params, bits, format, size, and its error contribution: the
     profiled output MSE of its chosen width (when allocated) and GPFQ's or the weight's error."""
-    chosen = {v.name: b.distortion for v in model.graph.initializers.values() if (b := ann.get(v, ann.BitWidth)) is not None}
     rows = []
     for r in report.get("layers", []):
         fmt = (f"fl {r.get('weight_fl_min')}..{r.get('weight_fl_max')}" if r.get("weight_fl_min") is not None
                else r.get("weight_scale"))
         error = r.get("gpfq_error") if r.get("gpfq_error") is not None else r.get("weight_sqnr_db")
         rows.append([r.get("name"), r.get("op"), "×".join(str(d) for d in r.get("weight_shape", [])), r.get("params"),
-                     r.get("weight_bits"), r.get("activation_bits"), fmt, r.get("weight_bytes"), chosen.get(r.get("weight")),
+                     r.get("weight_bits"), r.get("activation_bits"), fmt, r.get("weight_bytes"),
+                     chosen[r["weight"]].distortion if r.get("weight") in chosen else None,
                      error])
     return rows
 
@@ -148,6 +145,7 @@ def render_html(report: Mapping[str, Any], model: ir.Model) -> str:
     metric_rows = [[k] + [metrics.get(mode, {}).get(k) for mode in ("float", "simulated", "ort_kernel")] for k in keys]
     pipeline_rows = [[s["pass"], s["seconds"], s["modified"]] for s in report.get("pipeline", [])]
     summary = report.get("summary", {})
+    chosen = _chosen_widths(model)
     parts = [
         f"<h1>qcompiler report: {html.escape(str(report.get('model')))} → {html.escape(str(report.get('target')))}</h1>",
         f"<p>qcompiler {html.escape(str(report.get('qcompiler')))}; validated on the "
@@ -159,12 +157,10 @@ def render_html(report: Mapping[str, Any], model: ir.Model) -> str:
         "<h2>Layers</h2>",
         _table("layers", ["layer", "op", "weight shape", "params", "bits W", "bits A", "WL/FL or scale",
                           "weight bytes", "profiled output MSE", "GPFQ rel. error or weight SQNR dB"],
-               _layer_rows(report, model)),
+               _layer_rows(report, chosen)),
     ]
     profiles = _weight_profiles(model)
     if profiles:
-        chosen = {name: b for name in profiles if (b := ann.get(
-            next(v for v in model.graph.initializers.values() if v.name == name), ann.BitWidth)) is not None}
         parts += ["<h2>Rate–distortion curves</h2>", f'<img id="rd" alt="rate-distortion curves" src="{_rd_figure(profiles)}">',
                   "<h2>Allocation: Pareto front</h2>",
                   f'<img id="pareto" alt="Pareto front" src="{_pareto_figure(pareto_points(profiles, chosen))}">']

@@ -237,7 +237,7 @@ def _bias_value(nodes: dict[str, ir.Node], layer: LegalLayer) -> ir.Value | None
         return weight_node.inputs[2]
     for name in layer.hw.nodes:
         if nodes[name].op_type == "Add":
-            return next(v for v in nodes[name].inputs if v is not None and v.is_initializer())
+            return next((v for v in nodes[name].inputs if v is not None and v.is_initializer()), None)
     return None
 
 
