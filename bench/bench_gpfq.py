@@ -33,8 +33,10 @@ from qcompiler.gpfq import (  # noqa: E402
     UniformGrid,
     channel_scales,
     code_range,
+    data_form_is_cheaper,
     gpfq_blocked,
     gpfq_columns,
+    gpfq_data,
 )
 from qcompiler.ir import load_normalized  # noqa: E402
 from qcompiler.metrics import mean_cosine, top1  # noqa: E402
@@ -44,14 +46,16 @@ from qcompiler.pipeline import run_pipeline  # noqa: E402
 from qcompiler.runtime import Runner  # noqa: E402
 
 #: (name, N, d, m): ResNet-18 layer shapes with the reference's m (spec §6.6 cost reference).
+#: Columns per block of the data form (the pass uses its ``block_size``; the levels do not depend on it).
+DATA_BLOCK = 64
 SHAPES = (("fc 1000x512", 1000, 512, 512), ("conv 64x576", 64, 576, 11_648),
           ("conv 512x4608", 512, 4608, 1_536), ("conv 256x2304", 256, 2304, 10_240))
 
 
 def speed() -> None:
-    print("| layer | N x d | m | per-column s | d×d blocked s (H, G + sweep) | of which sweep s | speed-up | "
-          "+ F for the error report s | level mismatches |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| layer | N x d | m | per-column s | d×d form s (H, G + sweep) | of which sweep s | data form s | "
+          "form chosen | speed-up d×d | speed-up data | speed-up chosen | level mismatches d×d / data |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, n, d, m in SHAPES:
         rng = np.random.default_rng(0)
         w = 0.1 * rng.normal(size=(n, d))
@@ -69,16 +73,16 @@ def speed() -> None:
         blocked = time.perf_counter() - start
         sweep = time.perf_counter() - middle
         start = time.perf_counter()
-        f = np.zeros((d, d))
-        for part in parts:
-            x64 = x[part].astype(np.float64)
-            f += x64.T @ x64
-        f_seconds = time.perf_counter() - start
+        q_data = gpfq_data(w, x, xt, grid, DATA_BLOCK)
+        data = time.perf_counter() - start
         start = time.perf_counter()
         q_ref, _ = gpfq_columns(w, x, xt, grid)
         reference = time.perf_counter() - start
-        print(f"| {name} | {n}x{d} | {m} | {reference:.2f} | {blocked:.2f} | {sweep:.2f} | {reference / blocked:.1f}x | "
-              f"{f_seconds:.2f} | {int(np.count_nonzero(q_ref != q_blocked))} |", flush=True)
+        chosen_form = "data" if data_form_is_cheaper(n, d, m, DATA_BLOCK) else "d×d"
+        chosen = data if chosen_form == "data" else blocked
+        mismatches = f"{int(np.count_nonzero(q_ref != q_blocked))} / {int(np.count_nonzero(q_ref != q_data))}"
+        print(f"| {name} | {n}x{d} | {m} | {reference:.2f} | {blocked:.2f} | {sweep:.2f} | {data:.2f} | {chosen_form} | "
+              f"{reference / blocked:.1f}x | {reference / data:.1f}x | {reference / chosen:.1f}x | {mismatches} |", flush=True)
 
 
 def resnet(samples: int) -> None:

@@ -35,14 +35,18 @@ from qcompiler.gpfq import (
     ReferenceGrid,
     UniformGrid,
     act_order,
+    act_order_of_rows,
     channel_scales,
     code_range,
+    data_form_is_cheaper,
     gpfq_blocked,
+    gpfq_data,
     mse_channel_scales,
     output_energy,
     paper_alphabet,
     reference_step,
     relative_error,
+    relative_error_on_rows,
 )
 from qcompiler.graph import add_initializer, const_array, set_initializer, values_by_name
 from qcompiler.layer_matrix import LayerGeometry, from_weight_matrix, geometry, rows, weight_matrix
@@ -92,6 +96,10 @@ class GPFQPass(ir.passes.InPlacePass):
         bias_correction: ``none``, ``last`` or ``all``: ``b' = b + W·μ_X − Q·μ_X̃``.
         target_inputs: ``fp`` (follow the float outputs, the reference) or ``quantized`` (G = H).
         act_order: process columns by descending ``diag(H)``.
+        damping: ``λ`` as a fraction of the mean of ``diag(H)``; GPFQ then follows
+            ``‖XWᵀ − X̃Qᵀ‖² + λ‖W − Q‖²`` (``H`` and ``G`` get ``+λI``: the data augmented by
+            ``√λ·I`` rows). It keeps layers whose calibration rows do not span their columns
+            (fewer tokens than features) from fitting the calibration set alone.
         token_mask: a model input of shape (batch, tokens) (e.g. ``attention_mask``): rows of
             (batch, tokens, features) activations whose mask is 0 (padding) are left out.
         block_size: columns per lazy-update block (does not change the result).
@@ -120,6 +128,7 @@ class GPFQPass(ir.passes.InPlacePass):
     bias_correction: str = "none"
     target_inputs: str = "fp"
     act_order: bool = False
+    damping: float = 0.0
     token_mask: str | None = None
     block_size: int = 128
     batch_size: int = 32
@@ -148,6 +157,8 @@ class GPFQPass(ir.passes.InPlacePass):
             raise GPFQConfigError(f"GPFQ: radius_quantile must be in (0, 1], got {self.radius_quantile}")
         if self.lam < 0:
             raise GPFQConfigError(f"GPFQ: lam must be >= 0, got {self.lam}")
+        if not (math.isfinite(self.damping) and self.damping >= 0):
+            raise GPFQConfigError(f"GPFQ: damping must be >= 0, got {self.damping}")
 
     # ------------------------------------------------------------------ selection
 
@@ -217,17 +228,18 @@ class GPFQPass(ir.passes.InPlacePass):
         q = np.empty_like(wm)
         rtn = np.empty_like(wm)
         errors, rtn_errors, refs = [], [], []
+        kept = acc.kept_rows()
         for k in range(geo.groups):
-            h, g, f = acc.h[k], acc.g[k], acc.f[k]
-            target_g = h if self.target_inputs == "quantized" else g
-            perm = act_order(h) if self.act_order else None
-            if perm is None:
-                q[k] = gpfq_blocked(wm[k], h, target_g, grids[k], self.block_size)
-            else:
-                inverse = np.argsort(perm)
-                q[k] = gpfq_blocked(wm[k][:, perm], h[np.ix_(perm, perm)], target_g[np.ix_(perm, perm)],
-                                    grids[k], self.block_size)[:, inverse]
             rtn[k] = rtn_grids[k].quantize(wm[k], 0)
+            if kept is not None and data_form_is_cheaper(wm.shape[1], geo.columns, acc.rows, self.block_size):
+                x, x_tilde = kept[0][k], kept[1][k]
+                q[k] = self._solve_on_rows(wm[k], x, x_tilde, grids[k])
+                refs.append(float(np.sum((x @ wm[k].T) ** 2)))
+                errors.append(relative_error_on_rows(wm[k], q[k], x, x_tilde))
+                rtn_errors.append(relative_error_on_rows(wm[k], rtn[k], x, x_tilde))
+                continue
+            h, g, f = acc.h[k], acc.g[k], acc.f[k]
+            q[k] = self._solve_on_products(wm[k], h, g, grids[k])
             refs.append(output_energy(wm[k], f))
             errors.append(relative_error(wm[k], q[k], h, g, f, refs[-1]))
             rtn_errors.append(relative_error(wm[k], rtn[k], h, g, f, refs[-1]))
@@ -247,6 +259,28 @@ class GPFQPass(ir.passes.InPlacePass):
             bias_corrected=corrected,
         ))
         return from_weight_matrix(geo, rtn, w.dtype)
+
+    def _solve_on_products(self, w: np.ndarray, h: np.ndarray, g: np.ndarray, grid: Grid) -> np.ndarray:
+        """The levels of one group from the streamed ``H`` and ``G`` (the d×d form)."""
+        h_fit, g_fit = _damped(h, g, self.damping)
+        target_g = h_fit if self.target_inputs == "quantized" else g_fit
+        if not self.act_order:
+            return gpfq_blocked(w, h_fit, target_g, grid, self.block_size)
+        perm = act_order(h)
+        q = gpfq_blocked(w[:, perm], h_fit[np.ix_(perm, perm)], target_g[np.ix_(perm, perm)], grid, self.block_size)
+        return q[:, np.argsort(perm)]
+
+    def _solve_on_rows(self, w: np.ndarray, x: np.ndarray, x_tilde: np.ndarray, grid: Grid) -> np.ndarray:
+        """The levels of one group from the kept rows (the data form, same levels as the d×d form)."""
+        x_fit = x_tilde if self.target_inputs == "quantized" else x
+        if self.damping:  # the √λ·I rows that H + λI and G + λI stand for
+            root = math.sqrt(self.damping * float(np.mean(np.sum(x_tilde**2, axis=0))))
+            eye = root * np.eye(x.shape[1])
+            x_fit, x_tilde = np.concatenate([x_fit, eye]), np.concatenate([x_tilde, eye])
+        if not self.act_order:
+            return gpfq_data(w, x_fit, x_tilde, grid, self.block_size)
+        perm = act_order_of_rows(x_tilde)
+        return gpfq_data(w[:, perm], x_fit[:, perm], x_tilde[:, perm], grid, self.block_size)[:, np.argsort(perm)]
 
     # ------------------------------------------------------------------ grids
 
@@ -350,7 +384,8 @@ class GPFQPass(ir.passes.InPlacePass):
         matched = not quantize_activations and not _rewritten_upstream(model, layer.activation_input)
         float_runner = PrefixRunner(float_model, layer.activation_input)
         tilde_runner = None if matched else PrefixRunner(view, tilde_name)
-        acc = GramAccumulator(geo.columns, geo.groups, matched=matched)
+        # Rows are kept while they take no more memory than one d×d product (see the data form).
+        acc = GramAccumulator(geo.columns, geo.groups, matched=matched, keep_rows=geo.columns)
         seen = 0
         for feed in feeds:
             if samples is not None and seen >= samples:
@@ -505,6 +540,16 @@ def _has_activation_formats(model: ir.Model) -> bool:
     return any(
         not v.is_initializer() and ann.get(v, ann.FixedPoint) is not None for v in values_by_name(model.graph).values()
     )
+
+
+def _damped(h: np.ndarray, g: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(H + λI, G + λI)`` with ``λ = damping·mean(diag H)``: the products of the data augmented
+    by ``√λ·I`` rows in both ``X`` and ``X̃``, so GPFQ also weighs ``λ‖W − Q‖²``."""
+    if damping == 0.0:
+        return h, g
+    lam = damping * float(np.mean(np.diag(h)))
+    eye = lam * np.eye(h.shape[0])
+    return h + eye, g + eye
 
 
 def _input_of(model: ir.Model, node_name: str) -> str:

@@ -250,29 +250,66 @@ def _uniform_block(
     regularizer: int, lam: float, q: np.ndarray,
 ) -> None:
     """One block of the sweep with a :class:`UniformGrid` (nearest rounding), compiled: the same
-    arithmetic as the Python loop of :func:`gpfq_blocked`. ``a``, ``b``: the block's columns of A
-    and B (N, k); ``h``: H restricted to the block (k, k); ``q``: the block's output columns.
-    ``regularizer``: 0 none, 1 L1, 2 L0."""
+    arithmetic as the Python loop of :func:`_sweep_block`. ``a``, ``b``: the block's columns of A
+    and B (N, k); ``h``: H restricted to the block and transposed (k, k), so that the updates
+    after column ``i`` read ``H[i+1:, i]`` in memory order; ``q``: the block's output columns.
+    ``regularizer``: 0 none, 1 L1, 2 L0.
+
+    Rows are independent inside a block (each has its own scale, ``A`` and ``B`` row), so each
+    row runs through its columns with its ``B`` row in cache; every ``B[r, j]`` receives the same
+    terms in the same order as in the column-by-column loop. (Not ``parallel``: numba's threads
+    and the BLAS threads of the GEMMs between blocks slow each other down, measured 2×.)"""
     n, k = a.shape
-    for i in range(k):
-        diag = h[i, i]
-        for r in range(n):
+    for r in range(n):
+        scale = scales[r]
+        for i in range(k):
+            diag = h[i, i]
             v = (a[r, i] - b[r, i]) / diag if diag > 0 else 0.0
             raw = v
             if regularizer == 1:
                 raw = np.sign(v) * max(abs(v) - lam, 0.0)
-            code = min(max(np.rint(raw / scales[r]), q_min), q_max)
+            code = min(max(np.rint(raw / scale), q_min), q_max)
             if regularizer == 2 and abs(v) <= lam:
                 code = 0.0
-            q[r, i] = code * scales[r]
-        for r in range(n):  # rows outer: b is row-major (each b[r, j] gets the same sum)
-            qi = q[r, i]
+            qi = code * scale
+            q[r, i] = qi
             for j in range(i + 1, k):
-                b[r, j] += qi * h[j, i]
+                b[r, j] += qi * h[i, j]
 
 
 def _compiled_grid(grid: Grid) -> bool:
     return isinstance(grid, UniformGrid) and grid.rounding == "nearest"
+
+
+def _sweep_block(a: np.ndarray, b: np.ndarray, h: np.ndarray, diag: np.ndarray, grid: Grid, start: int) -> np.ndarray:
+    """Levels of one block of columns ``start..start+k``: ``v_t = (A[:, t] − B[:, t]) / H[t, t]``,
+    with ``B`` brought up to date by rank-1 updates inside the block.
+
+    Args:
+        a: ``Σ_{j≤t} G[t, j]·W[:, j]`` (plus the residual's projection in the data form) (N, k).
+        b: ``Σ_{j<start} H[t, j]·Q[:, j]`` for the block's columns (N, k); updated in place.
+        h: ``H`` restricted to the block (k, k).
+        diag: ``diag(H)`` of the block (k,).
+        grid: the column quantizer (``t`` is the global column index).
+        start: the block's first column.
+
+    Returns:
+        The block's levels (N, k).
+    """
+    n, k = a.shape
+    out = np.zeros((n, k))
+    if _compiled_grid(grid):
+        scales = np.ascontiguousarray(np.broadcast_to(grid.scales, (n,)), dtype=np.float64)
+        regularizer = {None: 0, "L1": 1, "L0": 2}[grid.regularizer]
+        _uniform_block(np.ascontiguousarray(a), np.ascontiguousarray(b), np.ascontiguousarray(h.T), scales,
+                       float(grid.q_min), float(grid.q_max), regularizer, float(grid.lam), out)
+        return out
+    for i in range(k):
+        v = (a[:, i] - b[:, i]) / diag[i] if diag[i] > 0 else np.zeros(n)
+        out[:, i] = grid.quantize(v, start + i)
+        if i + 1 < k:
+            b[:, i + 1 :] += np.outer(out[:, i], h[i + 1 :, i])
+    return out
 
 
 def gpfq_blocked(w: np.ndarray, h: np.ndarray, g: np.ndarray, grid: Grid, block: int = 128) -> np.ndarray:
@@ -295,35 +332,78 @@ def gpfq_blocked(w: np.ndarray, h: np.ndarray, g: np.ndarray, grid: Grid, block:
     n, d = w.shape
     # A[:, t] = Σ_{j≤t} G[t, j]·W[:, j]: one GEMM for every column.
     a = w @ np.tril(np.asarray(g, dtype=np.float64)).T
-    compiled = _compiled_grid(grid)
-    if compiled:
-        scales = np.ascontiguousarray(np.broadcast_to(grid.scales, (n,)), dtype=np.float64)
-        regularizer = {None: 0, "L1": 1, "L0": 2}[grid.regularizer]
     diag = np.diag(h).copy()
     q = np.zeros((n, d))
     for start in range(0, d, block):
         end = min(start + block, d)
-        # B[:, t] = Σ_{j<t} Q[:, j]·H[t, j]: the columns left of the block in one GEMM ...
+        # B[:, t] = Σ_{j<t} Q[:, j]·H[t, j]: the columns left of the block in one GEMM
         b = q[:, :start] @ h[start:end, :start].T if start else np.zeros((n, end - start))
-        if compiled:  # ... and the rank-1 updates inside it, compiled
-            out = np.zeros((n, end - start))
-            _uniform_block(np.ascontiguousarray(a[:, start:end]), np.ascontiguousarray(b),
-                           np.ascontiguousarray(h[start:end, start:end]), scales, float(grid.q_min),
-                           float(grid.q_max), regularizer, float(grid.lam), out)
-            q[:, start:end] = out
-            continue
-        for t in range(start, end):
-            i = t - start
-            v = (a[:, t] - b[:, i]) / diag[t] if diag[t] > 0 else np.zeros(n)
-            q[:, t] = grid.quantize(v, t)
-            if t + 1 < end:  # ... and rank-1 updates inside it
-                b[:, i + 1 :] += np.outer(q[:, t], h[start + i + 1 : end, t])
+        q[:, start:end] = _sweep_block(a[:, start:end], b, h[start:end, start:end], diag[start:end], grid, start)
     return q
+
+
+def gpfq_data(w: np.ndarray, x: np.ndarray, x_tilde: np.ndarray, grid: Grid, block: int = 64) -> np.ndarray:
+    """The blocked recursion on the data itself: the per-column recursion with lazy residual updates.
+
+    The residual ``U`` (N×m) is brought up to date once per block of columns by two GEMMs;
+    inside a block the columns need only the block's own ``X̃ᵀX̃`` and ``X̃ᵀX`` (k×k). This costs
+    ``O(N·m·d + m·d·k)`` in BLAS-3 products, against ``O(m·d²)`` for the d×d form's ``H`` and
+    ``G``: it is the cheaper exact form when the layer has fewer output rows (or fewer samples)
+    than columns, and it needs ``X`` and ``X̃`` in memory (``m·d``, no more than the d×d
+    products when ``m ≤ d``). Same levels as :func:`gpfq_columns` and :func:`gpfq_blocked`.
+
+    Args:
+        w: weights (N, d).
+        x: float-network inputs (m, d).
+        x_tilde: quantized-network inputs (m, d).
+        grid: the column quantizer.
+        block: columns per block (the result does not depend on it).
+
+    Returns:
+        The levels ``Q`` (N, d).
+    """
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    w = np.asarray(w, dtype=np.float64)
+    n, d = w.shape
+    m = x.shape[0]
+    u = np.zeros((n, m))
+    q = np.zeros((n, d))
+    for start in range(0, d, block):
+        end = min(start + block, d)
+        k = end - start
+        # The block's columns side by side, contiguous float64: Z = [X̃_b | X_b] (m, 2k)
+        z = np.empty((m, 2 * k))
+        z[:, :k] = x_tilde[:, start:end]
+        z[:, k:] = x[:, start:end]
+        products = z[:, :k].T @ z  # [X̃_bᵀX̃_b | X̃_bᵀX_b] in one GEMM
+        h, g = products[:, :k], products[:, k:]
+        # A[:, t] = U·X̃_t + Σ_{start≤j≤t} G[t, j]·W[:, j] (U: the residual left of the block)
+        a = u @ z[:, :k] + w[:, start:end] @ np.tril(g).T
+        q[:, start:end] = _sweep_block(a, np.zeros((n, k)), h, np.diag(h).copy(), grid, start)
+        # U += W_b·X_bᵀ − Q_b·X̃_bᵀ in one GEMM
+        u += np.concatenate([-q[:, start:end], w[:, start:end]], axis=1) @ z.T
+    return q
+
+
+def data_form_is_cheaper(n: int, d: int, m: int, block: int = 64) -> bool:
+    """Whether :func:`gpfq_data` needs fewer flops than the d×d form for an N×d layer with m rows.
+
+    Data form: ``U·X̃_b`` and the two residual updates (``6·N·m·d``) plus the in-block products
+    (``4·m·d·k``). d×d form: ``H`` and ``G`` (``4·m·d²``) plus the sweep's ``A`` and ``B``
+    products (``2·N·d²``).
+    """
+    return 6 * n * m * d + 4 * m * d * block < 4 * m * d * d + 2 * n * d * d
 
 
 def act_order(h: np.ndarray) -> np.ndarray:
     """The column permutation by descending ``diag(H)`` (stable, so ties keep their order)."""
     return np.argsort(-np.diag(h), kind="stable")
+
+
+def act_order_of_rows(x_tilde: np.ndarray) -> np.ndarray:
+    """:func:`act_order` from the rows: ``diag(H)`` is the column sums of ``X̃²``."""
+    return np.argsort(-np.sum(np.asarray(x_tilde, dtype=np.float64) ** 2, axis=0), kind="stable")
 
 
 def output_energy(w: np.ndarray, f: np.ndarray) -> float:
@@ -348,30 +428,55 @@ def relative_error(
     return norm, norm / np.sqrt(ref) if ref > 0 else 0.0
 
 
+def relative_error_on_rows(w: np.ndarray, q: np.ndarray, x: np.ndarray, x_tilde: np.ndarray) -> tuple[float, float]:
+    """:func:`relative_error` from the rows themselves: ``‖XWᵀ − X̃Qᵀ‖_F`` and its ratio to ``‖XWᵀ‖_F``."""
+    w = np.asarray(w, dtype=np.float64)
+    reference = x @ w.T
+    norm = float(np.linalg.norm(reference - x_tilde @ np.asarray(q, dtype=np.float64).T))
+    ref = float(np.linalg.norm(reference))
+    return norm, norm / ref if ref > 0 else 0.0
+
+
 @dataclasses.dataclass
 class GramAccumulator:
     """Streamed ``H = X̃ᵀX̃``, ``G = X̃ᵀX``, ``F = XᵀX`` and column sums, float64, O(d²) memory.
+
+    With ``keep_rows`` the rows themselves are kept instead while there are at most that many
+    (per group): :func:`gpfq_data` can then run on them, which is cheaper than the d×d form when
+    a layer has few rows. Past the limit they are folded into the products and dropped, so
+    memory stays ``O(d²)`` when ``keep_rows ≤ d``. The products are computed from kept rows on
+    first access.
 
     Args:
         d: columns per group.
         groups: independent groups (grouped convolutions), each with its own products.
         matched: ``X̃`` is ``X`` for every batch (only ``H`` is kept; ``G = F = H``).
         with_f: also stream ``F = XᵀX`` (needed only to report ``‖XWᵀ − X̃Qᵀ‖``).
+        keep_rows: keep up to this many rows per group (0: stream the products from the start).
     """
 
     d: int
     groups: int = 1
     matched: bool = False
     with_f: bool = True
+    keep_rows: int = 0
 
     def __post_init__(self) -> None:
-        shape = (self.groups, self.d, self.d)
-        self.h = np.zeros(shape)
-        self.g = self.h if self.matched else np.zeros(shape)
-        self.f = self.h if self.matched else (np.zeros(shape) if self.with_f else None)
+        self._h: np.ndarray | None = None
+        self._g: np.ndarray | None = None
+        self._f: np.ndarray | None = None
+        self._kept: list[tuple[np.ndarray, np.ndarray]] | None = [] if self.keep_rows > 0 else None
+        if self._kept is None:
+            self._start_products()
         self.sum_x = np.zeros((self.groups, self.d))
         self.sum_x_tilde = self.sum_x if self.matched else np.zeros((self.groups, self.d))
         self.rows = 0
+
+    def _start_products(self) -> None:
+        shape = (self.groups, self.d, self.d)
+        self._h = np.zeros(shape)
+        self._g = self._h if self.matched else np.zeros(shape)
+        self._f = self._h if self.matched else (np.zeros(shape) if self.with_f else None)
 
     def update(self, x: np.ndarray, x_tilde: np.ndarray | None = None) -> None:
         """Add a batch of rows: ``x`` and ``x_tilde`` are (groups, m_b, d)."""
@@ -383,15 +488,62 @@ class GramAccumulator:
         else:
             x_tilde = np.asarray(x_tilde, dtype=np.float64)
         for k in range(self.groups):
-            xt = x_tilde[k]
-            self.h[k] += xt.T @ xt
             self.sum_x[k] += x[k].sum(axis=0)
             if not self.matched:
-                self.g[k] += xt.T @ x[k]
-                if self.f is not None:
-                    self.f[k] += x[k].T @ x[k]
-                self.sum_x_tilde[k] += xt.sum(axis=0)
+                self.sum_x_tilde[k] += x_tilde[k].sum(axis=0)
         self.rows += x.shape[1]
+        if self._kept is not None:
+            self._kept.append((x, x_tilde))
+            if self.rows <= self.keep_rows:
+                return
+            self._fold_kept_rows()
+            return
+        self._add_products(x, x_tilde)
+
+    def _add_products(self, x: np.ndarray, x_tilde: np.ndarray) -> None:
+        for k in range(self.groups):
+            xt = x_tilde[k]
+            self._h[k] += xt.T @ xt
+            if not self.matched:
+                self._g[k] += xt.T @ x[k]
+                if self._f is not None:
+                    self._f[k] += x[k].T @ x[k]
+
+    def _fold_kept_rows(self) -> None:
+        kept, self._kept = self._kept, None
+        self._start_products()
+        for x, x_tilde in kept:
+            self._add_products(x, x_tilde)
+
+    def kept_rows(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(X, X̃)`` as (groups, m, d) when every row was kept, else None."""
+        if self._kept is None or not self._kept:
+            return None
+        x = np.concatenate([b[0] for b in self._kept], axis=1)
+        x_tilde = x if self.matched else np.concatenate([b[1] for b in self._kept], axis=1)
+        return x, x_tilde
+
+    def _products(self) -> None:
+        if self._kept is not None:
+            self._fold_kept_rows()
+
+    @property
+    def h(self) -> np.ndarray:
+        """``X̃ᵀX̃`` per group (groups, d, d)."""
+        self._products()
+        return self._h
+
+    @property
+    def g(self) -> np.ndarray:
+        """``X̃ᵀX`` per group (groups, d, d)."""
+        self._products()
+        return self._g
+
+    @property
+    def f(self) -> np.ndarray | None:
+        """``XᵀX`` per group (groups, d, d), or None without ``with_f``."""
+        self._products()
+        return self._f
 
     def mean_x(self) -> np.ndarray:
         """Column means of ``X`` per group (groups, d)."""

@@ -23,11 +23,14 @@ from qcompiler.gpfq import (
     act_order,
     channel_scales,
     code_range,
+    data_form_is_cheaper,
     gpfq_blocked,
     gpfq_columns,
+    gpfq_data,
     paper_alphabet,
     reference_step,
     relative_error,
+    relative_error_on_rows,
 )
 from qcompiler.graph import const_array, values_by_name
 from qcompiler.ir import load_normalized
@@ -112,6 +115,80 @@ def test_every_grid_gives_identical_levels_in_both_forms(make_grid) -> None:
     q_ref, _ = gpfq_columns(w, x, xt, make_grid(w))
     q = gpfq_blocked(w, acc.h[0], acc.g[0], make_grid(w), block=32)
     assert np.array_equal(q, q_ref)
+
+
+@pytest.mark.parametrize(
+    "make_grid",
+    [
+        lambda w: ReferenceGrid(reference_step(w, 4, 1.16), 8),
+        lambda w: UniformGrid(channel_scales(w, 3), *code_range(3)),
+        lambda w: UniformGrid(channel_scales(w, 4), *code_range(4), rounding="stochastic", seed=3),
+        lambda w: UniformGrid(channel_scales(w, 4), *code_range(4), regularizer="L0", lam=0.02),
+    ],
+    ids=["reference", "int3", "int4-stochastic", "int4-L0"],
+)
+@pytest.mark.parametrize(("n", "d", "m"), [(48, 300, 600), (200, 257, 120)])
+def test_data_form_equals_the_recursion_level_for_level(make_grid, n: int, d: int, m: int) -> None:
+    w, x, xt = fixture_data(n, d, m, seed=11)
+    q_ref, u = gpfq_columns(w, x, xt, make_grid(w))
+    for block in (1, 7, 64, 512):
+        assert np.count_nonzero(gpfq_data(w, x, xt, make_grid(w), block) != q_ref) == 0, block
+    norm, _ = relative_error_on_rows(w, q_ref, x, xt)
+    assert norm == pytest.approx(np.linalg.norm(u), rel=1e-10)
+
+
+def test_the_cost_model_picks_the_data_form_for_few_rows_or_few_outputs() -> None:
+    assert data_form_is_cheaper(512, 4608, 1536)  # ResNet-18 conv 512x4608 with reference m
+    assert data_form_is_cheaper(64, 576, 11_648)  # few output channels
+    assert not data_form_is_cheaper(1000, 512, 100_000)  # many rows and outputs: the d×d form
+    with pytest.raises(ValueError, match="block"):
+        gpfq_data(np.ones((2, 3)), np.ones((4, 3)), np.ones((4, 3)), Identity(), block=0)
+
+
+def test_kept_rows_give_the_same_products_and_fold_past_the_limit() -> None:
+    _, x, xt = fixture_data(4, 30, 50, seed=7)
+    kept = GramAccumulator(30, keep_rows=50)
+    for part in np.array_split(np.arange(50), 3):
+        kept.update(x[part][None], xt[part][None])
+    rows_x, rows_xt = kept.kept_rows()
+    np.testing.assert_array_equal(rows_x[0], x)
+    np.testing.assert_array_equal(rows_xt[0], xt)
+    streamed = gram(x, xt)
+    np.testing.assert_allclose(kept.h, streamed.h, rtol=1e-12)
+    np.testing.assert_allclose(kept.g, streamed.g, rtol=1e-12)
+    assert kept.kept_rows() is None  # the products replaced the rows
+    over = GramAccumulator(30, keep_rows=40)
+    for part in np.array_split(np.arange(50), 3):
+        over.update(x[part][None], xt[part][None])
+    assert over.kept_rows() is None and over.rows == 50
+    np.testing.assert_allclose(over.f, streamed.f, rtol=1e-12)
+
+
+@pytest.mark.parametrize("options", [{}, {"damping": 0.1}, {"damping": 0.3, "act_order": True, "target_inputs": "quantized"},
+                                     {"target_inputs": "quantized", "act_order": True}])
+def test_the_pass_solves_rows_and_products_alike(options: dict) -> None:
+    w, x, xt = fixture_data(40, 120, 90, seed=4)
+    gpfq = GPFQPass(block_size=16, **options)
+    grid = UniformGrid(channel_scales(w, 3), *code_range(3))
+    acc = gram(x, xt)
+    on_rows = gpfq._solve_on_rows(w, x, xt, grid)
+    on_products = gpfq._solve_on_products(w, acc.h[0], acc.g[0], grid)
+    assert np.count_nonzero(on_rows != on_products) == 0
+
+
+def test_damping_weighs_the_weight_error() -> None:
+    """H + λI, G + λI: a huge λ gives round to nearest; a moderate one lowers ‖W − Q‖ on data
+    whose rows do not span the columns."""
+    w, x, xt = fixture_data(30, 200, 60, seed=9)
+    grid = UniformGrid(channel_scales(w, 3), *code_range(3))
+    acc = gram(x, xt)
+    huge = GPFQPass(damping=1e9)._solve_on_products(w, acc.h[0], acc.g[0], grid)
+    np.testing.assert_array_equal(huge, grid.quantize(w, 0))
+    plain = GPFQPass()._solve_on_products(w, acc.h[0], acc.g[0], grid)
+    damped = GPFQPass(damping=0.3)._solve_on_products(w, acc.h[0], acc.g[0], grid)
+    assert np.linalg.norm(damped - w) < np.linalg.norm(plain - w)
+    with pytest.raises(GPFQConfigError, match="damping"):
+        GPFQPass(damping=-1.0)
 
 
 def test_infinite_bits_return_w_and_a_huge_alphabet_is_close_to_w() -> None:
