@@ -130,6 +130,8 @@ MINILM_SETTINGS = (
     ("+ padding tokens left out (token_mask)", {"token_mask": "attention_mask"}),
     ("+ matched objective (G = H)", {"token_mask": "attention_mask", "target_inputs": "quantized"}),
     ("+ MSE scales", {"token_mask": "attention_mask", "target_inputs": "quantized", "scale_search": "mse"}),
+    ("+ damping 0.1", {"token_mask": "attention_mask", "target_inputs": "quantized", "scale_search": "mse", "damping": 0.1}),
+    ("+ damping 1", {"token_mask": "attention_mask", "target_inputs": "quantized", "scale_search": "mse", "damping": 1.0}),
 )
 
 

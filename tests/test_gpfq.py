@@ -555,6 +555,7 @@ def test_cli_gpfq_sweep_writes_the_seed_log(digits_model_path, tmp_path) -> None
         (["--gpfq", "--gpfq-skip", "conv9"], "skip names no weight layer 'conv9'"),
         (["--gpfq", "--gpfq-rounding", "up"], "rounding must be one of"),
         (["--gpfq", "--bits", "0"], "--weight-bits must be >= 1"),
+        (["--gpfq", "--gpfq-damping", "-1"], "damping must be >= 0"),
     ],
 )
 def test_cli_gpfq_bad_input_is_one_line(digits_model_path, tmp_path, args, message) -> None:
