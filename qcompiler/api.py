@@ -383,6 +383,6 @@ def build_report(
             for s in stats
         ],
         "pipeline_text": pipeline_text,
-        "artifacts": sorted([*files, ANNOTATED_FILE, REPORT_FILE]),
+        "artifacts": sorted([*files, ANNOTATED_FILE, REPORT_FILE, REPORT_HTML_FILE]),
         "cpu": cpu,
     }

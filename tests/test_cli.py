@@ -37,6 +37,7 @@ def test_digits_end_to_end(compiled):
         "digits_cnn_int.h", "model.annotated.onnx", "model.int.json", "model.int.npz", "model.qdq.onnx", "report.html", "report.json"
     ]
     report = json.loads((out / "report.json").read_text())
+    assert report["artifacts"] == sorted(p.name for p in out.iterdir())  # what "wrote ..." lists
     m = report["metrics"]
     assert m["float"]["top1"] >= 0.97
     assert abs(m["simulated"]["top1"] - m["float"]["top1"]) <= 0.005
