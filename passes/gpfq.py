@@ -229,14 +229,18 @@ class GPFQPass(ir.passes.InPlacePass):
         rtn = np.empty_like(wm)
         errors, rtn_errors, refs = [], [], []
         kept = acc.kept_rows()
+        # The damped data form runs on d more rows (the √λ·I rows); the choice is the same for every group.
+        fit_rows = acc.rows + (geo.columns if self.damping else 0)
+        on_rows = kept is not None and data_form_is_cheaper(wm.shape[1], geo.columns, fit_rows, self.block_size)
         for k in range(geo.groups):
             rtn[k] = rtn_grids[k].quantize(wm[k], 0)
-            if kept is not None and data_form_is_cheaper(wm.shape[1], geo.columns, acc.rows, self.block_size):
+            if on_rows:
                 x, x_tilde = kept[0][k], kept[1][k]
                 q[k] = self._solve_on_rows(wm[k], x, x_tilde, grids[k])
-                refs.append(float(np.sum((x @ wm[k].T) ** 2)))
-                errors.append(relative_error_on_rows(wm[k], q[k], x, x_tilde))
-                rtn_errors.append(relative_error_on_rows(wm[k], rtn[k], x, x_tilde))
+                reference = x @ wm[k].T
+                refs.append(float(np.sum(reference**2)))
+                errors.append(relative_error_on_rows(wm[k], q[k], x, x_tilde, reference))
+                rtn_errors.append(relative_error_on_rows(wm[k], rtn[k], x, x_tilde, reference))
                 continue
             h, g, f = acc.h[k], acc.g[k], acc.f[k]
             q[k] = self._solve_on_products(wm[k], h, g, grids[k])

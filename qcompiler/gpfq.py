@@ -428,10 +428,13 @@ def relative_error(
     return norm, norm / np.sqrt(ref) if ref > 0 else 0.0
 
 
-def relative_error_on_rows(w: np.ndarray, q: np.ndarray, x: np.ndarray, x_tilde: np.ndarray) -> tuple[float, float]:
-    """:func:`relative_error` from the rows themselves: ``‖XWᵀ − X̃Qᵀ‖_F`` and its ratio to ``‖XWᵀ‖_F``."""
-    w = np.asarray(w, dtype=np.float64)
-    reference = x @ w.T
+def relative_error_on_rows(
+    w: np.ndarray, q: np.ndarray, x: np.ndarray, x_tilde: np.ndarray, reference: np.ndarray | None = None
+) -> tuple[float, float]:
+    """:func:`relative_error` from the rows themselves: ``‖XWᵀ − X̃Qᵀ‖_F`` and its ratio to ``‖XWᵀ‖_F``;
+    ``reference`` is ``XWᵀ`` when the caller has it already."""
+    if reference is None:
+        reference = x @ np.asarray(w, dtype=np.float64).T
     norm = float(np.linalg.norm(reference - x_tilde @ np.asarray(q, dtype=np.float64).T))
     ref = float(np.linalg.norm(reference))
     return norm, norm / ref if ref > 0 else 0.0
