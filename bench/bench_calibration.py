@@ -3,7 +3,9 @@
 - cost: CalibratePass wall time / plain onnxruntime inference over the same samples and
   batches, on the digits CNN (4096 samples: the calibration set tiled) and the ResNet-18-shaped
   model (64 random 224x224 images; built on demand). Streaming only (``minmax``) and with all
-  four range choosers. Min and median of 5 runs (3 for ResNet-18).
+  four range choosers. The pass creates its own session, so plain inference is given both
+  without and with creating a session. Runs alternate between the four, medians of 7 (5 for
+  ResNet-18).
 - memory: peak RSS of a fresh process calibrating 256 vs 4096 digits samples.
 
 Run: ``.venv/bin/python bench/bench_calibration.py``.
@@ -32,16 +34,14 @@ def prepared(path: Path):
     return run_pipeline(load_normalized(path), canonical_pipeline()).model
 
 
-def time_it(fn, runs: int) -> list[float]:
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def cost(name: str, path: Path, data, runs: int, batch: int) -> None:
+    """Plain inference and calibration timed in alternation (the machine drifts), medians."""
     from qcompiler.data import ArrayDataset
     from qcompiler.passes import CalibratePass
     from qcompiler.runtime import Runner
@@ -49,12 +49,19 @@ def cost(name: str, path: Path, data, runs: int, batch: int) -> None:
     model = prepared(path)
     ds = ArrayDataset(data)
     runner = Runner(model)
-    plain = time_it(lambda: [runner.run(f) for f in ds.batches(batch)], runs)
-    stream = time_it(lambda: CalibratePass(data=ds, batch_size=batch, methods=("minmax",), show_progress=False)(model.clone()), runs)
-    full = time_it(lambda: CalibratePass(data=ds, batch_size=batch, show_progress=False)(model.clone()), runs)
-    med = statistics.median
-    print(f"| {name} | {ds.num_samples} | {min(plain):.3f} / {med(plain):.3f} | {min(stream):.3f} / {med(stream):.3f} | "
-          f"{med(stream) / med(plain):.2f} | {min(full):.3f} / {med(full):.3f} | {med(full) / med(plain):.2f} |")
+    times: dict[str, list[float]] = {"run": [], "session+run": [], "stream": [], "full": []}
+    for _ in range(runs):
+        times["run"].append(timed(lambda: [runner.run(f) for f in ds.batches(batch)]))
+        times["session+run"].append(timed(lambda: [r.run(f) for r in [Runner(model)] for f in ds.batches(batch)]))
+        for key, methods in (("stream", ("minmax",)), ("full", None)):
+            clone = model.clone()  # the pass annotates in place; cloning is not part of its cost
+            options = {"methods": methods} if methods else {}
+            calibrate = CalibratePass(data=ds, batch_size=batch, show_progress=False, **options)
+            times[key].append(timed(lambda: calibrate(clone)))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"| {name} | {ds.num_samples} | {med['run']:.3f} | {med['session+run']:.3f} | {med['stream']:.3f} | "
+          f"{med['stream'] / med['run']:.2f} | {med['stream'] / med['session+run']:.2f} | {med['full']:.3f} | "
+          f"{med['full'] / med['session+run']:.2f} |")
 
 
 def rss(samples: int) -> int:
@@ -77,16 +84,17 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 def main() -> None:
     calib = np.load(ROOT / "examples" / "digits" / "calib.npz")["x"]
-    print("| model | samples | plain ORT s (min / median) | calibrate, streaming s | ratio | calibrate + 4 choosers s | ratio |")
-    print("|---|---|---|---|---|---|---|")
-    cost("digits CNN", ROOT / "examples" / "digits" / "digits_cnn.onnx", {"x": np.tile(calib, (16, 1, 1, 1))}, 5, 256)
+    print("| model | samples | plain: runs s | plain: session + runs s | calibrate (streaming) s | ratio to runs | "
+          "ratio to session + runs | calibrate + 4 choosers s | ratio to session + runs |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    cost("digits CNN", ROOT / "examples" / "digits" / "digits_cnn.onnx", {"x": np.tile(calib, (16, 1, 1, 1))}, 7, 256)
     r18 = ROOT / "examples" / "resnet18" / "resnet18.onnx"
     if not r18.exists():
         import build
 
         build.build_onnx(r18)
     images = np.random.default_rng(0).normal(size=(64, 3, 224, 224)).astype(np.float32)
-    cost("ResNet-18-shaped", r18, {"image": images}, 3, 16)
+    cost("ResNet-18-shaped", r18, {"image": images}, 5, 16)
     small, large = rss(256), rss(4096)
     print(json.dumps({"peak_rss_kib_256": small, "peak_rss_kib_4096": large, "growth": large / small - 1}))
 

@@ -12,7 +12,6 @@ to a sidecar folder when one is given. Named tensors can be dumped batch by batc
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import re
 from collections.abc import Iterable, Mapping
@@ -156,21 +155,15 @@ class CalibratePass(ir.passes.InPlacePass):
                 if name in self.dump:
                     self._dump(name, index, tensor)
 
-        # Statistics of batch i are folded on a worker thread while onnxruntime computes batch
-        # i + 1 (both release the GIL); at most two batches of intermediates are alive.
-        pending: concurrent.futures.Future | None = None
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool, progress_bar(
-            "calibrate", total, enabled=self.show_progress
-        ) as advance:
+        # Statistics are folded right after each run, not on a thread overlapped with the next
+        # run: on few cores the statistics thread preempts one of onnxruntime's intra-op threads
+        # and every operator then waits for the straggler (measured: 1.76x -> 1.49x of plain
+        # inference on the ResNet-18-shaped model; bench/RESULTS.md, issue 3).
+        with progress_bar("calibrate", total, enabled=self.show_progress) as advance:
             for feed in iter_feeds(self.data, self.batch_size, model):
-                outputs = runner.run(feed, fetched)
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(fold, batches, feed, outputs)
+                fold(batches, feed, runner.run_into(feed, fetched))
                 batches += 1
                 advance(len(next(iter(feed.values()))))
-            if pending is not None:
-                pending.result()
         if batches == 0:
             raise DataError("calibration data is empty")
         values = values_by_name(model.graph)

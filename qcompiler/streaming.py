@@ -7,7 +7,7 @@
   batch exceeds ``R``, ``R`` doubles and adjacent bins merge pairwise, which is exact (bin edges
   stay aligned), so the histogram equals the one computed on all data at the final ``R``;
 - a per-channel ``|x|`` histogram with fewer bins on the same scheme;
-- a seeded reservoir sample (Algorithm R) of at most ``reservoir`` values.
+- a seeded uniform reservoir sample (Algorithm L) of at most ``reservoir`` values.
 
 The hot loops are numba kernels (``nogil``); their results equal numpy's exactly for counts,
 minima and maxima, and to float64 round-off for sums.
@@ -16,43 +16,38 @@ minima and maxima, and to float64 round-off for sums.
 from __future__ import annotations
 
 import math
+import threading
 
 import numba
 import numpy as np
 
 
-@numba.njit(cache=True, nogil=True)
-def _minmax(x: np.ndarray) -> tuple[float, float, int]:
-    lo, hi, nans = np.inf, -np.inf, 0
-    for v in x:
-        if v != v:
-            nans += 1
-        elif v < lo:
-            lo = v
-        if v > hi:
-            hi = v
-    return lo, hi, nans
-
-
-@numba.njit(cache=True, nogil=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True, boundscheck=False)
 def _accumulate(
     x: np.ndarray,  # (N, C, S) float32, C-contiguous
-    inv_width: float,
-    inv_cwidth: float,
-    hist2d: np.ndarray,  # (T, B) int32: one private histogram per worker (fits L2), summed by the caller
-    chist: np.ndarray,  # (C, Bc) int64
-    csum: np.ndarray,
-    csq: np.ndarray,
-    cmin: np.ndarray,
-    cmax: np.ndarray,
+    upper: float,  # R: the histograms cover [0, R)
+    inv_width: float,  # bins / R (a power of two, so a * inv_width is exact)
+    shift: int,  # per-channel bin = per-tensor bin >> shift
+    hist2d: np.ndarray,  # (T, B) int32, zero on entry: one private histogram per worker (fits L2)
+    chist: np.ndarray,  # (C, B >> shift) int32, zero on entry: this batch's per-channel counts
+    csum: np.ndarray,  # (C,) float64 outputs: this batch's per-channel sums ...
+    csq: np.ndarray,  # ... sums of squares,
+    cmin: np.ndarray,  # ... minima (+inf on entry)
+    cmax: np.ndarray,  # ... and maxima (-inf on entry)
+    top: np.ndarray,  # (T,) int64 output: highest bin each worker touched
+    over: np.ndarray,  # (T,) int64 output: values each worker found >= R, or NaN
 ) -> None:
+    """One pass over a batch: sums, extremes and both histograms of every channel.
+
+    A value at or above R (or NaN) is counted in ``over`` and binned in the last bin; the caller
+    then grows R and runs the batch again, so no separate pass is needed to find the range.
+    """
     workers = hist2d.shape[0]
-    nb = hist2d.shape[1]
-    ncb = chist.shape[1]
-    channels = x.shape[1]
+    last = hist2d.shape[1] - 1
     # Channels are dealt round-robin to workers; every per-channel accumulator has one writer.
     for t in numba.prange(workers):
-        for c in range(t, channels, workers):
+        highest, outside = 0, 0
+        for c in range(t, x.shape[1], workers):
             s1, s2 = 0.0, 0.0
             lo, hi = cmin[c], cmax[c]
             for n in range(x.shape[0]):
@@ -65,13 +60,36 @@ def _accumulate(
                     if v > hi:
                         hi = v
                     a = abs(v)
-                    b = int(a * inv_width)
-                    hist2d[t, b if b < nb else nb - 1] += 1
-                    bc = int(a * inv_cwidth)
-                    chist[c, bc if bc < ncb else ncb - 1] += 1
+                    if a < upper:  # False for NaN too
+                        b = np.int64(a * inv_width)
+                    else:
+                        b = last
+                        outside += 1
+                    hist2d[t, b] += 1
+                    chist[c, b >> shift] += 1
+                    if b > highest:
+                        highest = b
             cmin[c], cmax[c] = lo, hi
-            csum[c] += s1
-            csq[c] += s2
+            csum[c] = s1
+            csq[c] = s2
+        top[t] = highest
+        over[t] = outside
+
+
+_SCRATCH = threading.local()
+
+
+def _worker_histograms(workers: int, bins: int) -> np.ndarray:
+    """This thread's zeroed (workers, bins) int32 scratch; callers zero what they touch.
+
+    Shared by every :class:`StreamingStats` updated on the thread, so memory is per thread,
+    not per tensor.
+    """
+    scratch = getattr(_SCRATCH, "hist", None)
+    if scratch is None or scratch.shape != (workers, bins):
+        scratch = np.zeros((workers, bins), np.int32)
+        _SCRATCH.hist = scratch
+    return scratch
 
 
 @numba.njit(cache=True, nogil=True)
@@ -99,6 +117,14 @@ def _as_ncs(x: np.ndarray) -> np.ndarray:
     if x.ndim == 1:
         return x.reshape(x.shape[0], 1, 1)
     return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def _finite_absmax(x: np.ndarray) -> float:
+    """max |x| of a batch (numpy's SIMD reductions); ValueError on NaN or Inf."""
+    lo, hi = float(x.min()), float(x.max())  # NaN propagates through both
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("contains NaN or Inf")
+    return max(abs(lo), abs(hi))
 
 
 def _merge_pairs(hist: np.ndarray, times: int) -> np.ndarray:
@@ -134,6 +160,8 @@ class StreamingStats:
     def __init__(self, bins: int = 1 << 16, channel_bins: int = 256, reservoir: int = 0, seed: int = 0) -> None:
         if bins & (bins - 1) or channel_bins & (channel_bins - 1):
             raise ValueError("histogram bin counts must be powers of two")
+        if channel_bins > bins:
+            raise ValueError("channel_bins must not exceed bins (a channel bin merges whole tensor bins)")
         self.bins, self.channel_bins = bins, channel_bins
         self.count = 0
         self.samples = 0
@@ -161,31 +189,52 @@ class StreamingStats:
         x = _as_ncs(batch)
         if x.size == 0:
             return
-        flat = x.reshape(-1)
-        lo, hi, nans = _minmax(flat)
-        if nans or not (math.isfinite(lo) and math.isfinite(hi)):
-            raise ValueError("contains NaN or Inf")
         if self.channels == 0:
             self._init_channels(x.shape[1])
         elif x.shape[1] != self.channels:
             raise ValueError(f"channel count changed from {self.channels} to {x.shape[1]}")
-        self._grow_range(max(abs(lo), abs(hi)))
-        before_sum, before_sq = self.csum.sum(), self.csq.sum()
-        workers = min(numba.get_num_threads(), x.shape[1])
-        partial = np.zeros((workers, self.bins), np.int32)  # < 2**31 elements per batch and worker
-        _accumulate(
-            x, self.bins / self.range, self.channel_bins / self.range, partial, self.chist,
-            self.csum, self.csq, self.cmin, self.cmax,
-        )
-        self.hist += partial.sum(axis=0)
-        total, total_sq = self.csum.sum() - before_sum, self.csq.sum() - before_sq
+        if self.range == 0.0:
+            self._grow_range(_finite_absmax(x))
+        batch_stats = self._accumulate(x)
+        if batch_stats is None:  # a value reached R: grow R (exact pairwise merges), bin again
+            self._grow_range(_finite_absmax(x))
+            batch_stats = self._accumulate(x)
+        csum, csq, cmin, cmax = batch_stats
+        flat = x.reshape(-1)
         self._reservoir_update(flat)
         self.count += flat.size
         self.ccount += x.shape[0] * x.shape[2]
         self.samples += x.shape[0]
-        self.min, self.max = min(self.min, float(lo)), max(self.max, float(hi))
-        self.total += total
-        self.total_sq += total_sq
+        self.csum += csum
+        self.csq += csq
+        self.cmin = np.minimum(self.cmin, cmin)
+        self.cmax = np.maximum(self.cmax, cmax)
+        self.min, self.max = min(self.min, float(cmin.min())), max(self.max, float(cmax.max()))
+        self.total += float(csum.sum())
+        self.total_sq += float(csq.sum())
+
+    def _accumulate(self, x: np.ndarray) -> tuple[np.ndarray, ...] | None:
+        """Bin one batch at the current range; None (and nothing kept) if a value reached it.
+
+        Returns:
+            The batch's per-channel sums, sums of squares, minima and maxima.
+        """
+        workers = min(numba.get_num_threads(), x.shape[1])
+        partial = _worker_histograms(workers, self.bins)
+        channels = x.shape[1]
+        chist = np.zeros((channels, self.channel_bins), np.int32)  # < 2**31 elements per batch
+        csum, csq = np.zeros(channels), np.zeros(channels)
+        cmin, cmax = np.full(channels, np.inf), np.full(channels, -np.inf)
+        top, over = np.zeros(workers, np.int64), np.zeros(workers, np.int64)
+        shift = (self.bins // self.channel_bins).bit_length() - 1
+        _accumulate(x, self.range, self.bins / self.range, shift, partial, chist, csum, csq, cmin, cmax, top, over)
+        used = int(top.max()) + 1
+        kept = not over.any()
+        if kept:
+            self.hist[:used] += partial[:, :used].sum(axis=0)
+            self.chist += chist
+        partial[:, :used] = 0
+        return (csum, csq, cmin, cmax) if kept else None
 
     def _init_channels(self, channels: int) -> None:
         self.channels = channels
@@ -217,6 +266,9 @@ class StreamingStats:
         if k == 0:
             return
         seen = self.count
+        if seen == 0 and flat.size > k:
+            self._sample_first_batch(flat)
+            return
         fill = max(0, min(k - seen, flat.size))
         if fill:
             self.reservoir[seen : seen + fill] = flat[:fill]
@@ -231,6 +283,21 @@ class StreamingStats:
             expected = int(k * math.log(end / max(self._next, 1))) + 64
             uniforms = 1.0 - self._rng.random(3 * expected)
             self._next, self._w = _algorithm_l(flat, seen, self.reservoir, self._next, self._w, uniforms)
+
+    def _sample_first_batch(self, flat: np.ndarray) -> None:
+        """Start the reservoir from a first batch of n > k values without streaming through it.
+
+        Streaming would make about k·ln(n/k) replacements (most of the reservoir's cost when the
+        first batch is large). The same distribution comes directly: k distinct positions
+        uniformly, and Algorithm L's threshold W, the k-th smallest of n uniform keys, drawn
+        from its law Beta(k, n - k + 1).
+        """
+        k, n = self.reservoir_size, flat.size
+        positions = np.sort(self._rng.choice(n, size=k, replace=False))
+        self.reservoir[:] = flat[positions]
+        self._w = float(self._rng.beta(k, n - k + 1))
+        u = 1.0 - self._rng.random()
+        self._next = n - 1 + int(math.floor(math.log(u) / math.log1p(-self._w))) + 1
 
     # ------------------------------------------------------------------ results
     @property

@@ -44,6 +44,9 @@ def test_unknown_version_and_fields_are_refused():
 def test_non_finite_values_are_refused():
     with pytest.raises(AnnotationError, match="not finite"):
         ann.TensorStats(count=1, samples=1, min=float("nan"), max=1.0, absmax=1.0, mean=0.0, std=0.0).to_json()
+    with pytest.raises(AnnotationError, match="inf is not finite"):  # inside a per-channel tuple
+        ann.TensorStats(count=1, samples=1, min=0.0, max=1.0, absmax=1.0, mean=0.0, std=0.0,
+                        channel_axis=1, channel_min=(0.0, float("inf"))).to_json()
 
 
 def test_annotations_are_frozen():

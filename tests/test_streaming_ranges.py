@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -68,6 +70,23 @@ def test_reservoir_is_seeded_uniform_and_bounded():
     assert np.array_equal(small.reservoir_sample(), x[:10, 0])
 
 
+@pytest.mark.parametrize("first", [1_000, 50_000, 90_000])
+def test_reservoir_stays_uniform_after_a_large_first_batch(first):
+    # A first batch of n > k is sampled directly (k positions, threshold W ~ Beta(k, n-k+1));
+    # the stream that follows must still be sampled at the same rate.
+    x = np.arange(100_000, dtype=np.float32).reshape(-1, 1)
+    s = StreamingStats(reservoir=2000, seed=5)
+    s.update(x[:first])
+    _feed(s, x[first:], 6)
+    sample = s.reservoir_sample()
+    assert len(np.unique(sample)) == 2000
+    share = np.mean(sample < first)
+    expected = first / 100_000
+    sigma = math.sqrt(expected * (1 - expected) / 2000)
+    assert abs(share - expected) < 4 * sigma + 1e-9
+    assert abs(sample.mean() - 50_000) < 4 * 645
+
+
 def test_memory_does_not_grow_with_samples():
     s = StreamingStats(reservoir=1000)
     s.update(RNG.normal(size=(8, 4, 16)).astype(np.float32))
@@ -80,6 +99,23 @@ def test_memory_does_not_grow_with_samples():
 def test_nan_is_refused():
     with pytest.raises(ValueError, match="NaN or Inf"):
         StreamingStats().update(np.array([[1.0, np.nan]], np.float32))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_in_a_later_batch_is_refused_and_not_counted(bad):
+    # After the first batch the kernel finds the range itself: NaN and Inf land outside it.
+    s = StreamingStats(bins=1024, channel_bins=64)
+    s.update(np.ones((4, 3), np.float32))
+    batch = np.full((4, 3), 0.5, np.float32)
+    batch[2, 1] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        s.update(batch)
+    assert s.count == 12 and s.hist.sum() == 12 and s.chist.sum() == 12
+
+
+def test_channel_bins_cannot_exceed_bins():
+    with pytest.raises(ValueError, match="channel_bins"):
+        StreamingStats(bins=64, channel_bins=128)
 
 
 def _stats(x):
