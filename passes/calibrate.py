@@ -29,7 +29,7 @@ from qcompiler.passes.detect_layers import quantizable_nodes
 from qcompiler.progress import progress_bar
 from qcompiler.ranges import entropy_range, mse_range, percentile_range
 from qcompiler.runtime import Runner
-from qcompiler.streaming import StreamingStats
+from qcompiler.streaming import StreamingStats, check_bins
 
 #: ``value.meta`` key of the in-memory :class:`StreamingStats` (a cache, never serialised).
 META_KEY = "qcompiler.streaming_stats"
@@ -123,6 +123,7 @@ class CalibratePass(ir.passes.InPlacePass):
             raise ValueError("batch_size must be >= 1")
         if self.dump and self.dump_dir is None:
             raise ValueError("dump needs dump_dir")
+        check_bins(self.bins, self.channel_bins)
 
     def requires(self, model: ir.Model) -> None:
         if not quantizable_nodes(model):

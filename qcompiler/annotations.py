@@ -91,8 +91,9 @@ def _plain(obj: Any) -> Any:
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         if all(type(v) is float for v in obj):  # per-channel statistics: the common, long case
-            if not all(map(math.isfinite, obj)):
-                raise AnnotationError(f"annotation value {[v for v in obj if not math.isfinite(v)][0]} is not finite")
+            bad = next((v for v in obj if not math.isfinite(v)), None)
+            if bad is not None:
+                raise AnnotationError(f"annotation value {bad} is not finite")
             return list(obj)
         return [_plain(v) for v in obj]
     if isinstance(obj, float) and not math.isfinite(obj):

@@ -95,7 +95,7 @@ class Runner:
         fetched = [n for n in wanted if n not in self.input_names]
         inputs = {n: feed[n] for n in self.input_names}
         results = dict(zip(fetched, self.session.run(fetched, inputs))) if fetched else {}
-        return {n: (feed[n] if n in self.input_names and n not in results else results[n]) for n in wanted}
+        return self._answer(feed, results, wanted)
 
     def run_into(self, feed: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
         """Like :meth:`run`, but onnxruntime writes the outputs into buffers reused across calls.
@@ -124,7 +124,11 @@ class Runner:
                 self.session.run_with_iobinding(binding)
             except Exception:  # an output whose shape depends on the data: allocate afresh
                 self._bound = self.run(feed, fetched)
-        return {n: (feed[n] if n in self.input_names and n not in self._bound else self._bound[n]) for n in wanted}
+        return self._answer(feed, self._bound, wanted)
+
+    def _answer(self, feed: Mapping[str, np.ndarray], results: Mapping[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
+        """The wanted values by name: graph inputs from the feed, the rest from the results."""
+        return {n: (feed[n] if n in self.input_names and n not in results else results[n]) for n in wanted}
 
     def stream(
         self, feeds: Iterable[Mapping[str, np.ndarray]], names: Sequence[str] | None = None

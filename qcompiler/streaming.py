@@ -136,6 +136,14 @@ def _merge_pairs(hist: np.ndarray, times: int) -> np.ndarray:
     return hist
 
 
+def check_bins(bins: int, channel_bins: int) -> None:
+    """ValueError unless both bin counts are powers of two and a channel bin merges whole bins."""
+    if bins < 1 or channel_bins < 1 or bins & (bins - 1) or channel_bins & (channel_bins - 1):
+        raise ValueError("histogram bin counts must be powers of two")
+    if channel_bins > bins:
+        raise ValueError("channel_bins must not exceed bins (a channel bin merges whole tensor bins)")
+
+
 def power_of_two_above(value: float) -> float:
     """The smallest power of two strictly greater than ``value`` (>= 2**-126)."""
     if value <= 0.0:
@@ -158,11 +166,9 @@ class StreamingStats:
     """
 
     def __init__(self, bins: int = 1 << 16, channel_bins: int = 256, reservoir: int = 0, seed: int = 0) -> None:
-        if bins & (bins - 1) or channel_bins & (channel_bins - 1):
-            raise ValueError("histogram bin counts must be powers of two")
-        if channel_bins > bins:
-            raise ValueError("channel_bins must not exceed bins (a channel bin merges whole tensor bins)")
+        check_bins(bins, channel_bins)
         self.bins, self.channel_bins = bins, channel_bins
+        self._shift = (bins // channel_bins).bit_length() - 1  # channel bin = tensor bin >> shift
         self.count = 0
         self.samples = 0
         self.min, self.max = math.inf, -math.inf
@@ -226,8 +232,7 @@ class StreamingStats:
         csum, csq = np.zeros(channels), np.zeros(channels)
         cmin, cmax = np.full(channels, np.inf), np.full(channels, -np.inf)
         top, over = np.zeros(workers, np.int64), np.zeros(workers, np.int64)
-        shift = (self.bins // self.channel_bins).bit_length() - 1
-        _accumulate(x, self.range, self.bins / self.range, shift, partial, chist, csum, csq, cmin, cmax, top, over)
+        _accumulate(x, self.range, self.bins / self.range, self._shift, partial, chist, csum, csq, cmin, cmax, top, over)
         used = int(top.max()) + 1
         kept = not over.any()
         if kept:

@@ -114,6 +114,12 @@ def test_nan_in_activations_is_an_error():
         CalibratePass(data=ArrayDataset({"x": x}))(_model())
 
 
+@pytest.mark.parametrize("bins, channel_bins", [(64, 256), (100, 16), (0, 16)])
+def test_bad_bin_counts_are_refused_when_the_pass_is_built(bins, channel_bins):
+    with pytest.raises(ValueError, match="bin"):
+        CalibratePass(data=ArrayDataset({"x": np.zeros((1, 2, 5, 5), np.float32)}), bins=bins, channel_bins=channel_bins)
+
+
 def test_repr_has_no_data():
     text = repr(CalibratePass(data=ArrayDataset({"x": np.zeros((1, 2, 5, 5), np.float32)}), batch_size=8))
     assert text.startswith("CalibratePass(batch_size=8, methods=('minmax', 'percentile', 'entropy', 'mse'), bits=(8,)")
