@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import annotations as ann
+from qcompiler import float_reference
 from qcompiler.data import ArrayDataset, DataSource, load_dataset
 from qcompiler.errors import DataError, QCompilerError
 from qcompiler.graph import const_array, set_initializer, values_by_name
@@ -127,7 +128,9 @@ class FineTunePass(ir.passes.InPlacePass):
         teacher = _teacher_logits(model, train, self.batch_size) if self.distill != "none" else None
         _check_label_shape(module, train, self.loss)
         log = self._train(module, train, held_out, teacher)
+        before = model.clone()
         _write_back(model, module)
+        float_reference.remember_float_weights(model, before)
         if self.module is not None:
             write_into_module(model, self.module)
         ann.set(model, log)
@@ -265,11 +268,13 @@ def _batches(data: ArrayDataset, batch_size: int):
 
 
 def _teacher_logits(model: ir.Model, data: ArrayDataset, batch_size: int) -> np.ndarray:
-    """The float model's first output on ``data`` (annotations ignored: a plain float run)."""
+    """The float model's first output on ``data``: annotations ignored, and the float weights a
+    rewrite (GPFQ, an earlier fine-tune) replaced restored, so the teacher is never the quantized
+    model the student starts from."""
     from qcompiler.api import first_output
     from qcompiler.runtime import Runner
 
-    return first_output(Runner(model), data, max(batch_size, 256)).astype(np.float32)
+    return first_output(Runner(float_reference.float_model(model)), data, max(batch_size, 256)).astype(np.float32)
 
 
 def _check_label_shape(module, data: ArrayDataset, loss: str) -> None:

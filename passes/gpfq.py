@@ -48,6 +48,7 @@ from qcompiler.gpfq import (
     relative_error,
     relative_error_on_rows,
 )
+from qcompiler import float_reference
 from qcompiler.graph import add_initializer, const_array, set_initializer, values_by_name
 from qcompiler.layer_matrix import LayerGeometry, from_weight_matrix, geometry, rows, weight_matrix
 from qcompiler.metrics import sqnr_db, top1_agreement
@@ -202,6 +203,7 @@ class GPFQPass(ir.passes.InPlacePass):
                 rtn = self._rewrite(model, float_model, node, layer, feeds, quantize_activations, last)
                 values_by_name(model.graph)[layer.weight].meta[RTN_META] = rtn
                 advance(1)
+        float_reference.remember_float_weights(model, float_model)
         ann.set(model, self._summary(model, float_model, feeds, quantize_activations, skipped, zero_before, layers))
         return ir.passes.PassResult(model, True)
 

@@ -256,6 +256,7 @@ def compile_command(
     finetune_optimizer: str = typer.Option("adam", "--finetune-optimizer", help="Fine-tune optimiser: adam or sgd."),
     finetune_schedule: str = typer.Option("cosine", "--finetune-schedule", help="Fine-tune LR schedule: cosine, step or constant."),
     finetune_distill: str = typer.Option("none", "--finetune-distill", help="Distil from the float model: none, mse or kl."),
+    finetune_distill_weight: float = typer.Option(0.5, "--finetune-distill-weight", help="Weight α of the distillation term (loss = (1−α)·task + α·distill); 1 needs no labels."),
     finetune_patience: int = typer.Option(3, "--finetune-patience", help="Early stop after this many epochs without held-out gain (0 = never)."),
     pipeline: Optional[str] = typer.Option(None, "--pipeline", help='Passes as text, e.g. "calibrate(methods=percentile),profile(mode=fast),allocate(avg_bits=4),gpfq(bits=4)"; the target\'s passes run between analysis and rewrites.'),
     tune_cuts: bool = typer.Option(False, "--tune-cuts", help="Greedy WL search: retrain (one epoch per trial, --finetune-data) when a cut overshoots --max-loss (seed 002's tune_model)."),
@@ -349,7 +350,8 @@ def compile_command(
 
             config = dataclasses.replace(config, finetune=FineTunePass(
                 data=finetune_data, epochs=epochs, lr=finetune_lr, optimizer=finetune_optimizer,
-                schedule=finetune_schedule, distill=finetune_distill, patience=finetune_patience,
+                schedule=finetune_schedule, distill=finetune_distill, distill_weight=finetune_distill_weight,
+                patience=finetune_patience,
                 batch_size=min(batch_size, 64), show_progress=not quiet))
         if gpfq:
             from qcompiler.passes.gpfq import GPFQPass

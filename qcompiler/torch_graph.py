@@ -24,6 +24,7 @@ Supported ops (:data:`TORCH_OPS`); any other op is a one-line error naming node 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -296,6 +297,87 @@ def _layer_norm(node: ir.Node, x: torch.Tensor, scale: torch.Tensor, bias: torch
     return F.layer_norm(x, x.shape[axis:], scale, bias, eps=float(attr(node, "epsilon", 1e-5)))
 
 
+def _shape(node: ir.Node, x: torch.Tensor) -> torch.Tensor:
+    dims = list(x.shape)
+    start, end = int(attr(node, "start", 0)), attr(node, "end", None)
+    return torch.tensor(dims[start:None if end is None else int(end)], dtype=torch.int64)
+
+
+#: ONNX TensorProto data types (``Cast``'s ``to``) as torch dtypes.
+TORCH_DTYPES: dict[int, torch.dtype] = {
+    1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64,
+    9: torch.bool, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16,
+}
+
+
+def _cast(node: ir.Node, x: torch.Tensor) -> torch.Tensor:
+    to = int(attr(node, "to"))
+    if to not in TORCH_DTYPES:
+        raise UnsupportedModelError(f"node {node.name!r} (Cast): target type {to} is not supported in torch conversion")
+    dtype = TORCH_DTYPES[to]
+    # A cast to float follows the module's float precision (float64 runs stay exact).
+    return x.to(x.dtype if dtype.is_floating_point and x.is_floating_point() else dtype)
+
+
+def _gather(node: ir.Node, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    axis = int(attr(node, "axis", 0)) % x.dim()
+    index = torch.where(indices < 0, indices + x.shape[axis], indices)
+    return x[(slice(None),) * axis + (index,)]
+
+
+def _gather_elements(node: ir.Node, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    axis = int(attr(node, "axis", 0)) % x.dim()
+    return torch.gather(x, axis, torch.where(indices < 0, indices + x.shape[axis], indices))
+
+
+def _gather_nd(node: ir.Node, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    if int(attr(node, "batch_dims", 0)) != 0:
+        raise UnsupportedModelError(f"node {node.name!r} (GatherND): batch_dims != 0 is not supported in torch conversion")
+    depth = indices.shape[-1]
+    index = [torch.where(indices[..., i] < 0, indices[..., i] + x.shape[i], indices[..., i]) for i in range(depth)]
+    return x[tuple(index)]
+
+
+def _expand(node: ir.Node, x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(int(d) for d in shape.tolist())))
+
+
+def _slice(node: ir.Node, x: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
+           axes: torch.Tensor | None = None, steps: torch.Tensor | None = None) -> torch.Tensor:
+    axes_list = [int(a) % x.dim() for a in axes.tolist()] if axes is not None else list(range(len(starts)))
+    steps_list = [int(s) for s in steps.tolist()] if steps is not None else [1] * len(axes_list)
+    index: list[slice] = [slice(None)] * x.dim()
+    for axis, start, end, step in zip(axes_list, starts.tolist(), ends.tolist(), steps_list):
+        if step <= 0:
+            raise UnsupportedModelError(f"node {node.name!r} (Slice): steps <= 0 are not supported in torch conversion")
+        size = x.shape[axis]
+        # ONNX clamps out-of-range starts and ends (e.g. INT64_MAX for "to the end")
+        index[axis] = slice(max(-size, min(int(start), size)), max(-size, min(int(end), size)), step)
+    return x[tuple(index)]
+
+
+def _reduce_axes(node: ir.Node, x: torch.Tensor, axes: torch.Tensor | None) -> list[int] | None:
+    """The reduced axes (input since opset 13/18, else attribute); None reduces nothing."""
+    dims = _axes(node, axes)
+    if dims:
+        return [d % x.dim() for d in dims]
+    return None if attr(node, "noop_with_empty_axes", 0) else list(range(x.dim()))
+
+
+def _reduce(kind: str) -> Callable[..., torch.Tensor]:
+    def reduce(node: ir.Node, x: torch.Tensor, axes: torch.Tensor | None = None) -> torch.Tensor:
+        dims = _reduce_axes(node, x, axes)
+        if dims is None:
+            return x
+        keep = bool(attr(node, "keepdims", 1))
+        if kind == "sum":
+            return x.sum(dim=dims, keepdim=keep)
+        if kind == "mean":
+            return x.mean(dim=dims, keepdim=keep)
+        return torch.sqrt((x * x).sum(dim=dims, keepdim=keep))
+    return reduce
+
+
 #: Op → torch implementation (node, *inputs); inputs absent in the node are None.
 TORCH_OPS: dict[str, Callable[..., torch.Tensor]] = {
     "Conv": _conv,
@@ -322,6 +404,33 @@ TORCH_OPS: dict[str, Callable[..., torch.Tensor]] = {
     "Dropout": lambda n, x, *rest: x,
     "Softmax": lambda n, x: torch.softmax(x, dim=int(attr(n, "axis", -1))),
     "LayerNormalization": _layer_norm,
+    "Gelu": lambda n, x: F.gelu(x, approximate=str(attr(n, "approximate", "none"))),
+    "Erf": lambda n, x: torch.erf(x),
+    "Sqrt": lambda n, x: torch.sqrt(x),
+    "Pow": lambda n, x, y: torch.pow(x, y),
+    "Neg": lambda n, x: -x,
+    "Abs": lambda n, x: torch.abs(x),
+    "Greater": lambda n, a, b: a > b,
+    "Less": lambda n, a, b: a < b,
+    "Shape": _shape,
+    "Cast": _cast,
+    "Gather": _gather,
+    "GatherElements": _gather_elements,
+    "GatherND": _gather_nd,
+    "Expand": _expand,
+    "Slice": _slice,
+    "Range": lambda n, start, limit, delta: torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype),
+    "Max": lambda n, *xs: functools.reduce(torch.maximum, [x for x in xs if x is not None]),
+    "Min": lambda n, *xs: functools.reduce(torch.minimum, [x for x in xs if x is not None]),
+    "Where": lambda n, c, a, b: torch.where(c, a, b),
+    "And": lambda n, a, b: torch.logical_and(a, b),
+    "Or": lambda n, a, b: torch.logical_or(a, b),
+    "Not": lambda n, x: torch.logical_not(x),
+    "Equal": lambda n, a, b: a == b,
+    "IsNaN": lambda n, x: torch.isnan(x),
+    "ReduceSum": _reduce("sum"),
+    "ReduceMean": _reduce("mean"),
+    "ReduceL2": _reduce("l2"),
 }
 
 

