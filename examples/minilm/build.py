@@ -169,7 +169,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE / "build")
     args = parser.parse_args()
-    for path in build(args.out):
+    for path in (*build(args.out), args.out / "train.npz"):
         print(path)
 
 
