@@ -128,9 +128,7 @@ class FineTunePass(ir.passes.InPlacePass):
         teacher = _teacher_logits(model, train, self.batch_size) if self.distill != "none" else None
         _check_label_shape(module, train, self.loss)
         log = self._train(module, train, held_out, teacher)
-        before = model.clone()
         _write_back(model, module)
-        float_reference.remember_float_weights(model, before)
         if self.module is not None:
             write_into_module(model, self.module)
         ann.set(model, log)
@@ -309,6 +307,7 @@ def _write_back(model: ir.Model, module) -> None:
         for name in module.parameter_names():
             weight = module.quantized_weight(name).detach().cpu().numpy()
             value = values[name]
+            float_reference.remember(value)  # the distillation teacher of a later fine-tune
             set_initializer(model.graph, value, weight.astype(np.float32))
             grid = ann.get(value, ann.WeightGrid)
             if grid is not None and ann.get(value, ann.FixedPoint) is None:

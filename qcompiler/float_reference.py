@@ -25,12 +25,26 @@ class NoFloatReferenceError(QCompilerError):
     """The model's weights were rewritten, and the float originals are not available."""
 
 
+def remember(value: ir.Value, original: np.ndarray | None = None) -> bool:
+    """Record ``original`` (default: the value's current array) as ``value``'s float original,
+    unless one is recorded already: after GPFQ and then fine-tuning, the reference is still the
+    float model. Call it before overwriting the initializer.
+
+    Returns:
+        Whether a new original was recorded.
+    """
+    if FLOAT_META in value.meta:
+        return False
+    value.meta[FLOAT_META] = np.array(const_array(value) if original is None else original, copy=True)
+    return True
+
+
 def remember_float_weights(model: ir.Model, before: ir.Model) -> int:
     """Record, on each initializer of ``model`` that a rewrite changed or added, its array in ``before``.
 
-    An initializer that already has a recorded original keeps it: after GPFQ and then fine-tuning,
-    the reference is still the float model. An initializer that did not exist before, such as a
-    bias added by bias correction, is recorded as zeros. A zero bias computes the same as no bias.
+    For passes that rewrite initializers in many places and keep the model before the rewrite
+    anyway (GPFQ). An initializer that did not exist before, such as a bias added by bias
+    correction, is recorded as zeros. A zero bias computes the same as no bias.
 
     Args:
         model: the rewritten model (its values' meta is updated).
@@ -48,8 +62,7 @@ def remember_float_weights(model: ir.Model, before: ir.Model) -> int:
         old = const_array(originals[name]) if name in originals else np.zeros_like(now)
         if old.shape == now.shape and np.array_equal(old, now):
             continue
-        value.meta[FLOAT_META] = np.array(old, copy=True)
-        recorded += 1
+        recorded += remember(value, old)
     return recorded
 
 

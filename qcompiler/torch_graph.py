@@ -319,23 +319,25 @@ def _cast(node: ir.Node, x: torch.Tensor) -> torch.Tensor:
     return x.to(x.dtype if dtype.is_floating_point and x.is_floating_point() else dtype)
 
 
+def _wrapped(indices: torch.Tensor, size: int) -> torch.Tensor:
+    """ONNX indices may count from the end (``-1`` is the last); torch's ``gather`` may not."""
+    return torch.where(indices < 0, indices + size, indices)
+
+
 def _gather(node: ir.Node, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     axis = int(attr(node, "axis", 0)) % x.dim()
-    index = torch.where(indices < 0, indices + x.shape[axis], indices)
-    return x[(slice(None),) * axis + (index,)]
+    return x[(slice(None),) * axis + (_wrapped(indices, x.shape[axis]),)]
 
 
 def _gather_elements(node: ir.Node, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     axis = int(attr(node, "axis", 0)) % x.dim()
-    return torch.gather(x, axis, torch.where(indices < 0, indices + x.shape[axis], indices))
+    return torch.gather(x, axis, _wrapped(indices, x.shape[axis]))
 
 
 def _gather_nd(node: ir.Node, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     if int(attr(node, "batch_dims", 0)) != 0:
         raise UnsupportedModelError(f"node {node.name!r} (GatherND): batch_dims != 0 is not supported in torch conversion")
-    depth = indices.shape[-1]
-    index = [torch.where(indices[..., i] < 0, indices[..., i] + x.shape[i], indices[..., i]) for i in range(depth)]
-    return x[tuple(index)]
+    return x[tuple(_wrapped(indices[..., i], x.shape[i]) for i in range(indices.shape[-1]))]
 
 
 def _expand(node: ir.Node, x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
@@ -364,17 +366,11 @@ def _reduce_axes(node: ir.Node, x: torch.Tensor, axes: torch.Tensor | None) -> l
     return None if attr(node, "noop_with_empty_axes", 0) else list(range(x.dim()))
 
 
-def _reduce(kind: str) -> Callable[..., torch.Tensor]:
+def _reduce(reduction: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """An ONNX Reduce* op from a torch reduction taking ``dim`` and ``keepdim``."""
     def reduce(node: ir.Node, x: torch.Tensor, axes: torch.Tensor | None = None) -> torch.Tensor:
         dims = _reduce_axes(node, x, axes)
-        if dims is None:
-            return x
-        keep = bool(attr(node, "keepdims", 1))
-        if kind == "sum":
-            return x.sum(dim=dims, keepdim=keep)
-        if kind == "mean":
-            return x.mean(dim=dims, keepdim=keep)
-        return torch.sqrt((x * x).sum(dim=dims, keepdim=keep))
+        return x if dims is None else reduction(x, dim=dims, keepdim=bool(attr(node, "keepdims", 1)))
     return reduce
 
 
@@ -428,9 +424,9 @@ TORCH_OPS: dict[str, Callable[..., torch.Tensor]] = {
     "Not": lambda n, x: torch.logical_not(x),
     "Equal": lambda n, a, b: a == b,
     "IsNaN": lambda n, x: torch.isnan(x),
-    "ReduceSum": _reduce("sum"),
-    "ReduceMean": _reduce("mean"),
-    "ReduceL2": _reduce("l2"),
+    "ReduceSum": _reduce(torch.sum),
+    "ReduceMean": _reduce(torch.mean),
+    "ReduceL2": _reduce(torch.linalg.vector_norm),
 }
 
 
