@@ -312,6 +312,11 @@ def _sweep_block(a: np.ndarray, b: np.ndarray, h: np.ndarray, diag: np.ndarray, 
     return out
 
 
+def _check_block(block: int) -> None:
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+
+
 def gpfq_blocked(w: np.ndarray, h: np.ndarray, g: np.ndarray, grid: Grid, block: int = 128) -> np.ndarray:
     """The d×d form with lazy block updates (float64).
 
@@ -325,8 +330,7 @@ def gpfq_blocked(w: np.ndarray, h: np.ndarray, g: np.ndarray, grid: Grid, block:
     Returns:
         The levels ``Q`` (N, d).
     """
-    if block < 1:
-        raise ValueError(f"block must be >= 1, got {block}")
+    _check_block(block)
     w = np.asarray(w, dtype=np.float64)
     h = np.asarray(h, dtype=np.float64)
     n, d = w.shape
@@ -362,8 +366,7 @@ def gpfq_data(w: np.ndarray, x: np.ndarray, x_tilde: np.ndarray, grid: Grid, blo
     Returns:
         The levels ``Q`` (N, d).
     """
-    if block < 1:
-        raise ValueError(f"block must be >= 1, got {block}")
+    _check_block(block)
     w = np.asarray(w, dtype=np.float64)
     n, d = w.shape
     m = x.shape[0]
