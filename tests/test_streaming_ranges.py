@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -85,6 +88,15 @@ def test_reservoir_stays_uniform_after_a_large_first_batch(first):
     sigma = math.sqrt(expected * (1 - expected) / 2000)
     assert abs(share - expected) < 4 * sigma + 1e-9
     assert abs(sample.mean() - 50_000) < 4 * 645
+
+
+def test_reservoir_over_many_batches_covers_the_stream_evenly():
+    x = np.arange(100_000, dtype=np.float32).reshape(-1, 1)
+    s = StreamingStats(reservoir=2000, seed=9)
+    _feed(s, x, 50)
+    counts = np.bincount((s.reservoir_sample() // 10_000).astype(int), minlength=10)
+    chi2 = float(((counts - 200.0) ** 2 / 200.0).sum())
+    assert chi2 < 30.0  # 9 degrees of freedom: P(chi2 > 30) < 5e-4 for a uniform sample
 
 
 def test_memory_does_not_grow_with_samples():
@@ -170,3 +182,15 @@ def test_percentile_chooser():
     assert percentile_range(s.abs_quantile, 99.0) == pytest.approx(0.99, abs=2e-3)
     with pytest.raises(ValueError, match="percentile must be in"):
         percentile_range(s.abs_quantile, 0.0)
+
+
+@pytest.mark.parametrize(("given_policy", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_importing_qcompiler_makes_openmp_workers_sleep_unless_the_user_chose(given_policy, expected):
+    # Spinning OpenMP workers of the statistics kernels slow onnxruntime's next run (issue 3);
+    # the policy is read when libgomp loads, so it must be set by the import, in a fresh process.
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given_policy:
+        env["OMP_WAIT_POLICY"] = given_policy
+    code = "import os, qcompiler; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == expected
