@@ -140,9 +140,9 @@ MINILM_SETTINGS = (
 #: Distillation fine-tune after the last setting: the float model's embeddings are the teacher,
 #: train.npz (the calibration sentences and their recombinations, examples/minilm/build.py)
 #: the unlabelled inputs; the weights stay on their 4-bit grids. GPFQ before it is calibrated on
-#: the first MINILM_GPFQ_SEQUENCES of the same set: more token rows make H and G better
-#: conditioned, which the fine-tune starts from (fine-tuned: 0.9898 from GPFQ on 64 sentences at lr 3e-4,
-#: 0.9903 from 1024 at lr 2e-4).
+#: the first MINILM_GPFQ_SEQUENCES of the same set: GPFQ's own cosine does not move (0.9773),
+#: but the fine-tune from it ends higher (0.9898 from GPFQ on 64 sentences at lr 3e-4, 0.9903
+#: from 1024 at lr 2e-4; bench/RESULTS.md).
 MINILM_FINETUNE = {"distill": "mse", "distill_weight": 1.0, "holdout": 0.0, "epochs": 6, "lr": 2e-4,
                    "batch_size": 16, "patience": 0}
 MINILM_GPFQ_SEQUENCES = 1024
