@@ -49,7 +49,7 @@ from qcompiler.runtime import Runner  # noqa: E402
 
 #: (name, N, d, m): ResNet-18 layer shapes with the reference's m (spec §6.6 cost reference).
 #: Columns per block of the data form (the pass uses its ``block_size``; the levels do not depend on it).
-DATA_BLOCK = 64
+DATA_BLOCK = 32
 SHAPES = (("fc 1000x512", 1000, 512, 512), ("conv 64x576", 64, 576, 11_648),
           ("conv 512x4608", 512, 4608, 1_536), ("conv 256x2304", 256, 2304, 10_240))
 

@@ -131,7 +131,7 @@ class GPFQPass(ir.passes.InPlacePass):
     act_order: bool = False
     damping: float = 0.0
     token_mask: str | None = None
-    block_size: int = 128
+    block_size: int = 32
     batch_size: int = 32
     seed: int = 0
     show_progress: bool = dataclasses.field(default=True, repr=False, compare=False)

@@ -317,7 +317,7 @@ def _check_block(block: int) -> None:
         raise ValueError(f"block must be >= 1, got {block}")
 
 
-def gpfq_blocked(w: np.ndarray, h: np.ndarray, g: np.ndarray, grid: Grid, block: int = 128) -> np.ndarray:
+def gpfq_blocked(w: np.ndarray, h: np.ndarray, g: np.ndarray, grid: Grid, block: int = 32) -> np.ndarray:
     """The d×d form with lazy block updates (float64).
 
     Args:
@@ -346,7 +346,7 @@ def gpfq_blocked(w: np.ndarray, h: np.ndarray, g: np.ndarray, grid: Grid, block:
     return q
 
 
-def gpfq_data(w: np.ndarray, x: np.ndarray, x_tilde: np.ndarray, grid: Grid, block: int = 64) -> np.ndarray:
+def gpfq_data(w: np.ndarray, x: np.ndarray, x_tilde: np.ndarray, grid: Grid, block: int = 32) -> np.ndarray:
     """The blocked recursion on the data itself: the per-column recursion with lazy residual updates.
 
     The residual ``U`` (N×m) is brought up to date once per block of columns by two GEMMs;
@@ -389,7 +389,7 @@ def gpfq_data(w: np.ndarray, x: np.ndarray, x_tilde: np.ndarray, grid: Grid, blo
     return q
 
 
-def data_form_is_cheaper(n: int, d: int, m: int, block: int = 64) -> bool:
+def data_form_is_cheaper(n: int, d: int, m: int, block: int = 32) -> bool:
     """Whether :func:`gpfq_data` needs fewer flops than the d×d form for an N×d layer with m rows.
 
     Data form: ``U·X̃_b`` and the two residual updates (``6·N·m·d``) plus the in-block products
