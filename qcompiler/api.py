@@ -25,7 +25,7 @@ from qcompiler import annotations as ann
 from qcompiler.data import ArrayDataset, DataSource, load_dataset
 from qcompiler.errors import DataError, QCompilerError
 from qcompiler.fl_search import compression_rate
-from qcompiler.fsutil import atomic_dir, write_bytes, write_json
+from qcompiler.fsutil import atomic_dir, check_output_dir, write_bytes, write_json
 from qcompiler.graph import const_array, values_by_name
 from qcompiler.ir import ModelLike, load_normalized, save
 from qcompiler.metrics import finite_or_none, mean_cosine, output_mse, sqnr_db, top1, top1_agreement
@@ -107,6 +107,8 @@ def compile_model(
         QCompilerError: any bad input or unsupported model, with a one-line message.
     """
     backend = get_target(target)
+    if out_dir is not None:
+        check_output_dir(out_dir)  # before the work, not after it
     source = str(model) if isinstance(model, (str, Path)) else "<memory>"
     ir_model = load_normalized(model)
     float_model = ir_model.clone()

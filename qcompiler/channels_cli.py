@@ -7,7 +7,7 @@ from pathlib import Path
 from qcompiler import annotations as ann
 from qcompiler.data import load_dataset
 from qcompiler.errors import QCompilerError
-from qcompiler.fsutil import atomic_dir, write_bytes, write_json
+from qcompiler.fsutil import atomic_dir, check_output_dir, write_bytes, write_json
 from qcompiler.graph import values_by_name
 from qcompiler.ir import load_normalized, save
 from qcompiler.passes.channel_allocation import ChannelAllocationPass
@@ -20,6 +20,7 @@ def run_channels(
     alpha: float, beta: float, reserve: int, table_samples: int, eval_samples: int,
 ) -> list[tuple[float, ...]]:
     """Run the allocation; write ``mse.csv`` (the seed's report), ``channels.json`` and the IR."""
+    check_output_dir(out)
     model = load_normalized(model_path)
     data = load_dataset(calib, model)
     held_out = load_dataset(eval_data, model) if eval_data is not None else None

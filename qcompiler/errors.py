@@ -23,6 +23,10 @@ class UnsupportedModelError(QCompilerError):
     """The model cannot be handled (e.g. no quantizable layer, an op a pass cannot process)."""
 
 
+class OutputError(QCompilerError):
+    """An output path cannot be written without destroying something qcompiler did not write."""
+
+
 class TargetError(QCompilerError):
     """A target cannot represent the model; the message names the node and the rule."""
 

@@ -11,6 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from qcompiler.errors import OutputError
+
+#: Written into every output folder: a later run may replace a folder that holds it (or an
+#: empty one) as a whole, and refuses any other existing folder rather than delete its files.
+OUTPUT_MARKER = ".qcompiler-output"
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -74,19 +80,45 @@ def write_npz(path: str | os.PathLike[str], **arrays: Any) -> None:
     write_bytes(path, buffer.getvalue())
 
 
+def check_output_dir(path: str | os.PathLike[str]) -> None:
+    """Refuse an output folder path that :func:`atomic_dir` could not replace harmlessly.
+
+    Raises:
+        OutputError: ``path`` is a file, or a non-empty folder without :data:`OUTPUT_MARKER`
+            (a folder qcompiler did not write: replacing it would delete the user's files).
+    """
+    final = Path(path)
+    if not final.exists():
+        return
+    if not final.is_dir():
+        raise OutputError(f"{path}: exists and is not a folder; give a folder path for the outputs")
+    if (final / OUTPUT_MARKER).exists() or not any(final.iterdir()):
+        return
+    raise OutputError(
+        f"{path}: folder exists and was not written by qcompiler (no {OUTPUT_MARKER}); outputs replace "
+        "their folder as a whole, so give a new or empty folder"
+    )
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a fresh temporary folder; on success it replaces ``path`` as a whole.
 
     On failure the temporary folder is removed and ``path`` is left as it was, so a failed run
     never leaves a half-written output folder. An existing ``path`` is replaced only after the
-    new content is complete.
+    new content is complete, and only if qcompiler wrote it or it is empty
+    (:func:`check_output_dir`).
+
+    Raises:
+        OutputError: see :func:`check_output_dir`.
     """
+    check_output_dir(path)
     final = Path(path).resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
+        (tmp / OUTPUT_MARKER).write_text("written by qcompiler; the next run that writes here replaces this folder\n")
         _default_mode(tmp, directory=True)
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))

@@ -27,7 +27,7 @@ from qcompiler import annotations as ann
 from qcompiler.api import first_output
 from qcompiler.data import ArrayDataset, load_dataset
 from qcompiler.errors import DataError, QCompilerError
-from qcompiler.fsutil import atomic_dir, write_bytes, write_json
+from qcompiler.fsutil import atomic_dir, check_output_dir, write_bytes, write_json
 from qcompiler.ir import load_normalized, save
 from qcompiler.metrics import top1, topk
 from qcompiler.passes.gpfq import GPFQPass, round_to_nearest_model
@@ -125,6 +125,7 @@ def run_sweep(model_path: Path, calib: Any, eval_data: Any, out: Path, config: S
     way the seed accumulates its logs across runs.
     """
     existing_log = _read_log(log) if log is not None else ""  # a wrong log fails before any work
+    check_output_dir(out)
     model = load_normalized(model_path)
     calib_data = load_dataset(calib, model)
     held_out = load_dataset(eval_data, model)

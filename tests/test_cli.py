@@ -34,10 +34,12 @@ def compiled(tmp_path_factory):
 def test_digits_end_to_end(compiled):
     out, result = compiled
     assert sorted(p.name for p in out.iterdir()) == [
-        "digits_cnn_int.h", "model.annotated.onnx", "model.int.json", "model.int.npz", "model.qdq.onnx", "report.html", "report.json"
+        ".qcompiler-output", "digits_cnn_int.h", "model.annotated.onnx", "model.int.json", "model.int.npz",
+        "model.qdq.onnx", "report.html", "report.json"
     ]
     report = json.loads((out / "report.json").read_text())
-    assert report["artifacts"] == sorted(p.name for p in out.iterdir())  # what "wrote ..." lists
+    # what "wrote ..." lists: the artifacts, not the marker that lets the next run replace the folder
+    assert report["artifacts"] == sorted(p.name for p in out.iterdir() if p.name != ".qcompiler-output")
     m = report["metrics"]
     assert m["float"]["top1"] >= 0.97
     assert abs(m["simulated"]["top1"] - m["float"]["top1"]) <= 0.005
@@ -156,6 +158,36 @@ def test_nan_in_weights(tmp_path):
 def test_missing_calib_and_unknown_target(tmp_path):
     _bad(tmp_path, [MODEL], "--calib DATA is required")
     _bad(tmp_path, [MODEL, "--calib", CALIB, "--target", "tpu"], "unknown target 'tpu'")
+
+
+def test_output_path_that_is_a_file_or_a_foreign_folder_is_refused_before_any_work(tmp_path):
+    # Outputs replace their folder as a whole; a file or a folder qcompiler did not write would be lost.
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    foreign = tmp_path / "project"
+    foreign.mkdir()
+    (foreign / "train.py").write_text("mine too")
+    for out, message in ((a_file, "exists and is not a folder"), (foreign, "was not written by qcompiler")):
+        result = RUNNER.invoke(app, [MODEL, "--calib", CALIB, "--quiet", "-o", str(out)])
+        assert result.exit_code == 2 and result.output.startswith(f"error: {out}: ") and message in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert a_file.read_text() == "mine" and [p.name for p in foreign.iterdir()] == ["train.py"]
+    for command in (["profile", MODEL, "--calib", CALIB], ["channels", MODEL, "--tensor", "relu", "--calib", CALIB],
+                    ["gpfq", MODEL, "--calib", CALIB, "--eval", EVAL]):
+        result = RUNNER.invoke(app, [*command, "-o", str(foreign)])
+        assert result.exit_code == 2 and "was not written by qcompiler" in result.output, result.output
+    assert [p.name for p in foreign.iterdir()] == ["train.py"]
+
+
+def test_an_empty_folder_or_a_previous_output_is_replaced(tmp_path, compiled):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _compile(empty, "--quiet").exit_code == 0 and (empty / "report.json").exists()
+    previous = tmp_path / "previous"
+    shutil.copytree(compiled[0], previous)
+    (previous / "stale.bin").write_bytes(b"from an older run")
+    assert _compile(previous, "--quiet").exit_code == 0
+    assert not (previous / "stale.bin").exists() and (previous / "report.json").exists()
 
 
 def test_existing_output_survives_a_failed_run(tmp_path, compiled):
