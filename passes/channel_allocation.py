@@ -74,6 +74,8 @@ class ChannelAllocationPass(ir.passes.InPlacePass):
             raise ValueError(f"bits must be in 1..12, got {self.bits}")
         if self.reserve < 0:
             raise ValueError("reserve must be >= 0")
+        if self.alpha < 0 or self.beta < 0:
+            raise ValueError(f"alpha and beta are priority weights, >= 0 (got {self.alpha}, {self.beta})")
 
     def requires(self, model: ir.Model) -> None:
         value = values_by_name(model.graph).get(self.tensor)

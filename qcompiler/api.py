@@ -119,6 +119,7 @@ def compile_model(
     check_keep_float(backend, target_config, ir_model)
     calib = load_dataset(config.calib, ir_model)
     evaluation = load_dataset(config.eval, ir_model) if config.eval is not None else None
+    config = _with_training_data_loaded(config, ir_model)
     metric, reference = None, None
     if target_config.max_loss is not None:
         if evaluation is None or evaluation.labels is None:
@@ -151,6 +152,17 @@ def compile_model(
     return CompileResult(
         annotated, artifact.simulation_model, report, result.stats, Path(out_dir) if out_dir is not None else None
     )
+
+
+def _with_training_data_loaded(config: CompileConfig, model: ir.Model) -> CompileConfig:
+    """Fine-tuning data loaded and checked now: a wrong path or array fails before calibration,
+    allocation and GPFQ have run, not after them."""
+    finetune_data = getattr(config.finetune, "data", None)
+    if finetune_data is not None and not isinstance(finetune_data, ArrayDataset):
+        config = dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, data=load_dataset(finetune_data, model)))
+    if config.finetune_data is not None:
+        config = dataclasses.replace(config, finetune_data=load_dataset(config.finetune_data, model))
+    return config
 
 
 def _cut_tuner(config: CompileConfig) -> ir.passes.PassBase | None:

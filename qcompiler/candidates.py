@@ -71,6 +71,9 @@ def candidate_set(
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
         raise ValueError(f"unknown quantizer kinds {unknown} (known: {', '.join(KINDS)})")
+    outside = sorted(b for b in set(bits) if not 1 <= b <= 16)
+    if outside:
+        raise ValueError(f"bit-widths must be in 1..16, got {outside}")
     out = []
     for kind in kinds:
         for b in bits:

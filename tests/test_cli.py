@@ -244,6 +244,7 @@ def test_profile_bad_options(tmp_path):
     _bad(tmp_path, ["profile", MODEL, "--calib", CALIB, "--kinds", "kmeans"], "unknown quantizer kinds")
     _bad(tmp_path, ["profile", MODEL, "--calib", CALIB, "--mode", "guess"], "profile mode must be")
     _bad(tmp_path, ["profile", MODEL, "--calib", str(tmp_path / "none.npz")], "none.npz: no such file")
+    _bad(tmp_path, ["profile", MODEL, "--calib", CALIB, "--bits", "0"], "bit-widths must be in 1..16, got [0]")
 
 
 def test_channels_command(tmp_path):
@@ -266,6 +267,17 @@ def test_channels_command(tmp_path):
 def test_channels_bad_tensor(tmp_path):
     _bad(tmp_path, ["channels", MODEL, "--tensor", "nope", "--calib", CALIB], "the model has no value named 'nope'")
     _bad(tmp_path, ["channels", MODEL, "--tensor", "relu", "--calib", CALIB, "--quantizer", "dorefa"], "quantizer must be one of")
+    _bad(tmp_path, ["channels", MODEL, "--tensor", "relu", "--calib", CALIB, "--alpha", "-1"], "priority weights, >= 0")
+
+
+def test_missing_finetune_data_fails_before_the_pipeline_runs(tmp_path, monkeypatch):
+    from qcompiler.passes.calibrate import CalibratePass
+
+    def never(*args, **kwargs):
+        raise AssertionError("calibration ran before the fine-tuning data was checked")
+
+    monkeypatch.setattr(CalibratePass, "call", never)
+    _bad(tmp_path, [MODEL, "--calib", CALIB, "--finetune-data", str(tmp_path / "train.npz")], "train.npz: no such file")
 
 
 def test_avg_bits_knapsack_cli(tmp_path):
