@@ -283,10 +283,22 @@ def compile_command(
     from qcompiler.api import CompileConfig, compile_model
     from qcompiler.targets import TargetConfig
 
+    checkpoint_only = [flag for flag, value in (
+        ("--config-file", config_file), ("--clip-method", clip_method), ("--qat-weight-bits", qat_weight_bits),
+        ("--scale", scale), ("--stddev", stddev), ("--device", None if device == "MAX78000" else device),
+        ("--verbose", verbose or None)) if value is not None]
     if is_checkpoint(model):
+        onnx_only = [flag for flag, value in (("--calib", calib), ("--eval", eval_data)) if value is not None]
+        if onnx_only:
+            _fail(QCompilerError(f"{onnx_only[0]} is not used with a checkpoint ({model.name}: quantize.py mode "
+                                 "takes its ranges from the trained weights)"), debug, EXIT_BAD_INPUT)
         _run(debug, quantize_checkpoint, model, target, out, config_file, clip_method, qat_weight_bits, scale,
              stddev, device, verbose)
         return
+    if checkpoint_only:
+        _fail(QCompilerError(f"{checkpoint_only[0]} belongs to quantize.py mode (a .pth.tar checkpoint as MODEL); "
+                             f"{model.name} is compiled from ONNX, where the target writes the network YAML"),
+              debug, EXIT_BAD_INPUT)
 
     if calib is None:
         _fail(QCompilerError("--calib DATA is required: activation ranges come from calibration data"), debug, EXIT_BAD_INPUT)

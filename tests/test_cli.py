@@ -155,6 +155,15 @@ def test_nan_in_weights(tmp_path):
     _bad(tmp_path, [str(path), "--calib", CALIB], "weight '0.weight'")
 
 
+def test_options_of_the_other_input_kind_are_refused(tmp_path):
+    # quantize.py options with an ONNX model, ONNX calibration data with a checkpoint: never silently ignored
+    _bad(tmp_path, [MODEL, "--target", "max78000", "--calib", CALIB, "--config-file", "net.yaml"],
+         "--config-file belongs to quantize.py mode")
+    _bad(tmp_path, [MODEL, "--target", "max78000", "--calib", CALIB, "--clip-method", "MAX"], "--clip-method belongs")
+    _bad(tmp_path, [str(tmp_path / "net.pth.tar"), "--target", "max78000", "--calib", CALIB],
+         "--calib is not used with a checkpoint")
+
+
 def test_missing_calib_and_unknown_target(tmp_path):
     _bad(tmp_path, [MODEL], "--calib DATA is required")
     _bad(tmp_path, [MODEL, "--calib", CALIB, "--target", "tpu"], "unknown target 'tpu'")
