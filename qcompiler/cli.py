@@ -188,6 +188,11 @@ def split_list(text: str) -> tuple[str, ...]:
 CHECKPOINT_SUFFIXES = (".pth.tar", ".pth", ".pt", ".tar")
 
 
+def given_flags(*options: tuple[str, object]) -> list[str]:
+    """The flags among ``(flag, value)`` pairs that the user set (value not None)."""
+    return [flag for flag, value in options if value is not None]
+
+
 def is_checkpoint(path: Path) -> bool:
     """A PyTorch checkpoint by name (quantize.py mode) rather than an ONNX model."""
     return any(path.name.endswith(suffix) for suffix in CHECKPOINT_SUFFIXES)
@@ -283,18 +288,18 @@ def compile_command(
     from qcompiler.api import CompileConfig, compile_model
     from qcompiler.targets import TargetConfig
 
-    checkpoint_only = [flag for flag, value in (
-        ("--config-file", config_file), ("--clip-method", clip_method), ("--qat-weight-bits", qat_weight_bits),
-        ("--scale", scale), ("--stddev", stddev), ("--device", None if device == "MAX78000" else device),
-        ("--verbose", verbose or None)) if value is not None]
     if is_checkpoint(model):
-        onnx_only = [flag for flag, value in (("--calib", calib), ("--eval", eval_data)) if value is not None]
+        onnx_only = given_flags(("--calib", calib), ("--eval", eval_data))
         if onnx_only:
             _fail(QCompilerError(f"{onnx_only[0]} is not used with a checkpoint ({model.name}: quantize.py mode "
                                  "takes its ranges from the trained weights)"), debug, EXIT_BAD_INPUT)
         _run(debug, quantize_checkpoint, model, target, out, config_file, clip_method, qat_weight_bits, scale,
              stddev, device, verbose)
         return
+    checkpoint_only = given_flags(
+        ("--config-file", config_file), ("--clip-method", clip_method), ("--qat-weight-bits", qat_weight_bits),
+        ("--scale", scale), ("--stddev", stddev), ("--device", None if device == "MAX78000" else device),
+        ("--verbose", verbose or None))
     if checkpoint_only:
         _fail(QCompilerError(f"{checkpoint_only[0]} belongs to quantize.py mode (a .pth.tar checkpoint as MODEL); "
                              f"{model.name} is compiled from ONNX, where the target writes the network YAML"),
@@ -350,8 +355,8 @@ def compile_command(
             raise QCompilerError("--avg-bits and --total-bytes must be positive")
         nonlocal config
         if pipeline is not None:
-            given = [flag for flag, value in (("--avg-bits", avg_bits), ("--total-bytes", total_bytes), ("--max-loss", max_loss),
-                                              ("--gpfq", gpfq or None), ("--tune-cuts", tune_cuts or None)) if value is not None]
+            given = given_flags(("--avg-bits", avg_bits), ("--total-bytes", total_bytes), ("--max-loss", max_loss),
+                                ("--gpfq", gpfq or None), ("--tune-cuts", tune_cuts or None))
             if given:
                 raise QCompilerError(f"--pipeline describes the passes: put {given[0]} into it instead "
                                      "(e.g. allocate(avg_bits=4), gpfq(bits=4))")
