@@ -7,7 +7,8 @@
   batch exceeds ``R``, ``R`` doubles and adjacent bins merge pairwise, which is exact (bin edges
   stay aligned), so the histogram equals the one computed on all data at the final ``R``;
 - a per-channel ``|x|`` histogram with fewer bins on the same scheme;
-- a seeded uniform reservoir sample (Algorithm L) of at most ``reservoir`` values.
+- a seeded uniform reservoir sample of at most ``reservoir`` values (a few vectorised draws per
+  batch, see :meth:`StreamingStats._reservoir_update`).
 
 The hot loops are numba kernels (``nogil``); their results equal numpy's exactly for counts,
 minima and maxima, and to float64 round-off for sums.
@@ -76,7 +77,18 @@ def _accumulate(
         over[t] = outside
 
 
+@numba.njit(cache=True, nogil=True)
+def _fold_workers(partial: np.ndarray, used: int, hist: np.ndarray, keep: bool) -> None:
+    """Add the workers' histograms (bins below ``used``) to ``hist`` if ``keep``; zero them."""
+    for t in range(partial.shape[0]):
+        for b in range(used):
+            if keep:
+                hist[b] += partial[t, b]
+            partial[t, b] = 0
+
+
 _SCRATCH = threading.local()
+_HYPERGEOMETRIC_LIMIT = 10**9  # numpy's bound on each class of Generator.hypergeometric
 
 
 def _worker_histograms(workers: int, bins: int) -> np.ndarray:
@@ -90,23 +102,6 @@ def _worker_histograms(workers: int, bins: int) -> np.ndarray:
         scratch = np.zeros((workers, bins), np.int32)
         _SCRATCH.hist = scratch
     return scratch
-
-
-@numba.njit(cache=True, nogil=True)
-def _algorithm_l(
-    flat: np.ndarray, offset: int, reservoir: np.ndarray, next_index: int, w: float, uniforms: np.ndarray
-) -> tuple[int, float]:
-    """Replace reservoir slots until the next index leaves this batch or the uniforms run out."""
-    k = reservoir.shape[0]
-    end = offset + flat.shape[0]
-    i = 0
-    while next_index < end and i + 3 <= uniforms.shape[0]:
-        slot = min(int(uniforms[i] * k), k - 1)
-        reservoir[slot] = flat[next_index - offset]
-        w *= math.exp(math.log(uniforms[i + 1]) / k)
-        next_index += int(math.floor(math.log(uniforms[i + 2]) / math.log1p(-w))) + 1
-        i += 3
-    return next_index, w
 
 
 def _as_ncs(x: np.ndarray) -> np.ndarray:
@@ -182,8 +177,6 @@ class StreamingStats:
         self.reservoir_size = reservoir
         self.reservoir = np.zeros(reservoir, np.float32)
         self._rng = np.random.default_rng(seed)
-        self._w = 0.0  # Algorithm L state: current weight and index of the next replacement
-        self._next = 0
 
     # ------------------------------------------------------------------ updates
     def update(self, batch: np.ndarray) -> None:
@@ -233,12 +226,10 @@ class StreamingStats:
         cmin, cmax = np.full(channels, np.inf), np.full(channels, -np.inf)
         top, over = np.zeros(workers, np.int64), np.zeros(workers, np.int64)
         _accumulate(x, self.range, self.bins / self.range, self._shift, partial, chist, csum, csq, cmin, cmax, top, over)
-        used = int(top.max()) + 1
         kept = not over.any()
+        _fold_workers(partial, int(top.max()) + 1, self.hist, kept)
         if kept:
-            self.hist[:used] += partial[:, :used].sum(axis=0)
             self.chist += chist
-        partial[:, :used] = 0
         return (csum, csq, cmin, cmax) if kept else None
 
     def _init_channels(self, channels: int) -> None:
@@ -260,49 +251,44 @@ class StreamingStats:
             self.chist = _merge_pairs(self.chist, times)
 
     def _reservoir_update(self, flat: np.ndarray) -> None:
-        """Algorithm L (Li, 1994): uniform reservoir sampling with geometric skips.
+        """Keep the reservoir a uniform sample of every value seen, one batch at a time.
 
-        The cost is proportional to the number of replacements (about k·log(N/k) over the whole
-        stream), not to the number of elements. The loop runs in numba on uniforms drawn in
-        bulk from the seeded generator, so the sample is deterministic for a seed and a batch
-        split.
+        While the reservoir is not full, values are appended. After that, the sample of the
+        ``old`` values seen so far plus the batch's ``n`` is a uniform k-subset of ``old + n``:
+        the number of its members from the batch is hypergeometric (k draws, n good, old bad),
+        they are uniform distinct positions of the batch, and the members kept from before are a
+        uniform subset of the current sample, so they replace uniform distinct slots. This
+        draws the same law as Algorithm L (Li, 1994) with a few vectorised draws per batch
+        instead of a loop over every replacement; the sample is deterministic for a seed and
+        a batch split.
         """
         k = self.reservoir_size
         if k == 0:
             return
         seen = self.count
-        if seen == 0 and flat.size > k:
-            self._sample_first_batch(flat)
-            return
         fill = max(0, min(k - seen, flat.size))
         if fill:
             self.reservoir[seen : seen + fill] = flat[:fill]
-            if seen + fill == k:
-                u = 1.0 - self._rng.random(2)  # in (0, 1]
-                self._w = math.exp(math.log(u[0]) / k)
-                self._next = k - 1 + int(math.floor(math.log(u[1]) / math.log1p(-self._w))) + 1
-        if seen + fill < k:
+        rest = flat[fill:]
+        if rest.size == 0:
             return
-        end = seen + flat.size
-        while self._next < end:
-            expected = int(k * math.log(end / max(self._next, 1))) + 64
-            uniforms = 1.0 - self._rng.random(3 * expected)
-            self._next, self._w = _algorithm_l(flat, seen, self.reservoir, self._next, self._w, uniforms)
+        positions = self._batch_members(seen + fill, rest.size)
+        if positions.size:
+            slots = self._rng.choice(k, positions.size, replace=False)
+            self.reservoir[slots] = rest[positions]
 
-    def _sample_first_batch(self, flat: np.ndarray) -> None:
-        """Start the reservoir from a first batch of n > k values without streaming through it.
-
-        Streaming would make about k·ln(n/k) replacements (most of the reservoir's cost when the
-        first batch is large). The same distribution comes directly: k distinct positions
-        uniformly, and Algorithm L's threshold W, the k-th smallest of n uniform keys, drawn
-        from its law Beta(k, n - k + 1).
-        """
-        k, n = self.reservoir_size, flat.size
-        positions = np.sort(self._rng.choice(n, size=k, replace=False))
-        self.reservoir[:] = flat[positions]
-        self._w = float(self._rng.beta(k, n - k + 1))
-        u = 1.0 - self._rng.random()
-        self._next = n - 1 + int(math.floor(math.log(u) / math.log1p(-self._w))) + 1
+    def _batch_members(self, old: int, n: int) -> np.ndarray:
+        """Positions in a batch of ``n`` of the members of a uniform k-subset of ``old + n``."""
+        k = self.reservoir_size
+        if old < _HYPERGEOMETRIC_LIMIT and n < _HYPERGEOMETRIC_LIMIT:
+            taken = int(self._rng.hypergeometric(n, old, k))
+            return np.sort(self._rng.choice(n, taken, replace=False))
+        # numpy's hypergeometric stops at 1e9 per class: draw the k-subset of old + n itself
+        # (k distinct integers, by redrawing repeats, which are rare at this size).
+        draws = np.unique(self._rng.integers(0, old + n, k))
+        while draws.size < k:
+            draws = np.unique(np.concatenate([draws, self._rng.integers(0, old + n, k - draws.size)]))
+        return draws[draws >= old] - old
 
     # ------------------------------------------------------------------ results
     @property

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qcompiler import streaming
 from qcompiler.ranges import entropy_range, expected_sq_error, levels_per_side, mse_range, percentile_range
 from qcompiler.streaming import StreamingStats, histogram_quantile, power_of_two_above
 
@@ -58,7 +59,16 @@ def test_quantiles_are_within_one_bin_of_numpy():
     assert histogram_quantile(np.zeros(8, np.int64), 1.0, 0.5, 0.0) == 0.0
 
 
-def test_reservoir_is_seeded_uniform_and_bounded():
+@pytest.fixture(params=["hypergeometric", "redraw"])
+def reservoir_path(request, monkeypatch):
+    """Both ways the reservoir draws a batch's members: numpy's hypergeometric, and the redraw of
+    k distinct integers used past numpy's 1e9 bound (forced here by a zero bound)."""
+    if request.param == "redraw":
+        monkeypatch.setattr(streaming, "_HYPERGEOMETRIC_LIMIT", 0)
+    return request.param
+
+
+def test_reservoir_is_seeded_uniform_and_bounded(reservoir_path):
     x = np.arange(100_000, dtype=np.float32).reshape(-1, 1)
     a, b = StreamingStats(reservoir=2000, seed=3), StreamingStats(reservoir=2000, seed=3)
     _feed(a, x, 7)
@@ -74,7 +84,7 @@ def test_reservoir_is_seeded_uniform_and_bounded():
 
 
 @pytest.mark.parametrize("first", [1_000, 50_000, 90_000])
-def test_reservoir_stays_uniform_after_a_large_first_batch(first):
+def test_reservoir_stays_uniform_after_a_large_first_batch(first, reservoir_path):
     # A first batch of n > k is sampled directly (k positions, threshold W ~ Beta(k, n-k+1));
     # the stream that follows must still be sampled at the same rate.
     x = np.arange(100_000, dtype=np.float32).reshape(-1, 1)
@@ -90,13 +100,30 @@ def test_reservoir_stays_uniform_after_a_large_first_batch(first):
     assert abs(sample.mean() - 50_000) < 4 * 645
 
 
-def test_reservoir_over_many_batches_covers_the_stream_evenly():
+def test_reservoir_over_many_batches_covers_the_stream_evenly(reservoir_path):
     x = np.arange(100_000, dtype=np.float32).reshape(-1, 1)
     s = StreamingStats(reservoir=2000, seed=9)
     _feed(s, x, 50)
     counts = np.bincount((s.reservoir_sample() // 10_000).astype(int), minlength=10)
     chi2 = float(((counts - 200.0) ** 2 / 200.0).sum())
     assert chi2 < 30.0  # 9 degrees of freedom: P(chi2 > 30) < 5e-4 for a uniform sample
+
+
+def test_every_value_is_in_the_reservoir_with_probability_k_over_n(reservoir_path):
+    # 100 values in batches of 10 (below k: appended), 25 and 65; k = 20. Over 2000 seeds each
+    # value's inclusion count is Binomial(2000, 0.2): mean 400, variance 320.
+    x = np.arange(100, dtype=np.float32).reshape(-1, 1)
+    counts = np.zeros(100)
+    for seed in range(2000):
+        s = StreamingStats(bins=64, channel_bins=8, reservoir=20, seed=seed)
+        for part in (x[:10], x[10:35], x[35:]):
+            s.update(part)
+        sample = s.reservoir_sample().astype(int)
+        assert len(np.unique(sample)) == 20
+        counts[sample] += 1
+    chi2 = float(((counts - 400.0) ** 2 / 320.0).sum())
+    assert chi2 < 160.0  # ~99 degrees of freedom: P(chi2 > 160) ~ 1e-4 for uniform inclusion
+    assert abs(counts[:10].mean() - 400.0) < 4 * math.sqrt(320.0 / 10)  # the appended values too
 
 
 def test_memory_does_not_grow_with_samples():
