@@ -106,6 +106,8 @@ def _plain(obj: Any) -> Any:
 def _frozen(obj: Any) -> Any:
     """JSON lists become tuples so that annotations stay immutable and comparable."""
     if isinstance(obj, list):
+        if not any(isinstance(v, (list, dict)) for v in obj):  # per-channel numbers: no recursion
+            return tuple(obj)
         return tuple(_frozen(v) for v in obj)
     if isinstance(obj, dict):
         return {k: _frozen(v) for k, v in obj.items()}
