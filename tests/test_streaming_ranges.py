@@ -85,8 +85,8 @@ def test_reservoir_is_seeded_uniform_and_bounded(reservoir_path):
 
 @pytest.mark.parametrize("first", [1_000, 50_000, 90_000])
 def test_reservoir_stays_uniform_after_a_large_first_batch(first, reservoir_path):
-    # A first batch of n > k is sampled directly (k positions, threshold W ~ Beta(k, n-k+1));
-    # the stream that follows must still be sampled at the same rate.
+    # A first batch of n > k fills the reservoir and then replaces a hypergeometric number of
+    # its slots; the stream that follows must still be sampled at the same rate.
     x = np.arange(100_000, dtype=np.float32).reshape(-1, 1)
     s = StreamingStats(reservoir=2000, seed=5)
     s.update(x[:first])
