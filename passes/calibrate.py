@@ -29,7 +29,7 @@ from qcompiler.passes.detect_layers import quantizable_nodes
 from qcompiler.progress import progress_bar
 from qcompiler.ranges import entropy_range, mse_range, percentile_range
 from qcompiler.runtime import Runner
-from qcompiler.streaming import StreamingStats, check_bins
+from qcompiler.streaming import StreamingStats, check_sizes
 
 #: ``value.meta`` key of the in-memory :class:`StreamingStats` (a cache, never serialised).
 META_KEY = "qcompiler.streaming_stats"
@@ -123,7 +123,7 @@ class CalibratePass(ir.passes.InPlacePass):
             raise ValueError("batch_size must be >= 1")
         if self.dump and self.dump_dir is None:
             raise ValueError("dump needs dump_dir")
-        check_bins(self.bins, self.channel_bins)
+        check_sizes(self.bins, self.channel_bins, self.reservoir)
 
     def requires(self, model: ir.Model) -> None:
         if not quantizable_nodes(model):

@@ -131,8 +131,11 @@ def _merge_pairs(hist: np.ndarray, times: int) -> np.ndarray:
     return hist
 
 
-def check_bins(bins: int, channel_bins: int) -> None:
-    """ValueError unless both bin counts are powers of two and a channel bin merges whole bins."""
+def check_sizes(bins: int, channel_bins: int, reservoir: int) -> None:
+    """ValueError unless both bin counts are powers of two, a channel bin merges whole bins and
+    the reservoir size is not negative."""
+    if reservoir < 0:
+        raise ValueError(f"reservoir is a sample size, >= 0 (got {reservoir})")
     if bins < 1 or channel_bins < 1 or bins & (bins - 1) or channel_bins & (channel_bins - 1):
         raise ValueError("histogram bin counts must be powers of two")
     if channel_bins > bins:
@@ -161,7 +164,7 @@ class StreamingStats:
     """
 
     def __init__(self, bins: int = 1 << 16, channel_bins: int = 256, reservoir: int = 0, seed: int = 0) -> None:
-        check_bins(bins, channel_bins)
+        check_sizes(bins, channel_bins, reservoir)
         self.bins, self.channel_bins = bins, channel_bins
         self._shift = (bins // channel_bins).bit_length() - 1  # channel bin = tensor bin >> shift
         self.count = 0

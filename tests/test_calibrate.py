@@ -114,6 +114,11 @@ def test_nan_in_activations_is_an_error():
         CalibratePass(data=ArrayDataset({"x": x}))(_model())
 
 
+def test_a_negative_reservoir_is_refused_when_the_pass_is_built():
+    with pytest.raises(ValueError, match=r"reservoir is a sample size, >= 0 \(got -1\)"):
+        CalibratePass(data=ArrayDataset({"x": np.zeros((1, 2, 5, 5), np.float32)}), reservoir=-1)
+
+
 @pytest.mark.parametrize("bins, channel_bins", [(64, 256), (100, 16), (0, 16)])
 def test_bad_bin_counts_are_refused_when_the_pass_is_built(bins, channel_bins):
     with pytest.raises(ValueError, match="bin"):
