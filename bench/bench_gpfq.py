@@ -3,8 +3,8 @@
 Parts (``--part``, default all):
 
 - ``speed``: the published per-column recursion against the d×d blocked form (including the
-  streamed ``H``/``G``) on ResNet-18 layer shapes with reference-style m; both must give
-  identical levels.
+  streamed ``H`` and ``G``, whole or projected on ``W``) and the data form on ResNet-18 layer
+  shapes with reference-style m; all must give identical levels.
 - ``resnet``: the whole ResNet-18-shaped model (examples/resnet18, built on demand) at 4 bits.
 - ``digits``: output MSE and top-1 of GPFQ vs round-to-nearest at 2, 3, 4 bits (int grid).
 - ``minilm``: mean cosine of MiniLM sentence embeddings against float on the 64 evaluation
@@ -38,6 +38,8 @@ from qcompiler.gpfq import (  # noqa: E402
     gpfq_blocked,
     gpfq_columns,
     gpfq_data,
+    gpfq_sweep,
+    projection_is_cheaper,
 )
 from qcompiler.ir import load_normalized  # noqa: E402
 from qcompiler.metrics import mean_cosine, top1  # noqa: E402
@@ -54,10 +56,19 @@ SHAPES = (("fc 1000x512", 1000, 512, 512), ("conv 64x576", 64, 576, 11_648),
           ("conv 512x4608", 512, 4608, 1_536), ("conv 256x2304", 256, 2304, 10_240))
 
 
+def _stream(x: np.ndarray, xt: np.ndarray, **options) -> GramAccumulator:
+    """H and G (whole, or projected on ``weights``) streamed in batches of 4096 rows, as the pass does."""
+    acc = GramAccumulator(x.shape[1], with_f=False, **options)
+    for start in range(0, len(x), 4096):
+        acc.update(x[None, start:start + 4096], xt[None, start:start + 4096])
+    return acc
+
+
 def speed() -> None:
-    print("| layer | N x d | m | per-column s | d×d form s (H, G + sweep) | of which sweep s | data form s | "
-          "form the pass runs | speed-up d×d | speed-up data | speed-up of the pass's form | level mismatches d×d / data |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| layer | N x d | m | per-column s | d×d, G whole s | d×d, G projected s | of which sweep s | data form s | "
+          "form the pass runs | speed-up d×d whole | speed-up d×d projected | speed-up data | "
+          "speed-up of the pass's form | level mismatches whole / projected / data |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, n, d, m in SHAPES:
         rng = np.random.default_rng(0)
         w = 0.1 * rng.normal(size=(n, d))
@@ -65,14 +76,15 @@ def speed() -> None:
         xt = (x + 0.05 * rng.normal(size=(m, d))).astype(np.float32)
         grid = UniformGrid(channel_scales(w, 4), *code_range(4))
         gpfq_blocked(w[:2, :130], np.eye(130), np.eye(130), UniformGrid(np.ones(2), -8, 7))  # compile once
-        parts = np.array_split(np.arange(m), max(1, m // 4096))
         start = time.perf_counter()
-        acc = GramAccumulator(d, with_f=False)
-        for part in parts:
-            acc.update(x[part][None], xt[part][None])
+        acc = _stream(x, xt)
+        q_whole = gpfq_blocked(w, acc.h[0], acc.g[0], grid)
+        whole = time.perf_counter() - start
+        start = time.perf_counter()
+        acc = _stream(x, xt, weights=w[None], project=True)
         middle = time.perf_counter()
-        q_blocked = gpfq_blocked(w, acc.h[0], acc.g[0], grid)
-        blocked = time.perf_counter() - start
+        q_projected = gpfq_sweep(acc.lower_projection(0), acc.h[0], grid)
+        projected = time.perf_counter() - start
         sweep = time.perf_counter() - middle
         start = time.perf_counter()
         q_data = gpfq_data(w, x, xt, grid, DATA_BLOCK)
@@ -81,12 +93,18 @@ def speed() -> None:
         q_ref, _ = gpfq_columns(w, x, xt, grid)
         reference = time.perf_counter() - start
         # The pass keeps rows only while m <= d (O(d²) memory, activations never all stored),
-        # so the data form is what it runs only then; above, it runs the d×d form.
-        chosen_form = "data" if m <= d and data_form_is_cheaper(n, d, m, DATA_BLOCK) else "d×d"
-        chosen = data if chosen_form == "data" else blocked
-        mismatches = f"{int(np.count_nonzero(q_ref != q_blocked))} / {int(np.count_nonzero(q_ref != q_data))}"
-        print(f"| {name} | {n}x{d} | {m} | {reference:.2f} | {blocked:.2f} | {sweep:.2f} | {data:.2f} | {chosen_form} | "
-              f"{reference / blocked:.1f}x | {reference / data:.1f}x | {reference / chosen:.1f}x | {mismatches} |", flush=True)
+        # so the data form is what it runs only then; above, it runs the d×d form, with G
+        # projected on W when projection_is_cheaper.
+        if m <= d and data_form_is_cheaper(n, d, m, DATA_BLOCK):
+            chosen_form, chosen = "data", data
+        elif projection_is_cheaper(n, d):
+            chosen_form, chosen = "d×d, G projected", projected
+        else:
+            chosen_form, chosen = "d×d, G whole", whole
+        mismatches = " / ".join(str(int(np.count_nonzero(q_ref != q))) for q in (q_whole, q_projected, q_data))
+        print(f"| {name} | {n}x{d} | {m} | {reference:.2f} | {whole:.2f} | {projected:.2f} | {sweep:.2f} | {data:.2f} | "
+              f"{chosen_form} | {reference / whole:.1f}x | {reference / projected:.1f}x | {reference / data:.1f}x | "
+              f"{reference / chosen:.1f}x | {mismatches} |", flush=True)
 
 
 def resnet(samples: int) -> None:

@@ -4,8 +4,9 @@ Layers are processed one at a time in topological order (algorithms.md §6.4). F
 the calibration batches are streamed through two prefix models, the float model (``X``) and
 the current partly rewritten model (``X̃``, including activation fake-quant when the target
 annotated activation formats). Only ``H = X̃ᵀX̃``, ``G = X̃ᵀX`` and ``F = XᵀX`` (d×d per group)
-are kept; :func:`~qcompiler.gpfq.gpfq_blocked` then chooses the levels, which replace the float
-weights in place. Integer grids also get an :class:`~qcompiler.annotations.IntegerWeights`
+are kept, ``G`` and ``F`` only as their projections on ``W`` when a layer has few output rows
+(:class:`~qcompiler.gpfq.GramAccumulator`); :func:`~qcompiler.gpfq.gpfq_sweep` then chooses the
+levels, which replace the float weights in place. Integer grids also get an :class:`~qcompiler.annotations.IntegerWeights`
 annotation (codes and scales), so every target emits exactly these codes.
 
 Grids (``grid``): ``auto`` uses the weight's :class:`~qcompiler.annotations.FixedPoint` format
@@ -41,11 +42,13 @@ from qcompiler.gpfq import (
     data_form_is_cheaper,
     gpfq_blocked,
     gpfq_data,
+    gpfq_sweep,
+    lower_projection,
     mse_channel_scales,
-    output_energy,
     paper_alphabet,
+    projection_is_cheaper,
     reference_step,
-    relative_error,
+    relative_error_from_projections,
     relative_error_on_rows,
 )
 from qcompiler import float_reference
@@ -225,8 +228,8 @@ class GPFQPass(ir.passes.InPlacePass):
         geo = geometry(node, tuple(w.shape))
         bits, scalar, samples = self._layer_options(layer)
         grid_name, grids, rtn_grids, integer = self._grids(model, node, layer, geo, w, bits, scalar)
-        acc = self._accumulate(model, float_model, node, layer, geo, feeds, samples, quantize_activations)
         wm = weight_matrix(geo, w).astype(np.float64)
+        acc = self._accumulate(model, float_model, node, layer, geo, wm, feeds, samples, quantize_activations)
         q = np.empty_like(wm)
         rtn = np.empty_like(wm)
         errors, rtn_errors, refs = [], [], []
@@ -244,11 +247,11 @@ class GPFQPass(ir.passes.InPlacePass):
                 errors.append(relative_error_on_rows(wm[k], q[k], x, x_tilde, reference))
                 rtn_errors.append(relative_error_on_rows(wm[k], rtn[k], x, x_tilde, reference))
                 continue
-            h, g, f = acc.h[k], acc.g[k], acc.f[k]
-            q[k] = self._solve_on_products(wm[k], h, g, grids[k])
-            refs.append(output_energy(wm[k], f))
-            errors.append(relative_error(wm[k], q[k], h, g, f, refs[-1]))
-            rtn_errors.append(relative_error(wm[k], rtn[k], h, g, f, refs[-1]))
+            q[k] = self._solve_on_products(wm[k], acc, k, grids[k])
+            wg, energy = acc.report_terms(k)
+            refs.append(energy)
+            errors.append(relative_error_from_projections(q[k], acc.h[k], wg, energy))
+            rtn_errors.append(relative_error_from_projections(rtn[k], acc.h[k], wg, energy))
         corrected = self._correct_bias(model, node, layer, geo, wm, q, acc, last)
         set_initializer(model.graph, weight_value, from_weight_matrix(geo, q, w.dtype))
         if integer is not None:
@@ -266,12 +269,18 @@ class GPFQPass(ir.passes.InPlacePass):
         ))
         return from_weight_matrix(geo, rtn, w.dtype)
 
-    def _solve_on_products(self, w: np.ndarray, h: np.ndarray, g: np.ndarray, grid: Grid) -> np.ndarray:
-        """The levels of one group from the streamed ``H`` and ``G`` (the d×d form)."""
-        h_fit, g_fit = _damped(h, g, self.damping)
-        target_g = h_fit if self.target_inputs == "quantized" else g_fit
+    def _solve_on_products(self, w: np.ndarray, acc: GramAccumulator, group: int, grid: Grid) -> np.ndarray:
+        """The levels of one group from the streamed ``H`` and ``G`` (the d×d form; ``G`` possibly
+        only as its projection ``W·tril(G)ᵀ``, which is all the sweep needs in column order)."""
+        h = acc.h[group]
+        lam = _damping_value(h, self.damping)
+        h_fit = h + lam * np.eye(h.shape[0]) if lam else h
         if not self.act_order:
-            return gpfq_blocked(w, h_fit, target_g, grid, self.block_size)
+            # G + λI projects to W·tril(G)ᵀ + λ·W
+            a = lower_projection(w, h_fit) if self.target_inputs == "quantized" else acc.lower_projection(group) + lam * w
+            return gpfq_sweep(a, h_fit, grid, self.block_size)
+        # act_order permutes the columns after streaming, so it needs the whole G (never projected)
+        target_g = h_fit if self.target_inputs == "quantized" else acc.g[group] + lam * np.eye(h.shape[0])
         perm = act_order(h)
         q = gpfq_blocked(w[:, perm], h_fit[np.ix_(perm, perm)], target_g[np.ix_(perm, perm)], grid, self.block_size)
         return q[:, np.argsort(perm)]
@@ -382,7 +391,8 @@ class GPFQPass(ir.passes.InPlacePass):
 
     def _accumulate(
         self, model: ir.Model, float_model: ir.Model, node: ir.Node, layer: ann.QuantizableLayer,
-        geo: LayerGeometry, feeds: list[Mapping[str, np.ndarray]], samples: int | None, quantize_activations: bool,
+        geo: LayerGeometry, wm: np.ndarray, feeds: list[Mapping[str, np.ndarray]], samples: int | None,
+        quantize_activations: bool,
     ) -> GramAccumulator:
         """Stream the batches through the float and the partly quantized prefixes."""
         view = lower_to_qdq(model) if quantize_activations else model
@@ -391,7 +401,9 @@ class GPFQPass(ir.passes.InPlacePass):
         float_runner = PrefixRunner(float_model, layer.activation_input)
         tilde_runner = None if matched else PrefixRunner(view, tilde_name)
         # Rows are kept while they take no more memory than one d×d product (see the data form).
-        acc = GramAccumulator(geo.columns, geo.groups, matched=matched, keep_rows=geo.columns)
+        # G and F only projected on W when that is cheaper; act_order needs the whole G.
+        project = not self.act_order and projection_is_cheaper(wm.shape[1], geo.columns)
+        acc = GramAccumulator(geo.columns, geo.groups, matched=matched, keep_rows=geo.columns, weights=wm, project=project)
         seen = 0
         for feed in feeds:
             if samples is not None and seen >= samples:
@@ -548,14 +560,10 @@ def _has_activation_formats(model: ir.Model) -> bool:
     )
 
 
-def _damped(h: np.ndarray, g: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]:
-    """``(H + λI, G + λI)`` with ``λ = damping·mean(diag H)``: the products of the data augmented
+def _damping_value(h: np.ndarray, damping: float) -> float:
+    """``λ = damping·mean(diag H)``: ``H + λI`` and ``G + λI`` are the products of the data augmented
     by ``√λ·I`` rows in both ``X`` and ``X̃``, so GPFQ also weighs ``λ‖W − Q‖²``."""
-    if damping == 0.0:
-        return h, g
-    lam = damping * float(np.mean(np.diag(h)))
-    eye = lam * np.eye(h.shape[0])
-    return h + eye, g + eye
+    return damping * float(np.mean(np.diag(h))) if damping else 0.0
 
 
 def _input_of(model: ir.Model, node_name: str) -> str:

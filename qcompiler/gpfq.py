@@ -317,8 +317,39 @@ def _check_block(block: int) -> None:
         raise ValueError(f"block must be >= 1, got {block}")
 
 
+def lower_projection(w: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """``A = W·tril(G)ᵀ``, i.e. ``A[:, t] = Σ_{j≤t} G[t, j]·W[:, j]``: all the sweep needs of ``G`` (N, d)."""
+    return np.asarray(w, dtype=np.float64) @ np.tril(np.asarray(g, dtype=np.float64)).T
+
+
+def gpfq_sweep(a: np.ndarray, h: np.ndarray, grid: Grid, block: int = 32) -> np.ndarray:
+    """The d×d form's lazy blocked sweep from ``A = W·tril(G)ᵀ`` (:func:`lower_projection`) and ``H``.
+
+    Args:
+        a: ``W·tril(G)ᵀ`` (N, d).
+        h: ``X̃ᵀX̃`` (d, d).
+        grid: the column quantizer.
+        block: columns per block (the result does not depend on it).
+
+    Returns:
+        The levels ``Q`` (N, d).
+    """
+    _check_block(block)
+    a = np.asarray(a, dtype=np.float64)
+    h = np.asarray(h, dtype=np.float64)
+    n, d = a.shape
+    diag = np.diag(h).copy()
+    q = np.zeros((n, d))
+    for start in range(0, d, block):
+        end = min(start + block, d)
+        # B[:, t] = Σ_{j<t} Q[:, j]·H[t, j]: the columns left of the block in one GEMM
+        b = q[:, :start] @ h[start:end, :start].T if start else np.zeros((n, end - start))
+        q[:, start:end] = _sweep_block(a[:, start:end], b, h[start:end, start:end], diag[start:end], grid, start)
+    return q
+
+
 def gpfq_blocked(w: np.ndarray, h: np.ndarray, g: np.ndarray, grid: Grid, block: int = 32) -> np.ndarray:
-    """The d×d form with lazy block updates (float64).
+    """The d×d form with lazy block updates (float64): :func:`gpfq_sweep` of ``W·tril(G)ᵀ`` and ``H``.
 
     Args:
         w: weights (N, d).
@@ -331,19 +362,7 @@ def gpfq_blocked(w: np.ndarray, h: np.ndarray, g: np.ndarray, grid: Grid, block:
         The levels ``Q`` (N, d).
     """
     _check_block(block)
-    w = np.asarray(w, dtype=np.float64)
-    h = np.asarray(h, dtype=np.float64)
-    n, d = w.shape
-    # A[:, t] = Σ_{j≤t} G[t, j]·W[:, j]: one GEMM for every column.
-    a = w @ np.tril(np.asarray(g, dtype=np.float64)).T
-    diag = np.diag(h).copy()
-    q = np.zeros((n, d))
-    for start in range(0, d, block):
-        end = min(start + block, d)
-        # B[:, t] = Σ_{j<t} Q[:, j]·H[t, j]: the columns left of the block in one GEMM
-        b = q[:, :start] @ h[start:end, :start].T if start else np.zeros((n, end - start))
-        q[:, start:end] = _sweep_block(a[:, start:end], b, h[start:end, start:end], diag[start:end], grid, start)
-    return q
+    return gpfq_sweep(lower_projection(w, g), h, grid, block)
 
 
 def gpfq_data(w: np.ndarray, x: np.ndarray, x_tilde: np.ndarray, grid: Grid, block: int = 32) -> np.ndarray:
@@ -424,11 +443,17 @@ def relative_error(
     ``reference`` is :func:`output_energy` when the caller has it already.
     """
     w = np.asarray(w, dtype=np.float64)
+    energy = output_energy(w, f) if reference is None else reference
+    return relative_error_from_projections(q, h, w @ np.asarray(g, dtype=np.float64).T, energy)
+
+
+def relative_error_from_projections(q: np.ndarray, h: np.ndarray, wg: np.ndarray, energy: float) -> tuple[float, float]:
+    """:func:`relative_error` from ``W·Gᵀ`` (N, d) and ``‖XWᵀ‖²`` instead of ``W``, ``G`` and ``F``:
+    ``tr(Q·G·Wᵀ)`` is the sum of ``Q ∘ (W·Gᵀ)``, so the report needs nothing more of ``G`` and ``F``."""
     q = np.asarray(q, dtype=np.float64)
-    ref = output_energy(w, f) if reference is None else reference
-    err = ref - 2.0 * float(np.einsum("ij,ij->", q @ g, w)) + float(np.einsum("ij,ij->", q @ h, q))
+    err = energy - 2.0 * float(np.einsum("ij,ij->", q, wg)) + float(np.einsum("ij,ij->", q @ h, q))
     norm = float(np.sqrt(max(err, 0.0)))
-    return norm, norm / np.sqrt(ref) if ref > 0 else 0.0
+    return norm, norm / np.sqrt(energy) if energy > 0 else 0.0
 
 
 def relative_error_on_rows(
@@ -443,6 +468,24 @@ def relative_error_on_rows(
     return norm, norm / ref if ref > 0 else 0.0
 
 
+#: Columns per block of the in-block products when ``G`` is streamed projected (they cost
+#: ``2·m·d·block`` flops; the GEMMs against ``X·Wᵀ`` get thin below ~64).
+PROJECTION_BLOCK = 64
+
+
+def projection_is_cheaper(n: int, d: int, block: int = PROJECTION_BLOCK) -> bool:
+    """Whether streaming ``G`` and ``F`` projected on an N×d layer's weights beats streaming them whole.
+
+    Whole: ``G`` (``2·m·d²`` flops) and ``F`` (``m·d²``, a ``syrk``). Projected (see
+    :class:`GramAccumulator`): ``X·Wᵀ`` and its products with ``X̃`` for ``A`` and for ``W·Gᵀ``
+    (``6·m·d·N``) plus the in-block products (``2·m·d·block``). The projected GEMMs are thin
+    (N columns) and run slower per flop than the square ones: measured, the two break even near
+    ``N = d/3`` (d = 576 to 2304; bench/RESULTS.md), where the flop counts alone would put it
+    near ``N = d/2``; hence ``2·d`` rather than ``3·d`` on the right.
+    """
+    return 6 * n + 2 * block < 2 * d
+
+
 @dataclasses.dataclass
 class GramAccumulator:
     """Streamed ``H = X̃ᵀX̃``, ``G = X̃ᵀX``, ``F = XᵀX`` and column sums, float64, O(d²) memory.
@@ -453,12 +496,25 @@ class GramAccumulator:
     memory stays ``O(d²)`` when ``keep_rows ≤ d``. The products are computed from kept rows on
     first access.
 
+    With ``project``, ``G`` and ``F`` are never formed: the sweep needs only
+    ``A = W·tril(G)ᵀ`` and the error report only ``W·Gᵀ`` and ``‖XWᵀ‖²``, and all three are
+    sums over rows, streamed as ``O(N·d)`` products of each batch with ``P = X·Wᵀ``.
+    Column block by block, ``A[:, b] += Pᵀ_{<b}·X̃_b + W_b·tril(X̃_bᵀX_b)ᵀ`` with ``P_{<b}`` the
+    part of ``P`` from the columns left of ``b``. That is ``6·m·d·N + 2·m·d·block`` flops
+    instead of ``3·m·d²`` (see :func:`projection_is_cheaper`); the values equal the projections
+    of the whole ``G`` and ``F`` up to float64 rounding.
+
     Args:
         d: columns per group.
         groups: independent groups (grouped convolutions), each with its own products.
         matched: ``X̃`` is ``X`` for every batch (only ``H`` is kept; ``G = F = H``).
-        with_f: also stream ``F = XᵀX`` (needed only to report ``‖XWᵀ − X̃Qᵀ‖``).
+        with_f: also stream ``F = XᵀX`` (with ``project``: ``W·Gᵀ`` and ``‖XWᵀ‖²``), needed
+            only to report ``‖XWᵀ − X̃Qᵀ‖``.
         keep_rows: keep up to this many rows per group (0: stream the products from the start).
+        weights: the layer's weights per group (groups, N, d), for :meth:`lower_projection`
+            and :meth:`report_terms`.
+        project: keep ``G`` and ``F`` only as their projections on ``weights`` (ignored when
+            ``matched``: ``G = H`` costs nothing).
     """
 
     d: int
@@ -466,8 +522,17 @@ class GramAccumulator:
     matched: bool = False
     with_f: bool = True
     keep_rows: int = 0
+    weights: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    project: bool = False
 
     def __post_init__(self) -> None:
+        if self.weights is not None:
+            self.weights = np.asarray(self.weights, dtype=np.float64)
+            if self.weights.ndim != 3 or self.weights.shape[0] != self.groups or self.weights.shape[2] != self.d:
+                raise ValueError(f"weights must be (groups, N, d) = ({self.groups}, N, {self.d}), got {self.weights.shape}")
+        elif self.project:
+            raise ValueError("project needs the layer's weights")
+        self._projecting = self.project and not self.matched
         self._h: np.ndarray | None = None
         self._g: np.ndarray | None = None
         self._f: np.ndarray | None = None
@@ -481,6 +546,12 @@ class GramAccumulator:
     def _start_products(self) -> None:
         shape = (self.groups, self.d, self.d)
         self._h = np.zeros(shape)
+        if self._projecting:
+            projected = (self.groups, self.weights.shape[1], self.d)
+            self._a = np.zeros(projected)
+            self._wg = np.zeros(projected) if self.with_f else None
+            self._energy = np.zeros(self.groups)
+            return
         self._g = self._h if self.matched else np.zeros(shape)
         self._f = self._h if self.matched else (np.zeros(shape) if self.with_f else None)
 
@@ -510,10 +581,27 @@ class GramAccumulator:
         for k in range(self.groups):
             xt = x_tilde[k]
             self._h[k] += xt.T @ xt
-            if not self.matched:
+            if self._projecting:
+                self._add_projections(k, x[k], xt)
+            elif not self.matched:
                 self._g[k] += xt.T @ x[k]
                 if self._f is not None:
                     self._f[k] += x[k].T @ x[k]
+
+    def _add_projections(self, k: int, x: np.ndarray, x_tilde: np.ndarray) -> None:
+        """One batch's share of ``A = W·tril(G)ᵀ``, ``W·Gᵀ`` and ``‖XWᵀ‖²`` for group ``k``."""
+        w, a = self.weights[k], self._a[k]
+        p = np.zeros((x.shape[0], w.shape[0]))  # X·Wᵀ over the columns done so far
+        for start in range(0, self.d, PROJECTION_BLOCK):
+            end = min(start + PROJECTION_BLOCK, self.d)
+            x_b, xt_b, w_b = x[:, start:end], x_tilde[:, start:end], w[:, start:end]
+            if start:
+                a[:, start:end] += p.T @ xt_b
+            a[:, start:end] += w_b @ np.tril(xt_b.T @ x_b).T
+            p += x_b @ w_b.T
+        if self._wg is not None:
+            self._wg[k] += p.T @ x_tilde
+            self._energy[k] += float(np.vdot(p, p))
 
     def _fold_kept_rows(self) -> None:
         kept, self._kept = self._kept, None
@@ -533,6 +621,11 @@ class GramAccumulator:
         if self._kept is not None:
             self._fold_kept_rows()
 
+    def _whole(self) -> None:
+        self._products()
+        if self._projecting:
+            raise AttributeError("G and F are kept only as projections on the weights (project=True)")
+
     @property
     def h(self) -> np.ndarray:
         """``X̃ᵀX̃`` per group (groups, d, d)."""
@@ -542,14 +635,36 @@ class GramAccumulator:
     @property
     def g(self) -> np.ndarray:
         """``X̃ᵀX`` per group (groups, d, d)."""
-        self._products()
+        self._whole()
         return self._g
 
     @property
     def f(self) -> np.ndarray | None:
         """``XᵀX`` per group (groups, d, d), or None without ``with_f``."""
-        self._products()
+        self._whole()
         return self._f
+
+    def _weights(self, group: int) -> np.ndarray:
+        if self.weights is None:
+            raise ValueError("the projections need the layer's weights (GramAccumulator(weights=...))")
+        return self.weights[group]
+
+    def lower_projection(self, group: int) -> np.ndarray:
+        """``A = W·tril(G)ᵀ`` of one group (N, d): what the sweep needs of ``G``."""
+        w = self._weights(group)
+        self._products()
+        return self._a[group] if self._projecting else lower_projection(w, self._g[group])
+
+    def report_terms(self, group: int) -> tuple[np.ndarray, float]:
+        """``(W·Gᵀ, ‖XWᵀ‖²)`` of one group: what the error report needs of ``G`` and ``F``
+        (:func:`relative_error_from_projections`)."""
+        w = self._weights(group)
+        self._products()
+        if not self.with_f:
+            raise ValueError("the error report needs with_f=True")
+        if self._projecting:
+            return self._wg[group], float(self._energy[group])
+        return w @ self._g[group].T, output_energy(w, self._f[group])
 
     def mean_x(self) -> np.ndarray:
         """Column means of ``X`` per group (groups, d)."""

@@ -17,6 +17,7 @@ from qcompiler import annotations as ann
 from qcompiler.data import ArrayDataset
 from qcompiler.gpfq import (
     AlphabetGrid,
+    PROJECTION_BLOCK,
     GramAccumulator,
     ReferenceGrid,
     UniformGrid,
@@ -27,9 +28,12 @@ from qcompiler.gpfq import (
     gpfq_blocked,
     gpfq_columns,
     gpfq_data,
+    gpfq_sweep,
     paper_alphabet,
+    projection_is_cheaper,
     reference_step,
     relative_error,
+    relative_error_from_projections,
     relative_error_on_rows,
 )
 from qcompiler.graph import const_array, values_by_name
@@ -59,8 +63,8 @@ def fixture_data(n: int, d: int, m: int, seed: int = 0) -> tuple[np.ndarray, np.
     return w, x, x + 0.05 * rng.normal(size=(m, d))
 
 
-def gram(x: np.ndarray, xt: np.ndarray) -> GramAccumulator:
-    acc = GramAccumulator(x.shape[1])
+def gram(x: np.ndarray, xt: np.ndarray, w: np.ndarray | None = None, project: bool = False) -> GramAccumulator:
+    acc = GramAccumulator(x.shape[1], weights=None if w is None else w[None], project=project)
     acc.update(x[None], xt[None])
     return acc
 
@@ -94,6 +98,52 @@ def test_blocked_form_equals_the_recursion_level_for_level(n: int, d: int, m: in
     assert norm == pytest.approx(np.linalg.norm(u), rel=1e-8)
     _, rel_msq = relative_error(w, grid.quantize(w, 0), acc.h[0], acc.g[0], acc.f[0])
     assert rel < 0.9 * rel_msq  # about 15 % below MSQ on this data
+    # G and F never formed, only projected on W while streaming: the same levels and error
+    projected = GramAccumulator(d, weights=w[None], project=True)
+    for part in np.array_split(np.arange(m), [100, 101, 450]):
+        projected.update(x[part][None], xt[part][None])
+    for block in (1, 7, 128):
+        q = gpfq_sweep(projected.lower_projection(0), projected.h[0], grid, block)
+        assert np.count_nonzero(q != q_ref) == 0, block
+    wg, energy = projected.report_terms(0)
+    assert relative_error_from_projections(q_ref, projected.h[0], wg, energy)[0] == pytest.approx(norm, rel=1e-8)
+    assert energy == pytest.approx(np.linalg.norm(x @ w.T) ** 2, rel=1e-12)
+
+
+def test_projected_products_equal_the_projections_of_the_whole_ones() -> None:
+    """A = W·tril(G)ᵀ, W·Gᵀ and ‖XWᵀ‖² streamed per batch (two groups, rows kept then folded,
+    d not a multiple of the projection block) equal those of the streamed G and F."""
+    rng = np.random.default_rng(3)
+    groups, n, d = 2, 9, 2 * PROJECTION_BLOCK + 5
+    w = rng.normal(size=(groups, n, d))
+    whole = GramAccumulator(d, groups, weights=w, keep_rows=d)
+    projected = GramAccumulator(d, groups, weights=w, keep_rows=d, project=True)
+    for size in (60, 1, 200, 37):
+        x = np.maximum(rng.normal(size=(groups, size, d)), 0.0)
+        xt = x + 0.05 * rng.normal(size=x.shape)
+        whole.update(x, xt)
+        projected.update(x, xt)
+    for k in range(groups):
+        np.testing.assert_allclose(projected.h[k], whole.h[k], rtol=1e-12)
+        a = projected.lower_projection(k)
+        np.testing.assert_allclose(a, w[k] @ np.tril(whole.g[k]).T, rtol=1e-10, atol=1e-10 * np.abs(a).max())
+        (wg, energy), (wg_whole, energy_whole) = projected.report_terms(k), whole.report_terms(k)
+        np.testing.assert_allclose(wg, wg_whole, rtol=1e-10, atol=1e-10 * np.abs(wg).max())
+        assert energy == pytest.approx(energy_whole, rel=1e-12)
+    with pytest.raises(AttributeError, match="projections"):
+        _ = projected.g
+    with pytest.raises(ValueError, match="weights"):
+        GramAccumulator(d, project=True)
+    with pytest.raises(ValueError, match="groups, N, d"):
+        GramAccumulator(d, weights=w[0])
+
+
+def test_the_projection_is_chosen_for_layers_with_few_output_rows() -> None:
+    assert projection_is_cheaper(64, 576)  # ResNet-18 3×3 convs: N = d/9
+    assert projection_is_cheaper(256, 2304)
+    assert not projection_is_cheaper(128, 64)  # a 1×1 downsample: N = 2·d
+    assert not projection_is_cheaper(1000, 512)  # fc
+    assert not projection_is_cheaper(300, 576)  # measured slower above N ≈ d/3
 
 
 @pytest.mark.parametrize(
@@ -170,10 +220,13 @@ def test_the_pass_solves_rows_and_products_alike(options: dict) -> None:
     w, x, xt = fixture_data(40, 120, 90, seed=4)
     gpfq = GPFQPass(block_size=16, **options)
     grid = UniformGrid(channel_scales(w, 3), *code_range(3))
-    acc = gram(x, xt)
+    acc = gram(x, xt, w)
     on_rows = gpfq._solve_on_rows(w, x, xt, grid)
-    on_products = gpfq._solve_on_products(w, acc.h[0], acc.g[0], grid)
+    on_products = gpfq._solve_on_products(w, acc, 0, grid)
     assert np.count_nonzero(on_rows != on_products) == 0
+    if not gpfq.act_order:
+        projected = gram(x, xt, w, project=True)
+        assert np.count_nonzero(gpfq._solve_on_products(w, projected, 0, grid) != on_rows) == 0
 
 
 def test_damping_weighs_the_weight_error() -> None:
@@ -181,11 +234,11 @@ def test_damping_weighs_the_weight_error() -> None:
     whose rows do not span the columns."""
     w, x, xt = fixture_data(30, 200, 60, seed=9)
     grid = UniformGrid(channel_scales(w, 3), *code_range(3))
-    acc = gram(x, xt)
-    huge = GPFQPass(damping=1e9)._solve_on_products(w, acc.h[0], acc.g[0], grid)
+    acc = gram(x, xt, w)
+    huge = GPFQPass(damping=1e9)._solve_on_products(w, acc, 0, grid)
     np.testing.assert_array_equal(huge, grid.quantize(w, 0))
-    plain = GPFQPass()._solve_on_products(w, acc.h[0], acc.g[0], grid)
-    damped = GPFQPass(damping=0.3)._solve_on_products(w, acc.h[0], acc.g[0], grid)
+    plain = GPFQPass()._solve_on_products(w, acc, 0, grid)
+    damped = GPFQPass(damping=0.3)._solve_on_products(w, acc, 0, grid)
     assert np.linalg.norm(damped - w) < np.linalg.norm(plain - w)
     with pytest.raises(GPFQConfigError, match="damping"):
         GPFQPass(damping=-1.0)
@@ -397,6 +450,29 @@ def test_digits_gpfq_beats_round_to_nearest_three_fold_at_two_to_four_bits(digit
     for bits in (2, 3, 4):
         summary = ann.require(run_gpfq(model.clone(), data=data, bits=bits), ann.GPFQSummary)
         assert summary.output_mse * 3 < summary.output_mse_rtn, bits
+
+
+@pytest.mark.parametrize("options", [{}, {"damping": 0.2, "bias_correction": "all"}, {"target_inputs": "quantized"}])
+def test_the_pass_gives_the_same_weights_with_g_projected_or_whole(digits_model_path, digits_calib, monkeypatch,
+                                                                  options: dict) -> None:
+    """Every digits layer with streamed products (m > d) once with G and F whole, once projected."""
+    model = load_normalized(digits_model_path)
+    data = ArrayDataset({k: v[:96] for k, v in digits_calib.items()})
+    import qcompiler.passes.gpfq as gpfq_pass
+
+    results = []
+    for project in (False, True):
+        monkeypatch.setattr(gpfq_pass, "projection_is_cheaper", lambda n, d, project=project: project)
+        out = run_gpfq(model.clone(), data=data, bits=3, **options)
+        weights = {n.name: const_array(n.inputs[1]) for n in out.graph if ann.get(n, ann.GPFQLayer)}
+        layers = {n.name: ann.get(n, ann.GPFQLayer) for n in out.graph if ann.get(n, ann.GPFQLayer)}
+        results.append((weights, layers))
+    (w_whole, l_whole), (w_projected, l_projected) = results
+    assert sum(layer.rows > layer.columns for layer in l_whole.values()) >= 3  # the products path, not kept rows
+    for name in w_whole:
+        np.testing.assert_array_equal(w_projected[name], w_whole[name])
+        for field in ("error", "error_rtn", "residual_norm"):
+            assert getattr(l_projected[name], field) == pytest.approx(getattr(l_whole[name], field), rel=1e-7, abs=1e-9)
 
 
 def test_reference_grid_weights_use_the_seed_alphabet(digits_model_path, digits_calib) -> None:
