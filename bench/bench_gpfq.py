@@ -5,7 +5,8 @@ Parts (``--part``, default all):
 - ``speed``: the published per-column recursion against the d×d blocked form (including the
   streamed ``H`` and ``G``, whole or projected on ``W``) and the data form on ResNet-18 layer
   shapes with reference-style m; all must give identical levels.
-- ``resnet``: the whole ResNet-18-shaped model (examples/resnet18, built on demand) at 4 bits.
+- ``resnet``: the whole ResNet-18-shaped model (examples/resnet18, built on demand) at 4 bits,
+  layer inputs from the model inputs (``cache_mb=0``) and from incremental prefixes, side by side.
 - ``digits``: output MSE and top-1 of GPFQ vs round-to-nearest at 2, 3, 4 bits (int grid).
 - ``minilm``: mean cosine of MiniLM sentence embeddings against float on the 64 evaluation
   sentences (needs ``examples/minilm/build``), GPFQ settings one by one, then the last one and
@@ -41,6 +42,7 @@ from qcompiler.gpfq import (  # noqa: E402
     gpfq_sweep,
     projection_is_cheaper,
 )
+from qcompiler.graph import const_array  # noqa: E402
 from qcompiler.ir import load_normalized  # noqa: E402
 from qcompiler.metrics import mean_cosine, top1  # noqa: E402
 from qcompiler.passes.finetune import FineTunePass  # noqa: E402
@@ -108,6 +110,7 @@ def speed() -> None:
 
 
 def resnet(samples: int) -> None:
+    """Side by side: every layer input from the model inputs (cache_mb=0) and from the frontier."""
     path = ROOT / "examples" / "resnet18" / "resnet18.onnx"
     if not path.exists():
         import build
@@ -115,13 +118,19 @@ def resnet(samples: int) -> None:
         build.build_onnx(path)
     model = run_pipeline(load_normalized(path), canonical_pipeline()).model
     data = ArrayDataset({"image": np.random.default_rng(0).normal(size=(samples, 3, 224, 224)).astype(np.float32)})
-    start = time.perf_counter()
-    out = run_pipeline(model, [GPFQPass(data=data, bits=4, batch_size=16, show_progress=False)]).model
-    seconds = time.perf_counter() - start
-    summary = ann.require(out, ann.GPFQSummary)
-    layers = sum(1 for n in out.graph if ann.get(n, ann.GPFQLayer))
-    print(f"| ResNet-18-shaped, {layers} layers, 4 bits, {samples} images | {seconds:.1f} s | "
-          f"logit SQNR GPFQ {summary.sqnr_db:.2f} dB vs RTN {summary.sqnr_db_rtn:.2f} dB |", flush=True)
+    weights = []
+    for label, cache_mb in (("whole prefixes (cache_mb=0)", 0), ("incremental prefixes (default)", GPFQPass.cache_mb)):
+        start = time.perf_counter()
+        out = run_pipeline(model.clone(), [GPFQPass(data=data, bits=4, batch_size=16, cache_mb=cache_mb,
+                                                    show_progress=False)]).model
+        seconds = time.perf_counter() - start
+        summary = ann.require(out, ann.GPFQSummary)
+        layers = [n for n in out.graph if ann.get(n, ann.GPFQLayer)]
+        weights.append([const_array(n.inputs[1]) for n in layers])
+        print(f"| ResNet-18-shaped, {len(layers)} layers, 4 bits, {samples} images, {label} | {seconds:.1f} s | "
+              f"logit SQNR GPFQ {summary.sqnr_db:.2f} dB vs RTN {summary.sqnr_db_rtn:.2f} dB |", flush=True)
+    same = all(np.array_equal(a, b) for a, b in zip(*weights))
+    print(f"identical weights in both: {same}", flush=True)
 
 
 def _logits(model, data: ArrayDataset) -> np.ndarray:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -60,7 +60,7 @@ from qcompiler.passes.detect_layers import quantizable_nodes
 from qcompiler.progress import progress_bar
 from qcompiler.qdq import lower_to_qdq
 from qcompiler.quantizers import no_overflow_fl
-from qcompiler.runtime import PrefixRunner, Runner
+from qcompiler.runtime import IncrementalPrefix, PrefixRunner, Runner
 from qcompiler.suffix import logits_names
 
 #: ``value.meta`` key of a rewritten weight's round-to-nearest baseline (in memory only).
@@ -108,6 +108,11 @@ class GPFQPass(ir.passes.InPlacePass):
             (batch, tokens, features) activations whose mask is 0 (padding) are left out.
         block_size: columns per lazy-update block (does not change the result).
         batch_size: samples per streamed batch.
+        cache_mb: memory for the activations at the frontier of the float and the quantized
+            network (incremental prefixes: each layer runs only the nodes between the previous
+            layer's input and its own); a frontier that does not fit is recomputed from the
+            model inputs. 0 always recomputes. Used only when every layer reads every sample
+            (``samples`` and ``linear_samples`` unset).
         seed: seed of the stochastic rounding.
         show_progress: a progress bar over layers (only on a terminal).
     """
@@ -136,6 +141,7 @@ class GPFQPass(ir.passes.InPlacePass):
     token_mask: str | None = None
     block_size: int = 32
     batch_size: int = 32
+    cache_mb: int = 1024
     seed: int = 0
     show_progress: bool = dataclasses.field(default=True, repr=False, compare=False)
 
@@ -152,6 +158,8 @@ class GPFQPass(ir.passes.InPlacePass):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise GPFQConfigError(f"GPFQ: {name} must be >= 1, got {value}")
+        if self.cache_mb < 0:
+            raise GPFQConfigError(f"GPFQ: cache_mb must be >= 0, got {self.cache_mb}")
         choices = (("grid", GRIDS), ("scale_search", ("max", "mse")), ("rounding", ("nearest", "stochastic")), ("regularizer", (None, "L0", "L1")),
                    ("bias_correction", BIAS_CORRECTION), ("target_inputs", TARGET_INPUTS))
         for name, allowed in choices:
@@ -196,6 +204,7 @@ class GPFQPass(ir.passes.InPlacePass):
         feeds = list(iter_feeds(self.data, self.batch_size, model))
         if not feeds:
             raise DataError("GPFQ: calibration data is empty")
+        calibration = self._calibration(feeds)
         layers, skipped = self.selected(model)
         float_model = model.clone()
         quantize_activations = _has_activation_formats(model)
@@ -203,12 +212,21 @@ class GPFQPass(ir.passes.InPlacePass):
         with progress_bar("gpfq", len(layers), enabled=self.show_progress) as advance:
             for index, (node, layer) in enumerate(layers):
                 last = index == len(layers) - 1
-                rtn = self._rewrite(model, float_model, node, layer, feeds, quantize_activations, last)
+                rtn = self._rewrite(model, float_model, node, layer, calibration, quantize_activations, last)
                 values_by_name(model.graph)[layer.weight].meta[RTN_META] = rtn
                 advance(1)
         float_reference.remember_float_weights(model, float_model)
         ann.set(model, self._summary(model, float_model, feeds, quantize_activations, skipped, zero_before, layers))
         return ir.passes.PassResult(model, True)
+
+    def _calibration(self, feeds: list[Mapping[str, np.ndarray]]) -> _Calibration:
+        """The batches, with incremental prefixes when every layer reads every batch whole."""
+        total = sum(len(next(iter(feed.values()))) for feed in feeds)
+        whole = all(limit is None or limit >= total for limit in (self.samples, self.linear_samples))
+        if not (self.cache_mb and whole):
+            return _Calibration(feeds)
+        budget = self.cache_mb * 2**20 // 2  # half for the float network, half for the quantized one
+        return _Calibration(feeds, IncrementalPrefix(len(feeds), budget), IncrementalPrefix(len(feeds), budget))
 
     def _layer_options(self, layer: ann.QuantizableLayer) -> tuple[int, float, int | None]:
         linear = layer.op in ("Gemm", "MatMul")
@@ -219,7 +237,7 @@ class GPFQPass(ir.passes.InPlacePass):
 
     def _rewrite(
         self, model: ir.Model, float_model: ir.Model, node: ir.Node, layer: ann.QuantizableLayer,
-        feeds: list[Mapping[str, np.ndarray]], quantize_activations: bool, last: bool,
+        calibration: _Calibration, quantize_activations: bool, last: bool,
     ) -> np.ndarray:
         """GPFQ one layer in place; return its round-to-nearest weights (the baseline)."""
         values = values_by_name(model.graph)
@@ -229,7 +247,7 @@ class GPFQPass(ir.passes.InPlacePass):
         bits, scalar, samples = self._layer_options(layer)
         grid_name, grids, rtn_grids, integer = self._grids(model, node, layer, geo, w, bits, scalar)
         wm = weight_matrix(geo, w).astype(np.float64)
-        acc = self._accumulate(model, float_model, node, layer, geo, wm, feeds, samples, quantize_activations)
+        acc = self._accumulate(model, float_model, node, layer, geo, wm, calibration, samples, quantize_activations)
         q = np.empty_like(wm)
         rtn = np.empty_like(wm)
         errors, rtn_errors, refs = [], [], []
@@ -391,30 +409,30 @@ class GPFQPass(ir.passes.InPlacePass):
 
     def _accumulate(
         self, model: ir.Model, float_model: ir.Model, node: ir.Node, layer: ann.QuantizableLayer,
-        geo: LayerGeometry, wm: np.ndarray, feeds: list[Mapping[str, np.ndarray]], samples: int | None,
+        geo: LayerGeometry, wm: np.ndarray, calibration: _Calibration, samples: int | None,
         quantize_activations: bool,
     ) -> GramAccumulator:
         """Stream the batches through the float and the partly quantized prefixes."""
         view = lower_to_qdq(model) if quantize_activations else model
         tilde_name = _input_of(view, node.name)
         matched = not quantize_activations and not _rewritten_upstream(model, layer.activation_input)
-        float_runner = PrefixRunner(float_model, layer.activation_input)
-        tilde_runner = None if matched else PrefixRunner(view, tilde_name)
+        float_source = calibration.source(calibration.float_prefix, float_model, layer.activation_input)
+        tilde_source = None if matched else calibration.source(calibration.tilde_prefix, view, tilde_name)
         # Rows are kept while they take no more memory than one d×d product (see the data form).
         # G and F only projected on W when that is cheaper; act_order needs the whole G.
         project = not self.act_order and projection_is_cheaper(wm.shape[1], geo.columns)
         acc = GramAccumulator(geo.columns, geo.groups, matched=matched, keep_rows=geo.columns, weights=wm, project=project)
         seen = 0
-        for feed in feeds:
+        for index, feed in enumerate(calibration.feeds):
             if samples is not None and seen >= samples:
                 break
             count = len(next(iter(feed.values())))
             take = count if samples is None else min(count, samples - seen)
             batch = {k: v[:take] for k, v in feed.items()} if take < count else feed
-            x_batch = float_runner.run(batch)
+            x_batch = float_source(index, batch)
             keep = self._kept_rows(batch, x_batch, geo)
             x = rows(geo, x_batch)
-            x_tilde = None if tilde_runner is None else rows(geo, tilde_runner.run(batch))
+            x_tilde = None if tilde_source is None else rows(geo, tilde_source(index, batch))
             if keep is not None:
                 x = x[:, keep]
                 x_tilde = None if x_tilde is None else x_tilde[:, keep]
@@ -564,6 +582,26 @@ def _damping_value(h: np.ndarray, damping: float) -> float:
     """``λ = damping·mean(diag H)``: ``H + λI`` and ``G + λI`` are the products of the data augmented
     by ``√λ·I`` rows in both ``X`` and ``X̃``, so GPFQ also weighs ``λ‖W − Q‖²``."""
     return damping * float(np.mean(np.diag(h))) if damping else 0.0
+
+
+@dataclasses.dataclass
+class _Calibration:
+    """The calibration batches and the incremental prefixes (or none) that give each layer its
+    ``X`` (float network) and ``X̃`` (quantized network)."""
+
+    feeds: list[Mapping[str, np.ndarray]]
+    float_prefix: IncrementalPrefix | None = None
+    tilde_prefix: IncrementalPrefix | None = None
+
+    @staticmethod
+    def source(
+        prefix: IncrementalPrefix | None, model: ir.Model, name: str
+    ) -> Callable[[int, Mapping[str, np.ndarray]], np.ndarray]:
+        """``(batch index, feed) -> value of name``: from the frontier, or the whole prefix."""
+        if prefix is not None:
+            return prefix.request(model, name)
+        runner = PrefixRunner(model, name)
+        return lambda index, feed: runner.run(feed)
 
 
 def _input_of(model: ir.Model, node_name: str) -> str:

@@ -475,6 +475,72 @@ def test_the_pass_gives_the_same_weights_with_g_projected_or_whole(digits_model_
             assert getattr(l_projected[name], field) == pytest.approx(getattr(l_whole[name], field), rel=1e-7, abs=1e-9)
 
 
+def gpfq_weights(model: ir.Model) -> dict[str, np.ndarray]:
+    return {n.name: const_array(n.inputs[1]) for n in model.graph if ann.get(n, ann.GPFQLayer)}
+
+
+@pytest.mark.parametrize("options", [{}, {"target_inputs": "quantized", "damping": 0.1}])
+def test_incremental_prefixes_give_the_weights_of_whole_prefixes(digits_model_path, digits_calib, monkeypatch,
+                                                                 options: dict) -> None:
+    """cache_mb=0 computes every layer input from the model inputs; the default reuses the frontier."""
+    import qcompiler.passes.gpfq as gpfq_pass
+
+    requests = []
+    original = gpfq_pass.IncrementalPrefix.request
+
+    def spy(self, model, name):
+        segment = original(self, model, name)
+        requests.append(segment.cut)
+        return segment
+
+    monkeypatch.setattr(gpfq_pass.IncrementalPrefix, "request", spy)
+    for model, data in ((load_normalized(digits_model_path), ArrayDataset({k: v[:96] for k, v in digits_calib.items()})),
+                        (grouped_model(), grouped_data())):
+        whole = gpfq_weights(run_gpfq(model.clone(), data=data, bits=3, batch_size=40, cache_mb=0, **options))
+        assert not requests
+        cached = gpfq_weights(run_gpfq(model.clone(), data=data, bits=3, batch_size=40, **options))
+        assert sum(bool(cut) for cut in requests) >= 2  # later layers started from the frontier
+        requests.clear()
+        assert whole.keys() == cached.keys() and len(whole) >= 3
+        for name in whole:
+            np.testing.assert_array_equal(cached[name], whole[name], err_msg=name)
+    # a sample limit reads only part of the batches: no frontiers then
+    run_gpfq(grouped_model(), data=grouped_data(), bits=3, batch_size=40, samples=50)
+    assert not requests
+
+
+def test_fake_quantized_activations_give_the_same_weights_with_incremental_prefixes(digits_model_path, digits_calib,
+                                                                                    tmp_path, monkeypatch) -> None:
+    """The fixed-point target formats activations first: X̃ comes from the QDQ view of each step."""
+    import qcompiler.passes.gpfq as gpfq_pass
+    from qcompiler.api import CompileConfig, compile_model
+    from qcompiler.targets import TargetConfig
+
+    seen = []
+    original = gpfq_pass._has_activation_formats
+    monkeypatch.setattr(gpfq_pass, "_has_activation_formats", lambda model: seen.append(original(model)) or seen[-1])
+    cuts = []
+    request = gpfq_pass.IncrementalPrefix.request
+
+    def spy(self, model, name):
+        segment = request(self, model, name)
+        cuts.append(segment.cut)
+        return segment
+
+    monkeypatch.setattr(gpfq_pass.IncrementalPrefix, "request", spy)
+    weights = []
+    for cache_mb in (0, 64):
+        config = CompileConfig(calib=digits_calib, target=TargetConfig(weight_bits=4), show_progress=False,
+                               gpfq=GPFQPass(bits=4, cache_mb=cache_mb))
+        result = compile_model(digits_model_path, "fixed-point", config, tmp_path / str(cache_mb))
+        weights.append(gpfq_weights(result.model))
+    assert seen and all(seen)  # GPFQ ran on fake-quantized activations
+    assert sum(bool(cut) for cut in cuts) >= 4  # float and QDQ views both started from their frontiers
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        np.testing.assert_array_equal(weights[1][name], weights[0][name], err_msg=name)
+
+
 def test_reference_grid_weights_use_the_seed_alphabet(digits_model_path, digits_calib) -> None:
     model = run_pipeline(load_normalized(digits_model_path), canonical_pipeline()).model  # BatchNorm folded
     float_weights = {n.name: const_array(n.inputs[1]) for n in model.graph if n.op_type in ("Conv", "Gemm")}
@@ -536,6 +602,7 @@ def test_stochastic_rounding_is_deterministic_for_a_seed(digits_model_path, digi
         ({"scalar": 0.0}, "alphabet scalar"),
         ({"grid": "nope"}, "grid must be one of"),
         ({"samples": 0}, "samples must be >= 1"),
+        ({"cache_mb": -1}, "cache_mb must be >= 0"),
     ],
 )
 def test_bad_options_are_refused(options, message) -> None:
