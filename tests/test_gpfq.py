@@ -479,21 +479,27 @@ def gpfq_weights(model: ir.Model) -> dict[str, np.ndarray]:
     return {n.name: const_array(n.inputs[1]) for n in model.graph if ann.get(n, ann.GPFQLayer)}
 
 
+def record_prefix_requests(monkeypatch) -> list[tuple[str, ...]]:
+    """The frontier values (``cut``) every incremental-prefix request of GPFQ starts from."""
+    import qcompiler.passes.gpfq as gpfq_pass
+
+    cuts = []
+    request = gpfq_pass.IncrementalPrefix.request
+
+    def spy(self, model, name):
+        segment = request(self, model, name)
+        cuts.append(segment.cut)
+        return segment
+
+    monkeypatch.setattr(gpfq_pass.IncrementalPrefix, "request", spy)
+    return cuts
+
+
 @pytest.mark.parametrize("options", [{}, {"target_inputs": "quantized", "damping": 0.1}])
 def test_incremental_prefixes_give_the_weights_of_whole_prefixes(digits_model_path, digits_calib, monkeypatch,
                                                                  options: dict) -> None:
     """cache_mb=0 computes every layer input from the model inputs; the default reuses the frontier."""
-    import qcompiler.passes.gpfq as gpfq_pass
-
-    requests = []
-    original = gpfq_pass.IncrementalPrefix.request
-
-    def spy(self, model, name):
-        segment = original(self, model, name)
-        requests.append(segment.cut)
-        return segment
-
-    monkeypatch.setattr(gpfq_pass.IncrementalPrefix, "request", spy)
+    requests = record_prefix_requests(monkeypatch)
     for model, data in ((load_normalized(digits_model_path), ArrayDataset({k: v[:96] for k, v in digits_calib.items()})),
                         (grouped_model(), grouped_data())):
         whole = gpfq_weights(run_gpfq(model.clone(), data=data, bits=3, batch_size=40, cache_mb=0, **options))
@@ -519,15 +525,7 @@ def test_fake_quantized_activations_give_the_same_weights_with_incremental_prefi
     seen = []
     original = gpfq_pass._has_activation_formats
     monkeypatch.setattr(gpfq_pass, "_has_activation_formats", lambda model: seen.append(original(model)) or seen[-1])
-    cuts = []
-    request = gpfq_pass.IncrementalPrefix.request
-
-    def spy(self, model, name):
-        segment = request(self, model, name)
-        cuts.append(segment.cut)
-        return segment
-
-    monkeypatch.setattr(gpfq_pass.IncrementalPrefix, "request", spy)
+    cuts = record_prefix_requests(monkeypatch)
     weights = []
     for cache_mb in (0, 64):
         config = CompileConfig(calib=digits_calib, target=TargetConfig(weight_bits=4), show_progress=False,

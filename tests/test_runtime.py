@@ -57,6 +57,14 @@ def batches(count: int = 3, size: int = 5) -> list[dict[str, np.ndarray]]:
     return [{"x": rng.normal(size=(size, 3, 6, 6)).astype(np.float32)} for _ in range(count)]
 
 
+def run_through(prefix: IncrementalPrefix, model: ir.Model, feeds: list[dict[str, np.ndarray]], names) -> None:
+    """Request ``names`` one after another, each for every batch."""
+    for name in names:
+        segment = prefix.request(model, name)
+        for index, feed in enumerate(feeds):
+            segment(index, feed)
+
+
 def run_requests(prefix: IncrementalPrefix, model: ir.Model, feeds: list[dict[str, np.ndarray]]) -> None:
     """Every layer input through the incremental prefix, checked against the whole prefix."""
     for name in LAYER_INPUTS:
@@ -76,10 +84,7 @@ def test_incremental_prefixes_equal_whole_prefixes_on_a_branching_model() -> Non
 def test_a_request_runs_only_the_nodes_past_the_frontier_and_keeps_what_later_nodes_read() -> None:
     model, feeds = branching_model(), batches()
     prefix = IncrementalPrefix(len(feeds), budget_bytes=2**30)
-    for name in ("x", "r1", "r2"):
-        segment = prefix.request(model, name)
-        for index, feed in enumerate(feeds):
-            segment(index, feed)
+    run_through(prefix, model, feeds, ("x", "r1", "r2"))
     # r1 is still read by the skip Add: it stays, next to r2
     assert set(prefix.frontier_names) == {"r1", "r2"}
     segment = prefix.request(model, "r3")
@@ -93,10 +98,7 @@ def test_weights_changed_past_the_frontier_are_seen_by_the_next_request() -> Non
     """GPFQ rewrites a layer after its input was computed: the next request must use the new weights."""
     model, feeds = branching_model(), batches()
     prefix = IncrementalPrefix(len(feeds), budget_bytes=2**30)
-    for name in ("x", "r1", "r2"):
-        segment = prefix.request(model, name)
-        for index, feed in enumerate(feeds):
-            segment(index, feed)
+    run_through(prefix, model, feeds, ("x", "r1", "r2"))
     w3 = values_by_name(model.graph)["w3"]
     w3.const_value = ir.tensor(np.round(w3.const_value.numpy() * 4) / 4, name="w3")
     segment = prefix.request(model, "r3")
@@ -113,9 +115,7 @@ def test_frontiers_past_the_budget_are_recomputed_from_the_inputs() -> None:
     # 5 samples · 4·6·6 float32 = 2880 bytes a batch: two feature maps of three batches fit 17280
     prefix = IncrementalPrefix(len(feeds), budget_bytes=3 * 2880)
     for name in ("x", "r1", "r2"):
-        segment = prefix.request(model, name)
-        for index, feed in enumerate(feeds):
-            segment(index, feed)
+        run_through(prefix, model, feeds, (name,))
         # r1 alone fits; r1 and r2 (the skip keeps r1) do not, so r2's request keeps nothing
         assert prefix.frontier_bytes == (3 * 2880 if name == "r1" else 0), name
     run_requests(prefix, model, feeds)
