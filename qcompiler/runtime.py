@@ -226,7 +226,9 @@ class IncrementalPrefix:
     but only in nodes that have not run: a layer consumes its requested input, so it lies past
     the frontier. Frontiers are kept for every batch while they fit in ``budget_bytes``; when
     they would not, the request is answered and the next one starts again from the graph
-    inputs, so memory stays bounded whatever the number of batches.
+    inputs, so memory stays bounded whatever the number of batches. A model with If/Loop bodies
+    (which read outer values without naming them as node inputs) is run from the graph inputs
+    on every request.
 
     Use: ``segment = prefix.request(model, name)``, then ``segment(i, feed)`` for every batch
     ``i`` in ``range(batches)``, in order. A request made before the previous one ran every
@@ -254,6 +256,10 @@ class IncrementalPrefix:
         inputs = {v.name for v in graph.inputs}
         if name in inputs or name in self._frontiers[0]:
             return PrefixSegment(self, name, None, (), (), ())
+        if _has_subgraphs(graph):
+            # If/Loop bodies read outer values that are no node's inputs: no frontier is tracked
+            self._reset()
+            return PrefixSegment(self, name, Runner(prefix_model(model, [name]), threads=self.threads), (), (), ())
         available = set(self._frontiers[0])
         nodes, cut, fed = _segment_nodes(values_by_name(graph)[name], available, inputs)
         # constants (Constant nodes) are recomputed by every segment rather than cached
@@ -360,6 +366,11 @@ def _segment_nodes(
         nodes[id(producer)] = producer
         stack.extend(v for v in producer.inputs if v is not None)
     return list(nodes.values()), sorted(cut), sorted(fed)
+
+
+def _has_subgraphs(graph: ir.Graph) -> bool:
+    return any(attr.type == ir.AttributeType.GRAPH or attr.type == ir.AttributeType.GRAPHS
+               for node in graph for attr in node.attributes.values())
 
 
 def _has_run(node: ir.Node, computed: set[str]) -> bool:

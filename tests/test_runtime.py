@@ -157,3 +157,29 @@ def test_returned_values_cannot_be_written_into_the_frontier() -> None:
     with pytest.raises(ValueError, match="read-only"):
         r1 += 1.0
     assert prefix.frontier_names == ["r1"]
+
+
+def test_values_read_inside_if_branches_are_computed_from_the_inputs() -> None:
+    """An If branch reads outer values that are no node's inputs: no frontier is trusted then."""
+    rng = np.random.default_rng(2)
+    inits = {"w1": rng.normal(size=(4, 4)).astype(np.float32), "w2": rng.normal(size=(4, 3)).astype(np.float32),
+             "w3": rng.normal(size=(4, 4)).astype(np.float32)}
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x, bool c) => (float[N, 3] y) <float[4,4] w1, float[4,3] w2, float[4,4] w3> {
+        h = MatMul (x, w1)
+        r = Relu (h)
+        h3 = MatMul (r, w3)
+        b = If (c) <then_branch = g1 () => (float[N, 4] o) { o = Add (h, h3) },
+                    else_branch = g2 () => (float[N, 4] o2) { o2 = Sub (h, h3) }>
+        y = MatMul (b, w2)
+    }
+    """
+    model = load_normalized(make_model(text, inits))
+    feeds = [{"x": rng.normal(size=(3, 4)).astype(np.float32), "c": np.array(flag)} for flag in (True, False)]
+    prefix = IncrementalPrefix(len(feeds), budget_bytes=2**30)
+    for name in ("x", "r", "b"):
+        segment = prefix.request(model, name)
+        whole = PrefixRunner(model, name)
+        for index, feed in enumerate(feeds):
+            np.testing.assert_array_equal(segment(index, feed), whole.run(feed), err_msg=name)
