@@ -111,8 +111,8 @@ class GPFQPass(ir.passes.InPlacePass):
         cache_mb: memory for the activations at the frontier of the float and the quantized
             network (incremental prefixes: each layer runs only the nodes between the previous
             layer's input and its own); a frontier that does not fit is recomputed from the
-            model inputs. 0 always recomputes. Used only when every layer reads every sample
-            (``samples`` and ``linear_samples`` unset).
+            model inputs. 0 always recomputes. With ``samples`` limits the frontiers cover the
+            batches of the largest limit.
         seed: seed of the stochastic rounding.
         show_progress: a progress bar over layers (only on a terminal).
     """
@@ -204,8 +204,8 @@ class GPFQPass(ir.passes.InPlacePass):
         feeds = list(iter_feeds(self.data, self.batch_size, model))
         if not feeds:
             raise DataError("GPFQ: calibration data is empty")
-        calibration = self._calibration(feeds)
         layers, skipped = self.selected(model)
+        calibration = self._calibration(feeds, layers)
         float_model = model.clone()
         quantize_activations = _has_activation_formats(model)
         zero_before = _zero_fraction(model, layers)
@@ -219,11 +219,15 @@ class GPFQPass(ir.passes.InPlacePass):
         ann.set(model, self._summary(model, float_model, feeds, quantize_activations, skipped, zero_before, layers))
         return ir.passes.PassResult(model, True)
 
-    def _calibration(self, feeds: list[Mapping[str, np.ndarray]]) -> _Calibration:
-        """The batches, with incremental prefixes when every layer reads every batch whole."""
-        total = sum(len(next(iter(feed.values()))) for feed in feeds)
-        whole = all(limit is None or limit >= total for limit in (self.samples, self.linear_samples))
-        if not (self.cache_mb and whole):
+    def _calibration(
+        self, feeds: list[Mapping[str, np.ndarray]], layers: Sequence[tuple[ir.Node, ann.QuantizableLayer]]
+    ) -> _Calibration:
+        """The batches the layers read (up to the largest ``samples`` limit), with incremental
+        prefixes over them unless ``cache_mb`` is 0."""
+        limits = {self._layer_options(layer)[2] for _, layer in layers}
+        if None not in limits and limits:
+            feeds = _first_samples(feeds, max(limits))
+        if not self.cache_mb:
             return _Calibration(feeds)
         budget = self.cache_mb * 2**20 // 2  # half for the float network, half for the quantized one
         return _Calibration(feeds, IncrementalPrefix(len(feeds), budget), IncrementalPrefix(len(feeds), budget))
@@ -424,15 +428,23 @@ class GPFQPass(ir.passes.InPlacePass):
         acc = GramAccumulator(geo.columns, geo.groups, matched=matched, keep_rows=geo.columns, weights=wm, project=project)
         seen = 0
         for index, feed in enumerate(calibration.feeds):
-            if samples is not None and seen >= samples:
-                break
             count = len(next(iter(feed.values())))
             take = count if samples is None else min(count, samples - seen)
-            batch = {k: v[:take] for k, v in feed.items()} if take < count else feed
-            x_batch = float_source(index, batch)
-            keep = self._kept_rows(batch, x_batch, geo)
+            if take <= 0 and not calibration.incremental:
+                break
+            # whole batches: an incremental prefix keeps each batch's frontier for the next layer
+            # (which may read more samples); the sample limit cuts the rows afterwards
+            x_batch = float_source(index, feed)
+            xt_batch = None if tilde_source is None else tilde_source(index, feed)
+            if take <= 0:
+                continue
+            if take < count:
+                feed = {k: v[:take] for k, v in feed.items()}
+                x_batch = x_batch[:take]
+                xt_batch = None if xt_batch is None else xt_batch[:take]
+            keep = self._kept_rows(feed, x_batch, geo)
             x = rows(geo, x_batch)
-            x_tilde = None if tilde_source is None else rows(geo, tilde_source(index, batch))
+            x_tilde = None if xt_batch is None else rows(geo, xt_batch)
             if keep is not None:
                 x = x[:, keep]
                 x_tilde = None if x_tilde is None else x_tilde[:, keep]
@@ -593,6 +605,11 @@ class _Calibration:
     float_prefix: IncrementalPrefix | None = None
     tilde_prefix: IncrementalPrefix | None = None
 
+    @property
+    def incremental(self) -> bool:
+        """Every request must run every batch (the frontiers are kept per batch)."""
+        return self.float_prefix is not None
+
     @staticmethod
     def source(
         prefix: IncrementalPrefix | None, model: ir.Model, name: str
@@ -602,6 +619,18 @@ class _Calibration:
             return prefix.request(model, name)
         runner = PrefixRunner(model, name)
         return lambda index, feed: runner.run(feed)
+
+
+def _first_samples(feeds: list[Mapping[str, np.ndarray]], count: int) -> list[Mapping[str, np.ndarray]]:
+    """The batches that hold the first ``count`` samples, the last one cut."""
+    out: list[Mapping[str, np.ndarray]] = []
+    for feed in feeds:
+        size = len(next(iter(feed.values())))
+        if count <= 0:
+            break
+        out.append(feed if size <= count else {k: v[:count] for k, v in feed.items()})
+        count -= size
+    return out
 
 
 def _input_of(model: ir.Model, node_name: str) -> str:

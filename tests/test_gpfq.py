@@ -510,9 +510,29 @@ def test_incremental_prefixes_give_the_weights_of_whole_prefixes(digits_model_pa
         assert whole.keys() == cached.keys() and len(whole) >= 3
         for name in whole:
             np.testing.assert_array_equal(cached[name], whole[name], err_msg=name)
-    # a sample limit reads only part of the batches: no frontiers then
-    run_gpfq(grouped_model(), data=grouped_data(), bits=3, batch_size=40, samples=50)
-    assert not requests
+
+
+
+@pytest.mark.parametrize("limits", [{"samples": 50}, {"samples": 50, "linear_samples": 90}, {"linear_samples": 30}])
+def test_sample_limits_give_the_same_weights_with_incremental_prefixes(monkeypatch, limits: dict) -> None:
+    """The frontiers cover the batches of the largest limit; a layer with a smaller one still
+    runs them (to keep its frontier) but reads only its own samples."""
+    requests = record_prefix_requests(monkeypatch)
+    whole = gpfq_weights(run_gpfq(grouped_model(), data=grouped_data(), bits=3, batch_size=40, cache_mb=0, **limits))
+    out = run_gpfq(grouped_model(), data=grouped_data(), bits=3, batch_size=40, **limits)
+    cached = gpfq_weights(out)
+    assert sum(bool(cut) for cut in requests) >= 2
+    # rows read: each conv output position of the samples it may read, one row per sample for the MatMul
+    conv_limit = limits.get("samples", 96)
+    linear_limit = limits.get("linear_samples", conv_limit)
+    layers = [ann.get(n, ann.GPFQLayer) for n in out.graph if ann.get(n, ann.GPFQLayer)]
+    assert [layer.rows for layer in layers] == [conv_limit * 16, conv_limit * 16, linear_limit]
+    assert whole.keys() == cached.keys() and len(whole) == 3
+    for name in whole:
+        np.testing.assert_array_equal(cached[name], whole[name], err_msg=name)
+    # the limits are honoured: fewer samples, other weights
+    full = gpfq_weights(run_gpfq(grouped_model(), data=grouped_data(), bits=3, batch_size=40))
+    assert any(not np.array_equal(full[name], whole[name]) for name in whole)
 
 
 def test_fake_quantized_activations_give_the_same_weights_with_incremental_prefixes(digits_model_path, digits_calib,
