@@ -535,9 +535,12 @@ def test_sample_limits_give_the_same_weights_with_incremental_prefixes(monkeypat
     assert any(not np.array_equal(full[name], whole[name]) for name in whole)
 
 
-def test_fake_quantized_activations_give_the_same_weights_with_incremental_prefixes(digits_model_path, digits_calib,
-                                                                                    tmp_path, monkeypatch) -> None:
-    """The fixed-point target formats activations first: X̃ comes from the QDQ view of each step."""
+@pytest.mark.parametrize(("target", "bits", "fake_quant"), [("fixed-point", 4, True), ("max78000", 2, False)])
+def test_targets_give_the_same_weights_with_incremental_prefixes(digits_model_path, digits_calib, tmp_path,
+                                                                 monkeypatch, target: str, bits: int,
+                                                                 fake_quant: bool) -> None:
+    """The fixed-point target formats activations first: X̃ comes from the QDQ view of each step.
+    MAX78000's grid comes from the target; its activations stay float during GPFQ."""
     import qcompiler.passes.gpfq as gpfq_pass
     from qcompiler.api import CompileConfig, compile_model
     from qcompiler.targets import TargetConfig
@@ -548,11 +551,11 @@ def test_fake_quantized_activations_give_the_same_weights_with_incremental_prefi
     cuts = record_prefix_requests(monkeypatch)
     weights = []
     for cache_mb in (0, 64):
-        config = CompileConfig(calib=digits_calib, target=TargetConfig(weight_bits=4), show_progress=False,
-                               gpfq=GPFQPass(bits=4, cache_mb=cache_mb))
-        result = compile_model(digits_model_path, "fixed-point", config, tmp_path / str(cache_mb))
+        config = CompileConfig(calib=digits_calib, target=TargetConfig(weight_bits=bits), show_progress=False,
+                               gpfq=GPFQPass(bits=bits, cache_mb=cache_mb))
+        result = compile_model(digits_model_path, target, config, tmp_path / str(cache_mb))
         weights.append(gpfq_weights(result.model))
-    assert seen and all(seen)  # GPFQ ran on fake-quantized activations
+    assert seen and all(flag == fake_quant for flag in seen)  # GPFQ ran on fake-quantized activations (or not)
     assert sum(bool(cut) for cut in cuts) >= 4  # float and QDQ views both started from their frontiers
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:
