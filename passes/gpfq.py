@@ -60,7 +60,8 @@ from qcompiler.passes.detect_layers import quantizable_nodes
 from qcompiler.progress import progress_bar
 from qcompiler.qdq import lower_to_qdq
 from qcompiler.quantizers import no_overflow_fl
-from qcompiler.runtime import IncrementalPrefix, PrefixRunner, Runner
+from qcompiler.prefixes import IncrementalPrefix, PrefixRunner
+from qcompiler.runtime import Runner
 from qcompiler.suffix import logits_names
 
 #: ``value.meta`` key of a rewritten weight's round-to-nearest baseline (in memory only).

@@ -1,4 +1,4 @@
-"""onnxruntime wrappers: prefixes, segments and incremental prefixes (algorithms.md §6.5)."""
+"""Parts of a model run on their own: prefixes, segments and incremental prefixes (algorithms.md §6.5)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 from qcompiler.errors import UnsupportedModelError
 from qcompiler.graph import values_by_name
 from qcompiler.ir import load_normalized
-from qcompiler.runtime import IncrementalPrefix, PrefixRunner, Runner, segment_model
+from qcompiler.prefixes import IncrementalPrefix, PrefixRunner, segment_model
+from qcompiler.runtime import Runner
 
 from conftest import make_model
 
