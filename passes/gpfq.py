@@ -226,8 +226,7 @@ class GPFQPass(ir.passes.InPlacePass):
         """The batches the layers read (up to the largest ``samples`` limit), with incremental
         prefixes over them unless ``cache_mb`` is 0."""
         limits = {self._layer_options(layer)[2] for _, layer in layers}
-        if None not in limits and limits:
-            feeds = _first_samples(feeds, max(limits))
+        feeds = _cut_at(feeds, sorted(limit for limit in limits if limit is not None), None in limits)
         if not self.cache_mb:
             return _Calibration(feeds)
         budget = self.cache_mb * 2**20 // 2  # half for the float network, half for the quantized one
@@ -429,20 +428,15 @@ class GPFQPass(ir.passes.InPlacePass):
         acc = GramAccumulator(geo.columns, geo.groups, matched=matched, keep_rows=geo.columns, weights=wm, project=project)
         seen = 0
         for index, feed in enumerate(calibration.feeds):
-            count = len(next(iter(feed.values())))
-            take = count if samples is None else min(count, samples - seen)
-            if take <= 0 and not calibration.incremental:
+            wanted = samples is None or seen < samples  # the batches end at every layer's sample limit
+            if not wanted and not calibration.incremental:
                 break
-            # whole batches: an incremental prefix keeps each batch's frontier for the next layer
-            # (which may read more samples); the sample limit cuts the rows afterwards
+            # an incremental prefix keeps each batch's frontier for the next layer, which may read
+            # more samples: every batch runs, the ones past this layer's limit are not read
             x_batch = float_source(index, feed)
             xt_batch = None if tilde_source is None else tilde_source(index, feed)
-            if take <= 0:
+            if not wanted:
                 continue
-            if take < count:
-                feed = {k: v[:take] for k, v in feed.items()}
-                x_batch = x_batch[:take]
-                xt_batch = None if xt_batch is None else xt_batch[:take]
             keep = self._kept_rows(feed, x_batch, geo)
             x = rows(geo, x_batch)
             x_tilde = None if xt_batch is None else rows(geo, xt_batch)
@@ -450,7 +444,7 @@ class GPFQPass(ir.passes.InPlacePass):
                 x = x[:, keep]
                 x_tilde = None if x_tilde is None else x_tilde[:, keep]
             acc.update(x, x_tilde)
-            seen += take
+            seen += len(next(iter(feed.values())))
         return acc
 
     def _kept_rows(self, batch: Mapping[str, np.ndarray], x: np.ndarray, geo: LayerGeometry) -> np.ndarray | None:
@@ -622,15 +616,26 @@ class _Calibration:
         return lambda index, feed: runner.run(feed)
 
 
-def _first_samples(feeds: list[Mapping[str, np.ndarray]], count: int) -> list[Mapping[str, np.ndarray]]:
-    """The batches that hold the first ``count`` samples, the last one cut."""
+def _cut_at(
+    feeds: list[Mapping[str, np.ndarray]], limits: Sequence[int], everything: bool
+) -> list[Mapping[str, np.ndarray]]:
+    """The batches split so that one ends at every sample limit, and none starts past the largest
+    limit unless some layer reads ``everything``: a layer then reads whole batches only."""
+    ends = sorted(set(limits))
+    last = None if everything or not ends else ends[-1]
     out: list[Mapping[str, np.ndarray]] = []
+    seen = 0
     for feed in feeds:
         size = len(next(iter(feed.values())))
-        if count <= 0:
+        start = 0
+        for end in [e - seen for e in ends if seen < e < seen + size] + [size]:
+            if last is not None and seen + start >= last:
+                break
+            out.append(feed if (start, end) == (0, size) else {k: v[start:end] for k, v in feed.items()})
+            start = end
+        seen += size
+        if last is not None and seen >= last:
             break
-        out.append(feed if size <= count else {k: v[:count] for k, v in feed.items()})
-        count -= size
     return out
 
 

@@ -535,6 +535,45 @@ def test_sample_limits_give_the_same_weights_with_incremental_prefixes(monkeypat
     assert any(not np.array_equal(full[name], whole[name]) for name in whole)
 
 
+def test_batches_end_at_every_sample_limit() -> None:
+    from qcompiler.passes.gpfq import _cut_at
+
+    feeds = [{"x": np.arange(start, start + 40)} for start in (0, 40, 80)] + [{"x": np.arange(120, 130)}]
+
+    def spans(limits, everything):
+        return [(int(f["x"][0]), len(f["x"])) for f in _cut_at(feeds, limits, everything)]
+
+    assert spans([], True) == [(0, 40), (40, 40), (80, 40), (120, 10)]
+    assert spans([50], False) == [(0, 40), (40, 10)]
+    assert spans([50, 90], False) == [(0, 40), (40, 10), (50, 30), (80, 10)]
+    assert spans([30, 50], True) == [(0, 30), (30, 10), (40, 10), (50, 30), (80, 40), (120, 10)]
+    assert spans([40], False) == [(0, 40)]
+    assert spans([500], False) == spans([], True)
+
+
+@pytest.mark.parametrize("cache_mb", [0, 64])
+def test_a_sample_limit_counts_samples_when_activations_merge_batch_and_tokens(cache_mb: int) -> None:
+    """A MatMul whose input is (samples·positions, features), with a smaller limit than the conv
+    before it: the limit is in samples, not rows, and ends inside a batch."""
+    rng = np.random.default_rng(3)
+    inits = {"w1": rng.normal(size=(3, 4, 1)).astype(np.float32), "w2": rng.normal(size=(3, 2)).astype(np.float32),
+             "flat": np.array([-1, 3], dtype=np.int64)}
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4, 5] x) => (float[M, 2] y) <float[3,4,1] w1, float[3,2] w2, int64[2] flat> {
+        c = Conv (x, w1)
+        r = Relu (c)
+        t = Transpose <perm = [0, 2, 1]> (r)
+        f = Reshape (t, flat)
+        y = MatMul (f, w2)
+    }
+    """
+    model = load_normalized(make_model(text, inits))
+    data = ArrayDataset({"x": rng.normal(size=(12, 4, 5)).astype(np.float32)})
+    out = run_gpfq(model, data=data, bits=3, batch_size=4, linear_samples=7, cache_mb=cache_mb)
+    assert [ann.get(n, ann.GPFQLayer).rows for n in out.graph if ann.get(n, ann.GPFQLayer)] == [12 * 5, 7 * 5]
+
+
 @pytest.mark.parametrize(("target", "bits", "fake_quant"), [("fixed-point", 4, True), ("max78000", 2, False)])
 def test_targets_give_the_same_weights_with_incremental_prefixes(digits_model_path, digits_calib, tmp_path,
                                                                  monkeypatch, target: str, bits: int,
