@@ -118,6 +118,9 @@ class IncrementalPrefix:
         if not self._complete:
             self._reset()
         graph = model.graph
+        values = values_by_name(graph)
+        if name not in values:
+            raise UnsupportedModelError(f"model has no value named {name!r}")
         inputs = {v.name for v in graph.inputs}
         if name in inputs or name in self._frontiers[0]:
             return PrefixSegment(self, name, None, (), (), ())
@@ -126,7 +129,7 @@ class IncrementalPrefix:
             self._reset()
             return PrefixSegment(self, name, Runner(prefix_model(model, [name]), threads=self.threads), (), (), ())
         available = set(self._frontiers[0])
-        nodes, cut, fed = _segment_nodes(values_by_name(graph)[name], available, inputs)
+        nodes, cut, fed = _segment_nodes(values[name], available, inputs)
         # constants (Constant nodes) are recomputed by every segment rather than cached
         produced = {v.name for node in nodes for v in node.outputs if not is_constant(v)}
         computed = self._computed | produced
@@ -134,8 +137,8 @@ class IncrementalPrefix:
         needed = {v.name for node in graph if not _has_run(node, computed)
                   for v in node.inputs if v is not None and v.name in computed}
         keep = [n for n in sorted(produced) if n in needed and n != name]
-        drop = tuple(n for n in available if n not in needed)
-        outputs = [name, *(n for n in keep if n != name)]
+        drop = tuple(sorted(n for n in available if n not in needed))
+        outputs = [name, *keep]
         if name in needed:
             keep.append(name)
         runner = Runner(segment_model(model, [*cut, *fed], outputs), threads=self.threads)

@@ -133,11 +133,14 @@ def test_an_unfinished_request_restarts_the_next_from_the_inputs() -> None:
         np.testing.assert_array_equal(segment(index, feed), whole.run(feed))
 
 
-def test_batches_must_come_in_order() -> None:
+def test_batches_must_come_in_order_and_names_must_exist() -> None:
     model, feeds = branching_model(), batches()
-    segment = IncrementalPrefix(len(feeds), budget_bytes=2**30).request(model, "r1")
+    prefix = IncrementalPrefix(len(feeds), budget_bytes=2**30)
+    segment = prefix.request(model, "r1")
     with pytest.raises(ValueError, match="batch 1 asked for, expected 0"):
         segment(1, feeds[1])
+    with pytest.raises(UnsupportedModelError, match="no value named 'nope'"):
+        prefix.request(model, "nope")
 
 
 def test_segment_model_cuts_an_intermediate_value_into_an_input() -> None:
