@@ -438,8 +438,9 @@ class GPFQPass(ir.passes.InPlacePass):
             if not wanted:
                 continue
             keep = self._kept_rows(feed, x_batch, geo)
-            x = rows(geo, x_batch)
-            x_tilde = None if xt_batch is None else rows(geo, xt_batch)
+            # float64 before im2col: the accumulator works in float64, and the patches are written once
+            x = rows(geo, x_batch, np.float64)
+            x_tilde = None if xt_batch is None else rows(geo, xt_batch, np.float64)
             if keep is not None:
                 x = x[:, keep]
                 x_tilde = None if x_tilde is None else x_tilde[:, keep]

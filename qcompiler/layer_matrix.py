@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numba
 import numpy as np
 import onnx_ir as ir
 
@@ -166,6 +167,15 @@ def im2col(
 
     Negative pads crop. Rows are ordered (batch, output position) in C order.
     """
+    if len(kernel) == 2:
+        return _im2col_2d(x, kernel, strides, pads, dilations)
+    return im2col_windows(x, kernel, strides, pads, dilations)
+
+
+def im2col_windows(
+    x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], pads: tuple[int, ...], dilations: tuple[int, ...]
+) -> np.ndarray:
+    """:func:`im2col` for any number of spatial axes, from numpy's sliding windows."""
     nd = len(kernel)
     widths = [(0, 0), (0, 0)] + [(max(pads[i], 0), max(pads[i + nd], 0)) for i in range(nd)]
     padded = np.pad(x, widths) if any(p > 0 for p in pads) else x
@@ -180,6 +190,42 @@ def im2col(
     return moved.reshape(int(np.prod(moved.shape[: 1 + nd])), -1)
 
 
+def _im2col_2d(
+    x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], pads: tuple[int, ...], dilations: tuple[int, ...]
+) -> np.ndarray:
+    """:func:`im2col` of a 2-D input in one compiled pass, without numpy's padded copy and
+    strided window copy (bench/RESULTS.md, session 13)."""
+    spans = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    out_h = (x.shape[2] + pads[0] + pads[2] - spans[0]) // strides[0] + 1
+    out_w = (x.shape[3] + pads[1] + pads[3] - spans[1]) // strides[1] + 1
+    out = np.empty((x.shape[0] * max(out_h, 0) * max(out_w, 0), x.shape[1] * kernel[0] * kernel[1]), dtype=x.dtype)
+    if out.size:
+        _fill_im2col_2d(np.ascontiguousarray(x), kernel[0], kernel[1], strides[0], strides[1], pads[0], pads[1],
+                        dilations[0], dilations[1], out_h, out_w, out)
+    return out
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _fill_im2col_2d(
+    x: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int, dw: int, out_h: int, out_w: int,
+    out: np.ndarray,
+) -> None:
+    """Row ``(n, i, j)``, column ``(c, u, v)`` = ``x[n, c, i·sh − ph + u·dh, j·sw − pw + v·dw]``, 0 outside."""
+    batch, channels, height, width = x.shape
+    for r in numba.prange(batch * out_h):
+        n, i = r // out_h, r % out_h
+        for j in range(out_w):
+            row = r * out_w + j
+            col = 0
+            for c in range(channels):
+                for u in range(kh):
+                    y = i * sh - ph + u * dh
+                    for v in range(kw):
+                        xx = j * sw - pw + v * dw
+                        out[row, col] = x[n, c, y, xx] if 0 <= y < height and 0 <= xx < width else 0
+                        col += 1
+
+
 def _zero_insert(x: np.ndarray, strides: tuple[int, ...]) -> np.ndarray:
     if all(s == 1 for s in strides):
         return x
@@ -189,14 +235,20 @@ def _zero_insert(x: np.ndarray, strides: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def rows(geo: LayerGeometry, x: np.ndarray) -> np.ndarray:
-    """The layer's input rows as ``(groups, m, d)`` for an input batch ``x``."""
+def rows(geo: LayerGeometry, x: np.ndarray, dtype: np.dtype | type | None = None) -> np.ndarray:
+    """The layer's input rows as ``(groups, m, d)`` for an input batch ``x``.
+
+    ``dtype``: the rows' type (default ``x``'s). A convolution converts its input before im2col,
+    so the patches are written once, in the wanted type; Gemm's ``alpha`` is applied first.
+    """
     if geo.op in ("Gemm", "MatMul"):
         flat = x.reshape(-1, x.shape[-1])
-        return (flat * np.float32(geo.alpha) if geo.alpha != 1.0 else flat)[None]
+        flat = flat * np.float32(geo.alpha) if geo.alpha != 1.0 else flat
+        return (flat if dtype is None else flat.astype(dtype, copy=False))[None]
     nd = len(geo.kernel)
     if x.ndim != 2 + nd:
         raise UnsupportedModelError(f"node {geo.name!r} ({geo.op}): input rank {x.ndim} does not match the kernel")
+    x = x if dtype is None else x.astype(dtype, copy=False)
     if geo.op == "Conv":
         pads = geo.pads if geo.pads is not None else same_pads(x.shape[2:], geo)
         cols = im2col(x, geo.kernel, geo.strides, pads, geo.dilations)

@@ -388,6 +388,30 @@ def test_layer_rows_times_weights_match_onnxruntime(op: str, x_shape, w_shape, a
     np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 9), st.integers(1, 9)),
+    kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    strides=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    dilations=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    pads=st.tuples(*[st.integers(-1, 3)] * 4),
+    integer=st.booleans(),
+)
+def test_compiled_2d_im2col_equals_the_sliding_window_form(shape, kernel, strides, dilations, pads, integer) -> None:
+    from hypothesis import assume
+
+    from qcompiler.layer_matrix import im2col, im2col_windows
+
+    spans = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    assume(all(shape[2 + i] + pads[i] + pads[i + 2] >= spans[i] for i in range(2)))
+    rng = np.random.default_rng(0)
+    x = rng.integers(-50, 50, size=shape) if integer else rng.normal(size=shape).astype(np.float32)
+    fast = im2col(x, kernel, strides, pads, dilations)
+    reference = im2col_windows(x, kernel, strides, pads, dilations)
+    assert fast.dtype == reference.dtype
+    np.testing.assert_array_equal(fast, reference)
+
+
 # --------------------------------------------------------------------------- the pass
 
 
