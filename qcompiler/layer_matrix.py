@@ -167,9 +167,13 @@ def im2col(
 
     Negative pads crop. Rows are ordered (batch, output position) in C order.
     """
-    if len(kernel) == 2:
+    if len(kernel) == 2 and x.dtype in _COMPILED_DTYPES:
         return _im2col_2d(x, kernel, strides, pads, dilations)
     return im2col_windows(x, kernel, strides, pads, dilations)
+
+
+#: element types the compiled 2-D im2col is used for (others, e.g. float16, take the numpy form)
+_COMPILED_DTYPES = tuple(np.dtype(t) for t in ("float32", "float64", "int32", "int64"))
 
 
 def im2col_windows(

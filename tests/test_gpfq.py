@@ -410,6 +410,8 @@ def test_compiled_2d_im2col_equals_the_sliding_window_form(shape, kernel, stride
     reference = im2col_windows(x, kernel, strides, pads, dilations)
     assert fast.dtype == reference.dtype
     np.testing.assert_array_equal(fast, reference)
+    half = x.astype(np.float16)  # not compiled: the numpy form
+    np.testing.assert_array_equal(im2col(half, kernel, strides, pads, dilations), reference.astype(np.float16))
 
 
 # --------------------------------------------------------------------------- the pass
