@@ -142,7 +142,8 @@ class GPFQPass(ir.passes.InPlacePass):
     token_mask: str | None = None
     block_size: int = 32
     batch_size: int = 32
-    cache_mb: int = 1024
+    # memory, not a result parameter: left out of the recorded configuration like show_progress
+    cache_mb: int = dataclasses.field(default=1024, repr=False, compare=False)
     seed: int = 0
     show_progress: bool = dataclasses.field(default=True, repr=False, compare=False)
 

@@ -254,6 +254,7 @@ def compile_command(
     gpfq_skip: str = typer.Option("", "--gpfq-skip", help="Layers GPFQ leaves alone: node names or indices, comma-separated."),
     gpfq_token_mask: Optional[str] = typer.Option(None, "--gpfq-token-mask", help="GPFQ: model input masking padded tokens (e.g. attention_mask)."),
     gpfq_target_inputs: str = typer.Option("fp", "--gpfq-target-inputs", help="GPFQ objective: fp (float inputs) or quantized (the quantized model's inputs)."),
+    gpfq_cache_mb: int = typer.Option(1024, "--gpfq-cache-mb", help="GPFQ: memory (MB) for the activations kept between layers (incremental prefixes); 0 recomputes every layer's input from the model inputs."),
     gpfq_damping: float = typer.Option(0.0, "--gpfq-damping", help="GPFQ: also weigh λ·‖W − Q‖², λ as a fraction of mean diag(X̃ᵀX̃) (helps when calibration rows are fewer than a layer's columns)."),
     finetune_data: Optional[Path] = typer.Option(None, "--finetune-data", help="Fine-tune after quantization (QAT) on this .npz (inputs + labels)."),
     epochs: int = typer.Option(10, "--epochs", help="Fine-tune epochs."),
@@ -375,7 +376,8 @@ def compile_command(
 
             rewrite = GPFQPass(bits=weight_bits, scalar=gpfq_scalar, samples=gpfq_samples, rounding=gpfq_rounding,
                                bias_correction=gpfq_bias_correction, skip=split_list(gpfq_skip),
-                               token_mask=gpfq_token_mask, target_inputs=gpfq_target_inputs, damping=gpfq_damping)
+                               token_mask=gpfq_token_mask, target_inputs=gpfq_target_inputs, damping=gpfq_damping,
+                               cache_mb=gpfq_cache_mb)
             return compile_model(model, target, dataclasses.replace(config, gpfq=rewrite), out_dir)
         return compile_model(model, target, config, out_dir)
 

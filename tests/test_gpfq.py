@@ -738,11 +738,12 @@ def test_cli_compile_with_gpfq_is_deterministic_and_beats_rtn(digits_model_path,
 
     data = digits_model_path.parent
     outputs = []
-    for name in ("a", "b"):
+    # the second run recomputes every layer input (no incremental prefixes): the same bytes
+    for name, extra in (("a", []), ("b", ["--gpfq-cache-mb", "0"])):
         out = tmp_path / name
         result = CliRunner().invoke(app, [str(digits_model_path), "--target", "fixed-point", "--bits", "4", "--gpfq",
                                           "--calib", str(data / "calib.npz"), "--eval", str(data / "eval.npz"),
-                                          "-o", str(out), "-q"])
+                                          "-o", str(out), "-q", *extra])
         assert result.exit_code == 0, result.output
         outputs.append(out)
     for file in ("model.qdq.onnx", "model.annotated.onnx"):
@@ -785,6 +786,7 @@ def test_cli_gpfq_sweep_writes_the_seed_log(digits_model_path, tmp_path) -> None
         (["--gpfq", "--gpfq-rounding", "up"], "rounding must be one of"),
         (["--gpfq", "--bits", "0"], "--weight-bits must be >= 1"),
         (["--gpfq", "--gpfq-damping", "-1"], "damping must be >= 0"),
+        (["--gpfq", "--gpfq-cache-mb", "-1"], "cache_mb must be >= 0"),
     ],
 )
 def test_cli_gpfq_bad_input_is_one_line(digits_model_path, tmp_path, args, message) -> None:
