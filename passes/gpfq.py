@@ -227,7 +227,7 @@ class GPFQPass(ir.passes.InPlacePass):
         """The batches the layers read (up to the largest ``samples`` limit), with incremental
         prefixes over them unless ``cache_mb`` is 0."""
         limits = {self._layer_options(layer)[2] for _, layer in layers}
-        feeds = _cut_at(feeds, sorted(limit for limit in limits if limit is not None), None in limits)
+        feeds = _cut_at(feeds, [limit for limit in limits if limit is not None], None in limits)
         if not self.cache_mb:
             return _Calibration(feeds)
         budget = self.cache_mb * 2**20 // 2  # half for the float network, half for the quantized one

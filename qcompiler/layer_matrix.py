@@ -160,6 +160,10 @@ def same_pads(spatial: tuple[int, ...], geo: LayerGeometry) -> tuple[int, ...]:
     return (*begin, *end)
 
 
+#: element types the compiled 2-D im2col is used for (others, e.g. float16, take the numpy form)
+_COMPILED_DTYPES = tuple(np.dtype(t) for t in ("float32", "float64", "int32", "int64"))
+
+
 def im2col(
     x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], pads: tuple[int, ...], dilations: tuple[int, ...]
 ) -> np.ndarray:
@@ -171,9 +175,6 @@ def im2col(
         return _im2col_2d(x, kernel, strides, pads, dilations)
     return im2col_windows(x, kernel, strides, pads, dilations)
 
-
-#: element types the compiled 2-D im2col is used for (others, e.g. float16, take the numpy form)
-_COMPILED_DTYPES = tuple(np.dtype(t) for t in ("float32", "float64", "int32", "int64"))
 
 
 def im2col_windows(

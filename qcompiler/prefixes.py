@@ -17,16 +17,7 @@ from qcompiler.runtime import Runner
 
 def prefix_model(model: ir.Model, names: Sequence[str]) -> ir.Model:
     """A copy of ``model`` that computes only ``names`` (and what they need) as its outputs."""
-    clone = model.clone()
-    values = values_by_name(clone.graph)
-    missing = [n for n in names if n not in values]
-    if missing:
-        raise UnsupportedModelError(f"model has no value named {missing[0]!r}")
-    clone.graph.outputs.clear()
-    for name in names:
-        clone.graph.outputs.append(values[name])
-    common_passes.RemoveUnusedNodesPass()(clone)
-    return clone
+    return segment_model(model, [v.name for v in model.graph.inputs], names)
 
 
 class PrefixRunner:
