@@ -61,7 +61,6 @@ from qcompiler.progress import progress_bar
 from qcompiler.qdq import lower_to_qdq
 from qcompiler.quantizers import no_overflow_fl
 from qcompiler.prefixes import IncrementalPrefix, PrefixRunner
-from qcompiler.runtime import Runner
 from qcompiler.suffix import logits_names
 
 #: ``value.meta`` key of a rewritten weight's round-to-nearest baseline (in memory only).
@@ -218,7 +217,7 @@ class GPFQPass(ir.passes.InPlacePass):
                 values_by_name(model.graph)[layer.weight].meta[RTN_META] = rtn
                 advance(1)
         float_reference.remember_float_weights(model, float_model)
-        ann.set(model, self._summary(model, float_model, feeds, quantize_activations, skipped, zero_before, layers))
+        ann.set(model, self._summary(model, float_model, calibration, quantize_activations, skipped, zero_before, layers))
         return ir.passes.PassResult(model, True)
 
     def _calibration(
@@ -497,24 +496,25 @@ class GPFQPass(ir.passes.InPlacePass):
     # ------------------------------------------------------------------ summary
 
     def _summary(
-        self, model: ir.Model, float_model: ir.Model,
-        feeds: list[Mapping[str, np.ndarray]], quantize_activations: bool, skipped: list[tuple[str, str]],
-        zero_before: float, layers: list[tuple[ir.Node, ann.QuantizableLayer]],
+        self, model: ir.Model, float_model: ir.Model, calibration: _Calibration, quantize_activations: bool,
+        skipped: list[tuple[str, str]], zero_before: float, layers: list[tuple[ir.Node, ann.QuantizableLayer]],
     ) -> ann.GPFQSummary:
-        """Output-level comparison with round-to-nearest on the same grids (calibration samples)."""
+        """Output-level comparison with round-to-nearest on the same grids, over the calibration
+        samples the layers read (every batch of ``calibration``).
+
+        The float and the rewritten network continue from their frontiers (only the nodes past
+        the last layer's input run); the round-to-nearest copy differs everywhere and runs whole.
+        """
         rtn_model = round_to_nearest_model(model)
-        views = [lower_to_qdq(m) if quantize_activations else m for m in (model, rtn_model)]
-        names = logits_names(float_model)
-        runners = [Runner(float_model, names)] + [Runner(v, names) for v in views]
-        limit = max((s for s in (self.samples, self.linear_samples) if s is not None), default=None)
+        view, rtn_view = (lower_to_qdq(m) if quantize_activations else m for m in (model, rtn_model))
+        name = logits_names(float_model)[0]
+        sources = (calibration.source(calibration.float_prefix, float_model, name),
+                   calibration.source(calibration.tilde_prefix, view, name),
+                   calibration.source(None, rtn_view, name))
         outputs: list[list[np.ndarray]] = [[], [], []]
-        seen = 0
-        for feed in feeds:
-            if limit is not None and seen >= limit:
-                break
-            for i, runner in enumerate(runners):
-                outputs[i].append(runner.run(feed, names)[names[0]])
-            seen += len(next(iter(feed.values())))
+        for index, feed in enumerate(calibration.feeds):
+            for out, source in zip(outputs, sources):
+                out.append(source(index, feed))
         ref, gp, rt = (np.concatenate(o).astype(np.float64) for o in outputs)
         return ann.GPFQSummary(
             samples=int(ref.shape[0]),

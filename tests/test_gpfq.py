@@ -561,6 +561,30 @@ def test_sample_limits_give_the_same_weights_with_incremental_prefixes(monkeypat
     assert any(not np.array_equal(full[name], whole[name]) for name in whole)
 
 
+@pytest.mark.parametrize("cache_mb", [0, 64])
+def test_the_summary_compares_whole_models_on_the_samples_the_layers_read(monkeypatch, cache_mb: int) -> None:
+    """The float and the rewritten logits come from the frontiers (only the nodes past the last
+    layer's input run), RTN's from the inputs; all equal whole-model runs over the 90 samples
+    of the largest limit, in the pass's batches."""
+    from qcompiler.passes.gpfq import round_to_nearest_model
+
+    requests = record_prefix_requests(monkeypatch)
+    float_model = run_pipeline(grouped_model(), canonical_pipeline()).model
+    out = run_gpfq(grouped_model(), data=grouped_data(), bits=3, batch_size=40, samples=50, linear_samples=90,
+                   cache_mb=cache_mb)
+    summary = ann.require(out, ann.GPFQSummary)
+    if cache_mb:
+        assert requests[-2:] == [("f",), ("f",)]  # float and rewritten network: the MatMul alone
+    x = grouped_data().arrays["x"]
+    ref, gp, rt = (np.concatenate([Runner(m).run({"x": x[a:b]})["y"] for a, b in ((0, 40), (40, 50), (50, 80), (80, 90))])
+                   .astype(np.float64) for m in (float_model, out, round_to_nearest_model(out)))
+    assert summary.samples == 90
+    np.testing.assert_allclose(summary.output_mse, np.mean((gp - ref) ** 2), rtol=1e-12)
+    np.testing.assert_allclose(summary.output_mse_rtn, np.mean((rt - ref) ** 2), rtol=1e-12)
+    assert summary.top1_agreement == np.mean(gp.argmax(1) == ref.argmax(1))
+    assert summary.output_mse < summary.output_mse_rtn
+
+
 def test_batches_end_at_every_sample_limit() -> None:
     from qcompiler.passes.gpfq import _cut_at
 
@@ -614,17 +638,19 @@ def test_targets_give_the_same_weights_with_incremental_prefixes(digits_model_pa
     original = gpfq_pass._has_activation_formats
     monkeypatch.setattr(gpfq_pass, "_has_activation_formats", lambda model: seen.append(original(model)) or seen[-1])
     cuts = record_prefix_requests(monkeypatch)
-    weights = []
+    weights, summaries = [], []
     for cache_mb in (0, 64):
         config = CompileConfig(calib=digits_calib, target=TargetConfig(weight_bits=bits), show_progress=False,
                                gpfq=GPFQPass(bits=bits, cache_mb=cache_mb))
         result = compile_model(digits_model_path, target, config, tmp_path / str(cache_mb))
         weights.append(gpfq_weights(result.model))
+        summaries.append(ann.require(result.model, ann.GPFQSummary))
     assert seen and all(flag == fake_quant for flag in seen)  # GPFQ ran on fake-quantized activations (or not)
     assert sum(bool(cut) for cut in cuts) >= 4  # float and QDQ views both started from their frontiers
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:
         np.testing.assert_array_equal(weights[1][name], weights[0][name], err_msg=name)
+    assert summaries[0] == summaries[1]  # the logits from the frontier equal those of the whole model
 
 
 def test_reference_grid_weights_use_the_seed_alphabet(digits_model_path, digits_calib) -> None:
