@@ -147,6 +147,27 @@ class IncrementalPrefix:
         """The memory the kept frontiers of all batches take."""
         return sum(a.nbytes for frontier in self._frontiers for a in frontier.values())
 
+    def _advance(self, segment: PrefixSegment, index: int, feed: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Run ``segment`` on batch ``index`` and move that batch's frontier past it; the last
+        batch completes the request."""
+        frontier = self._frontiers[index]
+        if segment.runner is None:
+            return frontier[segment.name] if segment.name in frontier else np.asarray(feed[segment.name])
+        runner = segment.runner
+        out = runner.run({**feed, **{n: frontier[n] for n in segment.cut}}, runner.model_outputs)
+        for name in segment.drop:
+            del frontier[name]
+        frontier.update((name, out[name]) for name in segment.keep)
+        if index == 0:
+            segment.keeping = self._fits(frontier)
+        if not segment.keeping:
+            frontier.clear()
+        if segment.next_batch == self.batches:
+            self._complete = True
+            if not segment.keeping:
+                self._computed = set()
+        return out[segment.name]
+
     def _reset(self) -> None:
         self._frontiers = [{} for _ in range(self.batches)]
         self._computed = set()
@@ -164,31 +185,15 @@ class PrefixSegment:
     ) -> None:
         self.owner, self.name, self.runner = owner, name, runner
         self.cut, self.keep, self.drop = cut, keep, drop
-        self._next = 0
-        self._keeping = True
+        self.next_batch = 0
+        self.keeping = True  # the frontiers fit the budget (decided on the first batch)
 
     def __call__(self, index: int, feed: Mapping[str, np.ndarray]) -> np.ndarray:
         """The requested value for batch ``index``."""
-        owner = self.owner
-        if index != self._next:
-            raise ValueError(f"prefix segment {self.name!r}: batch {index} asked for, expected {self._next}")
-        self._next += 1
-        frontier = owner._frontiers[index]
-        if self.runner is None:
-            return _read_only(frontier[self.name] if self.name in frontier else np.asarray(feed[self.name]))
-        out = self.runner.run({**feed, **{n: frontier[n] for n in self.cut}}, self.runner.model_outputs)
-        for name in self.drop:
-            del frontier[name]
-        frontier.update((name, out[name]) for name in self.keep)
-        if index == 0:
-            self._keeping = owner._fits(frontier)
-        if not self._keeping:
-            frontier.clear()
-        if self._next == owner.batches:
-            owner._complete = True
-            if not self._keeping:
-                owner._computed = set()
-        return _read_only(out[self.name])
+        if index != self.next_batch:
+            raise ValueError(f"prefix segment {self.name!r}: batch {index} asked for, expected {self.next_batch}")
+        self.next_batch += 1
+        return _read_only(self.owner._advance(self, index, feed))
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
