@@ -89,6 +89,7 @@ def check_output_dir(path: str | os.PathLike[str]) -> None:
     """
     final = Path(path)
     if not final.exists():
+        _check_writable(final)
         return
     if not final.is_dir():
         raise OutputError(f"{path}: exists and is not a folder; give a folder path for the outputs")
@@ -98,6 +99,18 @@ def check_output_dir(path: str | os.PathLike[str]) -> None:
         f"{path}: folder exists and was not written by qcompiler (no {OUTPUT_MARKER}); outputs replace "
         "their folder as a whole, so give a new or empty folder"
     )
+
+
+def _check_writable(final: Path) -> None:
+    """OutputError unless a folder can be created where ``final`` will be (probed in its
+    nearest existing ancestor, so a long run does not fail only when it writes)."""
+    ancestor = final.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".qcompiler-probe.", dir=ancestor))
+    except OSError as exc:
+        raise OutputError(f"{final}: cannot write there ({ancestor}: {exc.strerror or exc})") from None
 
 
 @contextlib.contextmanager
@@ -114,8 +127,11 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     check_output_dir(path)
     final = Path(path).resolve()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write there ({exc.strerror or exc})") from None
     try:
         yield tmp
         (tmp / OUTPUT_MARKER).write_text("written by qcompiler; the next run that writes here replaces this folder\n")

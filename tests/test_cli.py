@@ -176,11 +176,14 @@ def test_output_path_that_is_a_file_or_a_foreign_folder_is_refused_before_any_wo
     foreign = tmp_path / "project"
     foreign.mkdir()
     (foreign / "train.py").write_text("mine too")
-    for out, message in ((a_file, "exists and is not a folder"), (foreign, "was not written by qcompiler")):
+    # a folder that cannot be created is found before the work too (not as an OSError at the end)
+    for out, message in ((a_file, "exists and is not a folder"), (foreign, "was not written by qcompiler"),
+                         (a_file / "out", "cannot write there")):
         result = RUNNER.invoke(app, [MODEL, "--calib", CALIB, "--quiet", "-o", str(out)])
         assert result.exit_code == 2 and result.output.startswith(f"error: {out}: ") and message in result.output
         assert len(result.output.strip().splitlines()) == 1
     assert a_file.read_text() == "mine" and [p.name for p in foreign.iterdir()] == ["train.py"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "project"]  # no probe or temp left
     for command in (["profile", MODEL, "--calib", CALIB], ["channels", MODEL, "--tensor", "relu", "--calib", CALIB],
                     ["gpfq", MODEL, "--calib", CALIB, "--eval", EVAL]):
         result = RUNNER.invoke(app, [*command, "-o", str(foreign)])
