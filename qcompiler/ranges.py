@@ -57,6 +57,15 @@ def _sq_error(hist: np.ndarray, n: int, width: float, clip: float, levels: int) 
     return total
 
 
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _sq_errors(hist: np.ndarray, n: int, width: float, clips: np.ndarray, levels: int) -> np.ndarray:
+    """:func:`_sq_error` at every clip of ``clips``, in parallel (each sum is the same sequential one)."""
+    out = np.empty(clips.shape[0])
+    for k in numba.prange(clips.shape[0]):
+        out[k] = _sq_error(hist, n, width, clips[k], levels)
+    return out
+
+
 def mse_range(hist: np.ndarray, upper: float, bits: int, signed: bool, absmax: float) -> float:
     """The clip minimising the expected squared error (grid search + golden section)."""
     levels = levels_per_side(bits, signed)
@@ -68,71 +77,90 @@ def mse_range(hist: np.ndarray, upper: float, bits: int, signed: bool, absmax: f
     def cost(r: float) -> float:
         return _sq_error(hist, n, width, r, levels)
 
-    costs = np.array([cost(r) for r in grid])
+    costs = _sq_errors(hist, n, width, grid, levels)
     best = int(np.argmin(costs))
     lo = float(grid[best - 1]) if best > 0 else float(grid[0]) * 0.5
     hi = float(grid[best + 1]) if best + 1 < MSE_GRID else absmax
     return refine_minimum(cost, lo, hi, float(grid[best]), float(costs[best]))
 
 
-@numba.njit(cache=True)
-def _smooth(p: np.ndarray, eps: float) -> np.ndarray:
-    """TensorRT/onnxruntime smoothing: move ``eps`` mass onto empty bins (p must have a non-zero)."""
-    zeros = 0
-    for v in p:
-        if v == 0:
-            zeros += 1
-    nonzeros = p.shape[0] - zeros
-    eps1 = eps * zeros / nonzeros
-    out = np.empty(p.shape[0])
-    for j in range(p.shape[0]):
-        out[j] = p[j] + eps if p[j] == 0 else p[j] - eps1
-    return out
+@numba.njit(cache=True, nogil=True)
+def _kl_divergence_at(hist: np.ndarray, suffix: np.ndarray, i: int, nq: int, eps: float, values: np.ndarray) -> float:
+    """KL(P || Q) when the first ``i`` bins are kept (see :func:`_kl_search`); inf when P or Q
+    has no mass. ``values``: scratch of ``nq`` floats (each group's value in Q).
+
+    The arithmetic is the array form's (TensorRT/onnxruntime: P, Q, their eps-smoothed copies,
+    the sums, then the divergence, all in bin order) without building the arrays: P is
+    ``hist[:i]`` with the outliers (``suffix[i]``) added to its last bin."""
+    merged = i // nq
+    last_p = hist[i - 1] + suffix[i]
+    zeros_p, zeros_q = 0, 0
+    for k in range(nq):  # each group's value: its total over its non-empty P bins, floored
+        start = k * merged
+        stop = start + merged if k < nq - 1 else i
+        total, norm = 0.0, 0
+        for j in range(start, stop):
+            total += hist[j]
+            if (last_p if j == i - 1 else hist[j]) != 0:
+                norm += 1
+        value = np.floor(total / norm) if norm else 0.0  # onnxruntime stores q as int64
+        values[k] = value
+        zeros_p += stop - start - norm
+        zeros_q += stop - start - (norm if value != 0 else 0)
+    if zeros_p == i or zeros_q == i:
+        return np.inf
+    eps_p = eps * zeros_p / (i - zeros_p)  # smoothing moves eps onto every empty bin
+    eps_q = eps * zeros_q / (i - zeros_q)
+    psum, qsum = 0.0, 0.0
+    for k in range(nq):
+        start = k * merged
+        stop = start + merged if k < nq - 1 else i
+        for j in range(start, stop):
+            pj = last_p if j == i - 1 else np.float64(hist[j])
+            qj = values[k] if pj != 0 else 0.0
+            psum += pj + eps if pj == 0 else pj - eps_p
+            qsum += qj + eps if qj == 0 else qj - eps_q
+    kl = 0.0
+    for k in range(nq):
+        start = k * merged
+        stop = start + merged if k < nq - 1 else i
+        for j in range(start, stop):
+            pj = last_p if j == i - 1 else np.float64(hist[j])
+            qj = values[k] if pj != 0 else 0.0
+            ps = (pj + eps if pj == 0 else pj - eps_p) / psum
+            if ps > 0:
+                qs = (qj + eps if qj == 0 else qj - eps_q) / qsum
+                kl += ps * math.log(ps / qs) if qs > 0 else np.inf
+    return kl
 
 
-@numba.njit(cache=True)
+#: interleaved lanes of the parallel KL search (the cost of a candidate grows with its bins,
+#: so contiguous ranges of candidates would give the threads unequal work)
+_KL_LANES = 64
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
 def _kl_search(hist: np.ndarray, nq: int) -> int:
     """Number of reference bins kept that minimises KL(P || Q), as TensorRT and onnxruntime do.
 
     P is the first ``i`` bins with all outliers added to the last; Q merges the first ``i``
     bins (without outliers) into ``nq`` groups spread over P's non-empty bins; both are
-    smoothed with eps = 1e-4 before the divergence.
+    smoothed with eps = 1e-4 before the divergence. The candidates ``i`` are independent and
+    run in parallel; the first minimum wins, as in a sequential scan.
     """
     n = hist.shape[0]
-    best_i, best_kl = n, np.inf
     suffix = np.zeros(n + 1)
     for j in range(n - 1, -1, -1):
         suffix[j] = suffix[j + 1] + hist[j]
+    divergences = np.full(n + 1, np.inf)
+    for lane in numba.prange(_KL_LANES):
+        values = np.empty(nq)
+        for i in range(nq + lane, n + 1, _KL_LANES):
+            divergences[i] = _kl_divergence_at(hist, suffix, i, nq, 1e-4, values)
+    best_i, best_kl = n, np.inf
     for i in range(nq, n + 1):
-        p = hist[:i].astype(np.float64).copy()
-        p[i - 1] += suffix[i]
-        merged = i // nq
-        q = np.zeros(i)
-        for k in range(nq):
-            start = k * merged
-            stop = start + merged if k < nq - 1 else i
-            total, norm = 0.0, 0
-            for j in range(start, stop):
-                total += hist[j]
-                if p[j] != 0:
-                    norm += 1
-            if norm:
-                value = np.floor(total / norm)  # onnxruntime stores q as int64
-                for j in range(start, stop):
-                    if p[j] != 0:
-                        q[j] = value
-        if q.sum() == 0 or p.sum() == 0:
-            continue
-        ps, qs = _smooth(p, 1e-4), _smooth(q, 1e-4)
-        psum, qsum = ps.sum(), qs.sum()
-        kl = 0.0
-        for j in range(i):
-            pj = ps[j] / psum
-            if pj > 0:
-                qj = qs[j] / qsum
-                kl += pj * math.log(pj / qj) if qj > 0 else np.inf
-        if kl < best_kl:
-            best_kl, best_i = kl, i
+        if divergences[i] < best_kl:
+            best_kl, best_i = divergences[i], i
     return best_i
 
 

@@ -7,13 +7,14 @@ import os
 import subprocess
 import sys
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qcompiler import streaming
-from qcompiler.ranges import entropy_range, expected_sq_error, levels_per_side, mse_range, percentile_range
+from qcompiler import ranges, streaming
+from qcompiler.ranges import _kl_search, entropy_range, expected_sq_error, levels_per_side, mse_range, percentile_range
 from qcompiler.streaming import StreamingStats, histogram_quantile, power_of_two_above
 
 RNG = np.random.default_rng(11)
@@ -186,6 +187,14 @@ def test_mse_chooser_matches_brute_force_on_samples(dist, bits):
         assert 2.3 < clip < 2.7  # the known optimum for 7 levels per side is about 2.5 sigma
 
 
+def test_mse_grid_costs_in_parallel_equal_the_sequential_ones():
+    s = _stats(RNG.laplace(size=50_000))
+    n, width = int(np.flatnonzero(s.hist)[-1]) + 1, s.range / s.hist.size
+    clips = s.absmax * np.arange(1, 101) / 100
+    expected = [ranges._sq_error(s.hist, n, width, float(c), 127) for c in clips]
+    assert ranges._sq_errors(s.hist, n, width, clips, 127).tolist() == expected
+
+
 def test_mse_chooser_unsigned():
     x = RNG.exponential(size=50_000)
     s = _stats(x)
@@ -202,6 +211,83 @@ def test_entropy_chooser_clips_heavy_tails_only():
     clip = entropy_range(heavy.hist, heavy.range, 8, True, heavy.absmax)
     assert clip < 0.5 * heavy.absmax
     assert clip > np.quantile(np.abs(RNG.standard_t(2, size=200_000)), 0.99)
+
+
+# The KL search as TensorRT/onnxruntime write it, with arrays per candidate (sequential sums in
+# numba, like the compiled search): the compiled one must choose the same bins, bit for bit.
+@numba.njit
+def _smooth(p: np.ndarray, eps: float) -> np.ndarray:
+    """TensorRT/onnxruntime smoothing: move ``eps`` mass onto empty bins (p must have a non-zero)."""
+    zeros = 0
+    for v in p:
+        if v == 0:
+            zeros += 1
+    nonzeros = p.shape[0] - zeros
+    eps1 = eps * zeros / nonzeros
+    out = np.empty(p.shape[0])
+    for j in range(p.shape[0]):
+        out[j] = p[j] + eps if p[j] == 0 else p[j] - eps1
+    return out
+
+
+@numba.njit
+def kl_search_with_arrays(hist: np.ndarray, nq: int) -> int:
+    """The array form the compiled search reproduces (the code before session 14). Number of reference bins kept that minimises KL(P || Q), as TensorRT and onnxruntime do.
+
+    P is the first ``i`` bins with all outliers added to the last; Q merges the first ``i``
+    bins (without outliers) into ``nq`` groups spread over P's non-empty bins; both are
+    smoothed with eps = 1e-4 before the divergence.
+    """
+    n = hist.shape[0]
+    best_i, best_kl = n, np.inf
+    suffix = np.zeros(n + 1)
+    for j in range(n - 1, -1, -1):
+        suffix[j] = suffix[j + 1] + hist[j]
+    for i in range(nq, n + 1):
+        p = hist[:i].astype(np.float64).copy()
+        p[i - 1] += suffix[i]
+        merged = i // nq
+        q = np.zeros(i)
+        for k in range(nq):
+            start = k * merged
+            stop = start + merged if k < nq - 1 else i
+            total, norm = 0.0, 0
+            for j in range(start, stop):
+                total += hist[j]
+                if p[j] != 0:
+                    norm += 1
+            if norm:
+                value = np.floor(total / norm)  # onnxruntime stores q as int64
+                for j in range(start, stop):
+                    if p[j] != 0:
+                        q[j] = value
+        if q.sum() == 0 or p.sum() == 0:
+            continue
+        ps, qs = _smooth(p, 1e-4), _smooth(q, 1e-4)
+        psum, qsum = ps.sum(), qs.sum()
+        kl = 0.0
+        for j in range(i):
+            pj = ps[j] / psum
+            if pj > 0:
+                qj = qs[j] / qsum
+                kl += pj * math.log(pj / qj) if qj > 0 else np.inf
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return best_i
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(130, 700), st.sampled_from([2, 4, 16, 128]),
+       st.sampled_from(["normal", "t2", "exponential", "sparse", "few"]))
+def test_compiled_kl_search_chooses_what_the_array_form_chooses(seed, bins, nq, kind):
+    rng = np.random.default_rng(seed)
+    x = {"normal": lambda: np.abs(rng.normal(size=20_000)), "t2": lambda: np.abs(rng.standard_t(2, size=20_000)),
+         "exponential": lambda: rng.exponential(size=5_000), "sparse": lambda: np.abs(rng.normal(size=300)),
+         "few": lambda: rng.integers(0, 5, size=1_000).astype(np.float64)}[kind]()
+    hist = np.histogram(x, bins=bins, range=(0.0, float(x.max()) * 1.001 + 1e-9))[0].astype(np.int64)
+    if bins <= nq:
+        return
+    assert _kl_search(hist, nq) == kl_search_with_arrays(hist, nq)
 
 
 def test_percentile_chooser():
