@@ -85,13 +85,13 @@ def mse_range(hist: np.ndarray, upper: float, bits: int, signed: bool, absmax: f
 
 
 @numba.njit(cache=True, nogil=True)
-def _kl_divergence_at(hist: np.ndarray, suffix: np.ndarray, i: int, nq: int, eps: float, values: np.ndarray) -> float:
+def _kl_divergence_at(hist: np.ndarray, suffix: np.ndarray, i: int, nq: int, eps: float, q: np.ndarray) -> float:
     """KL(P || Q) when the first ``i`` bins are kept (see :func:`_kl_search`); inf when P or Q
-    has no mass. ``values``: scratch of ``nq`` floats (each group's value in Q).
+    has no mass. ``q``: scratch of at least ``i`` floats (Q before smoothing).
 
     The arithmetic is the array form's (TensorRT/onnxruntime: P, Q, their eps-smoothed copies,
-    the sums, then the divergence, all in bin order) without building the arrays: P is
-    ``hist[:i]`` with the outliers (``suffix[i]``) added to its last bin."""
+    the sums, then the divergence, all in bin order) without building P and the smoothed
+    copies: P is ``hist[:i]`` with the outliers (``suffix[i]``) added to its last bin."""
     merged = i // nq
     last_p = hist[i - 1] + suffix[i]
     zeros_p, zeros_q = 0, 0
@@ -104,7 +104,8 @@ def _kl_divergence_at(hist: np.ndarray, suffix: np.ndarray, i: int, nq: int, eps
             if (last_p if j == i - 1 else hist[j]) != 0:
                 norm += 1
         value = np.floor(total / norm) if norm else 0.0  # onnxruntime stores q as int64
-        values[k] = value
+        for j in range(start, stop):
+            q[j] = value if (last_p if j == i - 1 else hist[j]) != 0 else 0.0
         zeros_p += stop - start - norm
         zeros_q += stop - start - (norm if value != 0 else 0)
     if zeros_p == i or zeros_q == i:
@@ -112,25 +113,17 @@ def _kl_divergence_at(hist: np.ndarray, suffix: np.ndarray, i: int, nq: int, eps
     eps_p = eps * zeros_p / (i - zeros_p)  # smoothing moves eps onto every empty bin
     eps_q = eps * zeros_q / (i - zeros_q)
     psum, qsum = 0.0, 0.0
-    for k in range(nq):
-        start = k * merged
-        stop = start + merged if k < nq - 1 else i
-        for j in range(start, stop):
-            pj = last_p if j == i - 1 else np.float64(hist[j])
-            qj = values[k] if pj != 0 else 0.0
-            psum += pj + eps if pj == 0 else pj - eps_p
-            qsum += qj + eps if qj == 0 else qj - eps_q
+    for j in range(i):
+        pj = last_p if j == i - 1 else np.float64(hist[j])
+        psum += pj + eps if pj == 0 else pj - eps_p
+        qsum += q[j] + eps if q[j] == 0 else q[j] - eps_q
     kl = 0.0
-    for k in range(nq):
-        start = k * merged
-        stop = start + merged if k < nq - 1 else i
-        for j in range(start, stop):
-            pj = last_p if j == i - 1 else np.float64(hist[j])
-            qj = values[k] if pj != 0 else 0.0
-            ps = (pj + eps if pj == 0 else pj - eps_p) / psum
-            if ps > 0:
-                qs = (qj + eps if qj == 0 else qj - eps_q) / qsum
-                kl += ps * math.log(ps / qs) if qs > 0 else np.inf
+    for j in range(i):
+        pj = last_p if j == i - 1 else np.float64(hist[j])
+        ps = (pj + eps if pj == 0 else pj - eps_p) / psum
+        if ps > 0:
+            qs = (q[j] + eps if q[j] == 0 else q[j] - eps_q) / qsum
+            kl += ps * math.log(ps / qs) if qs > 0 else np.inf
     return kl
 
 
@@ -154,9 +147,9 @@ def _kl_search(hist: np.ndarray, nq: int) -> int:
         suffix[j] = suffix[j + 1] + hist[j]
     divergences = np.full(n + 1, np.inf)
     for lane in numba.prange(_KL_LANES):
-        values = np.empty(nq)
+        q = np.empty(n)
         for i in range(nq + lane, n + 1, _KL_LANES):
-            divergences[i] = _kl_divergence_at(hist, suffix, i, nq, 1e-4, values)
+            divergences[i] = _kl_divergence_at(hist, suffix, i, nq, 1e-4, q)
     best_i, best_kl = n, np.inf
     for i in range(nq, n + 1):
         if divergences[i] < best_kl:
