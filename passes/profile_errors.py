@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import annotations as ann
-from qcompiler.candidates import Candidate, Fitted, apply, candidate_set, fit, rates
+from qcompiler.candidates import Candidate, Fitted, apply, candidate_set, code_rates, codes, dequantize, fit
 from qcompiler.data import ArrayDataset, iter_feeds, load_dataset
 from qcompiler.errors import DataError, UnsupportedModelError
 from qcompiler.graph import const_array, set_initializer, values_by_name
@@ -58,6 +58,19 @@ class _Tensor:
     layer_input: str | None = None
     node_runner: Runner | None = None
     quantized_weights: list[np.ndarray] = dataclasses.field(default_factory=list)
+    rates: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # (N·b, N·H) per candidate
+    noise: np.ndarray | None = None  # σ² of every candidate on ``sample``
+
+    def quantize_sample(self) -> list[np.ndarray]:
+        """Every candidate applied to the sample; its rates and σ² are recorded on the way
+        (the codes are computed once per candidate: they dominate on large weights)."""
+        quantized = []
+        for f in self.fitted:
+            q = codes(f, self.sample)
+            quantized.append(dequantize(f, q, self.sample))
+            self.rates.append(code_rates(f, q, self.elements))
+        self.noise = np.array([float(np.mean((x.astype(np.float64) - self.sample) ** 2)) for x in quantized])
+        return quantized
 
 
 def _activation_sample(value: ir.Value, fallback: np.ndarray | None) -> np.ndarray | None:
@@ -163,7 +176,7 @@ class ProfileErrorPass(ir.passes.InPlacePass):
             tensor = _Tensor(name, kind, int(w.size), fitted, w, build_suffix(model, proto, node.outputs[0].name, threads=1),
                              node=node, layer_input=layer.activation_input)
             tensor.node_runner = node_model(model, proto, node)
-            tensor.quantized_weights = [apply(f, w) for f in fitted]
+            tensor.quantized_weights = tensor.quantize_sample()
             return tensor
         sample = _activation_sample(value, first[name])
         stats = ann.get(value, ann.TensorStats)
@@ -171,7 +184,9 @@ class ProfileErrorPass(ir.passes.InPlacePass):
         clip = stats.absmax if stats is not None else None
         fitted = [fit(c, sample, signed, None, clip) for c in self.candidates]
         per_sample = int(np.prod(first[name].shape[1:])) if first[name].ndim > 1 else 1
-        return _Tensor(name, kind, per_sample, fitted, sample, build_suffix(model, proto, name, threads=1))
+        tensor = _Tensor(name, kind, per_sample, fitted, sample, build_suffix(model, proto, name, threads=1))
+        tensor.quantize_sample()
+        return tensor
 
     # ------------------------------------------------------------------ measurement
     def _chunk_size(self, suffix: Suffix, batch: int, count: int) -> int:
@@ -275,7 +290,7 @@ class ProfileErrorPass(ir.passes.InPlacePass):
         if first is None:
             raise DataError("profiling data is empty")
         tensors = self._prepare(model, first)
-        sigma2 = {t.name: np.array([float(np.mean((apply(f, t.sample).astype(np.float64) - t.sample) ** 2)) for f in t.fitted]) for t in tensors}
+        sigma2 = {t.name: t.noise for t in tensors}
         measured = {t.name: np.ones(len(self.candidates), bool) for t in tensors}
         if self.mode == "full":
             distortion = self._measure_full(model, tensors)
@@ -293,7 +308,7 @@ class ProfileErrorPass(ir.passes.InPlacePass):
                 measured[t.name][probes] = True
         values = values_by_name(model.graph)
         for t in tensors:
-            rate_pairs = [rates(f, t.sample, t.elements) for f in t.fitted]
+            rate_pairs = t.rates
             ann.set(
                 values[t.name],
                 ann.ErrorProfile(

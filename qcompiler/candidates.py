@@ -253,8 +253,13 @@ def codes(f: Fitted, x: np.ndarray) -> np.ndarray:
 
 def apply(f: Fitted, x: np.ndarray) -> np.ndarray:
     """Quantize-dequantize ``x`` with fitted candidate ``f``."""
+    return dequantize(f, codes(f, x), x)
+
+
+def dequantize(f: Fitted, q: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The values of ``x``'s codes ``q`` (from :func:`codes`) under ``f``, in ``x``'s dtype."""
     c, b = f.candidate, f.candidate.bits
-    q = codes(f, x).astype(np.float64)
+    q = q.astype(np.float64)
     if c.kind == "uniform":
         if b == 1 and f.signed:
             out = np.where(q > 0, f.params[0], -f.params[0])
@@ -280,8 +285,20 @@ def _fl(f: Fitted, x: np.ndarray) -> np.ndarray | int:
 
 def rates(f: Fitted, x: np.ndarray, elements: int) -> tuple[float, float]:
     """(fixed-length rate N·b, entropy rate N·H) in bits for ``elements`` elements."""
-    q = codes(f, x).reshape(-1)
-    _, counts = np.unique(q, return_counts=True)
+    return code_rates(f, codes(f, x), elements)
+
+
+def code_rates(f: Fitted, q: np.ndarray, elements: int) -> tuple[float, float]:
+    """:func:`rates` from the codes ``q`` of a sample (as :func:`codes` gives them)."""
+    q = q.reshape(-1)
+    lo = int(q.min()) if q.size else 0
+    if q.size and int(q.max()) - lo < 1 << 24:
+        # the codes are small integers: counting them is O(n), sorting them (np.unique) is not;
+        # the non-zero counts come out in the same (ascending code) order
+        counts = np.bincount(q - lo)
+        counts = counts[counts > 0]
+    else:
+        _, counts = np.unique(q, return_counts=True)
     p = counts / counts.sum()
     entropy = float(-(p * np.log2(p)).sum())
     return float(elements * f.candidate.bits), float(elements * entropy)

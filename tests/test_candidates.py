@@ -82,6 +82,16 @@ def test_rate_fixture():
     assert fixed == 1728 and entropy == pytest.approx(1296)
 
 
+@pytest.mark.parametrize("candidate", candidate_set(bits=(1, 2, 4, 8, 16), deadzone_ratios=(0.3,)), ids=lambda c: c.label)
+def test_entropy_rate_counts_codes_like_a_sort(candidate):
+    # the rate counts codes by offset (bincount); the same counts in the same order as np.unique
+    x = RNG.laplace(size=5_000)
+    f = fit(candidate, x, signed=True)
+    _, counts = np.unique(codes(f, x), return_counts=True)
+    p = counts / counts.sum()
+    assert rates(f, x, 5_000) == (5_000.0 * candidate.bits, 5_000 * float(-(p * np.log2(p)).sum()))
+
+
 @pytest.mark.parametrize("candidate", candidate_set(bits=(2, 3, 4, 8), deadzone_ratios=(0.3,)), ids=lambda c: c.label)
 def test_every_candidate_has_few_levels_and_bounded_error(candidate):
     w = RNG.normal(size=(16, 40)).astype(np.float32)
