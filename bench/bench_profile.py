@@ -27,14 +27,18 @@ ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = tuple(candidate_set(bits=(2, 3, 4, 5, 6, 8), kinds=("uniform", "deadzone", "fixed", "log"), deadzone_ratios=(0.3,)))
 
 
-def run(mode: str, base, data, candidates=CANDIDATES, only=(), repeats=2, batch_size=64):
+def run(mode: str, base, data, candidates=CANDIDATES, only=(), repeats=2, batch_size=64, times=None):
+    """The fastest of ``repeats`` runs (all of them appended to ``times`` if given) and the profiles."""
     best, profiles = float("inf"), None
     for _ in range(repeats):
         model = base.clone()
         t = time.perf_counter()
         ProfileErrorPass(data=data, candidates=candidates, mode=mode, only=only, batch_size=batch_size,
                          show_progress=False)(model)
-        best = min(best, time.perf_counter() - t)
+        seconds = time.perf_counter() - t
+        best = min(best, seconds)
+        if times is not None:
+            times.append(seconds)
         profiles = {n: p for n, v in values_by_name(model.graph).items() if (p := ann.get(v, ann.ErrorProfile))}
     return best, profiles
 
@@ -85,11 +89,15 @@ def resnet() -> None:
     layers = [layer for _, layer in quantizable_nodes(base)]
     only = tuple([l.weight for l in layers[-5:-1]] + [layers[-6].activation_input, layers[-3].activation_input])
     cands = tuple(candidate_set(bits=(2, 4, 8), kinds=("uniform", "fixed")))
-    t_exact, exact = run("exact", base, data, cands, only, repeats=1, batch_size=8)
+    # the naive loop takes long: one run of it; exact twice (the first run in a process pays
+    # first-touch costs: both are printed, the speed-up is given against each)
+    exact_times: list[float] = []
+    _, exact = run("exact", base, data, cands, only, repeats=2, batch_size=8, times=exact_times)
     t_full, full = run("full", base, data, cands, only, repeats=1, batch_size=8)
     worst = max(float(np.max(np.abs(np.array(exact[n].distortion) - full[n].distortion) / np.maximum(full[n].distortion, 1e-30))) for n in exact)
     print(f"ResNet-18-shaped, 16 images, {len(only)} tensors ({', '.join(only)}) x {len(cands)} candidates:")
-    print(f"full {t_full:.1f} s, exact {t_exact:.1f} s, speed-up {t_full / t_exact:.1f}x, max relative difference {worst:.2e}")
+    print(f"full {t_full:.1f} s, exact {exact_times[0]:.1f} s (first run) / {exact_times[1]:.1f} s (second), "
+          f"speed-up {t_full / exact_times[0]:.1f}x / {t_full / exact_times[1]:.1f}x, max relative difference {worst:.2e}")
 
 
 if __name__ == "__main__":
