@@ -64,11 +64,12 @@ class _Tensor:
     def quantize_sample(self) -> list[np.ndarray]:
         """Every candidate applied to the sample; its rates and σ² are recorded on the way
         (the codes are computed once per candidate: they dominate on large weights)."""
-        quantized = []
+        quantized, rates = [], []
         for f in self.fitted:
             q = codes(f, self.sample)
             quantized.append(dequantize(f, q, self.sample))
-            self.rates.append(code_rates(f, q, self.elements))
+            rates.append(code_rates(f, q, self.elements))
+        self.rates = rates
         self.noise = np.array([float(np.mean((x.astype(np.float64) - self.sample) ** 2)) for x in quantized])
         return quantized
 
@@ -290,7 +291,6 @@ class ProfileErrorPass(ir.passes.InPlacePass):
         if first is None:
             raise DataError("profiling data is empty")
         tensors = self._prepare(model, first)
-        sigma2 = {t.name: t.noise for t in tensors}
         measured = {t.name: np.ones(len(self.candidates), bool) for t in tensors}
         if self.mode == "full":
             distortion = self._measure_full(model, tensors)
@@ -301,14 +301,13 @@ class ProfileErrorPass(ir.passes.InPlacePass):
             exact = self._measure(model, tensors, {t.name: probes for t in tensors})
             distortion = {}
             for t in tensors:
-                gain = fit_gain(exact[t.name][probes], sigma2[t.name][probes])
-                distortion[t.name] = gain * sigma2[t.name]
+                gain = fit_gain(exact[t.name][probes], t.noise[probes])
+                distortion[t.name] = gain * t.noise
                 distortion[t.name][probes] = exact[t.name][probes]
                 measured[t.name] = np.zeros(len(self.candidates), bool)
                 measured[t.name][probes] = True
         values = values_by_name(model.graph)
         for t in tensors:
-            rate_pairs = t.rates
             ann.set(
                 values[t.name],
                 ann.ErrorProfile(
@@ -316,8 +315,8 @@ class ProfileErrorPass(ir.passes.InPlacePass):
                     elements=t.elements,
                     candidates=tuple(c.label for c in self.candidates),
                     bits=tuple(c.bits for c in self.candidates),
-                    rate_fixed=tuple(r for r, _ in rate_pairs),
-                    rate_entropy=tuple(h for _, h in rate_pairs),
+                    rate_fixed=tuple(r for r, _ in t.rates),
+                    rate_entropy=tuple(h for _, h in t.rates),
                     distortion=tuple(float(d) for d in distortion[t.name]),
                     measured=tuple(bool(m) for m in measured[t.name]),
                     mode=self.mode,

@@ -176,7 +176,6 @@ def im2col(
     return im2col_windows(x, kernel, strides, pads, dilations)
 
 
-
 def im2col_windows(
     x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...], pads: tuple[int, ...], dilations: tuple[int, ...]
 ) -> np.ndarray:
