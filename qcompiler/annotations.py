@@ -524,7 +524,8 @@ class GPFQSummary(Annotation):
         output_mse: logit MSE against float, GPFQ.
         output_mse_rtn: the same, round-to-nearest on the same grids.
         sqnr_db, sqnr_db_rtn: logit SQNR.
-        top1_agreement, top1_agreement_rtn: argmax agreement with the float model.
+        top1_agreement, top1_agreement_rtn: arg-max agreement with the float model; None when
+            the output is not a classifier's (:func:`~qcompiler.metrics.class_scores`).
         zero_fraction_float, zero_fraction: exactly-zero weights and biases before and after.
         skipped: ``((node, reason), ...)`` weight layers GPFQ left alone.
     """
@@ -535,8 +536,8 @@ class GPFQSummary(Annotation):
     output_mse_rtn: float
     sqnr_db: float
     sqnr_db_rtn: float
-    top1_agreement: float
-    top1_agreement_rtn: float
+    top1_agreement: float | None
+    top1_agreement_rtn: float | None
     zero_fraction_float: float
     zero_fraction: float
     skipped: tuple[tuple[str, str], ...] = ()

@@ -224,15 +224,27 @@ def accuracy_metric(
 ) -> tuple[Any, float]:
     """(metric, float top-1): the metric annotates a clone with the target's passes, simulates it
     in onnxruntime and returns its top-1 on ``data``."""
-    labels = data.labels
-    reference = top1(first_output(Runner(float_model), data, batch_size), labels)
+    reference = labelled_top1(first_output(Runner(float_model), data, batch_size), data)
 
     def metric(model: ir.Model) -> float:
         for pass_ in backend.passes(config):
             pass_(model)
-        return top1(first_output(Runner(backend.simulate(model)), data, batch_size), labels)
+        return labelled_top1(first_output(Runner(backend.simulate(model)), data, batch_size), data)
 
     return metric, reference
+
+
+def labelled_top1(logits: np.ndarray, data: ArrayDataset) -> float:
+    """Top-1 of ``logits`` against ``data.labels``.
+
+    Raises:
+        DataError: naming the data file, when the output is not a classifier's (labels are one
+            class per sample, so they need (samples, classes) logits).
+    """
+    try:
+        return top1(logits, data.labels)
+    except ValueError as exc:
+        raise DataError(f"{data.source}: has 'labels', but {exc} from the model's first output") from None
 
 
 def first_output(runner: Runner, data: ArrayDataset, batch_size: int) -> np.ndarray:
@@ -252,7 +264,7 @@ def validate_outputs(
     reference = first_output(Runner(float_model), data, batch_size)
     metrics: dict[str, dict[str, float | None]] = {"float": {}}
     if data.labels is not None:
-        metrics["float"]["top1"] = top1(reference, data.labels)
+        metrics["float"]["top1"] = labelled_top1(reference, data)
     for mode, optimize in (("simulated", False), ("ort_kernel", True)):
         out = first_output(Runner(quant_model, optimize=optimize), data, batch_size)
         entry: dict[str, float | None] = {
@@ -262,7 +274,7 @@ def validate_outputs(
             "mean_cosine": mean_cosine(reference, out),
         }
         if data.labels is not None:
-            entry["top1"] = top1(out, data.labels)
+            entry["top1"] = labelled_top1(out, data)
         metrics[mode] = entry
     return metrics
 

@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import annotations as ann
-from qcompiler.api import first_output
+from qcompiler.api import first_output, labelled_top1
 from qcompiler.data import ArrayDataset, load_dataset
 from qcompiler.errors import DataError, QCompilerError
 from qcompiler.fsutil import atomic_dir, check_output_dir, write_bytes, write_json
@@ -134,7 +134,7 @@ def run_sweep(model_path: Path, calib: Any, eval_data: Any, out: Path, config: S
     canonical = run_pipeline(model, canonical_pipeline()).model
     float_logits = _logits(canonical, held_out, config.batch_size)
     labels = held_out.labels
-    original = {"top1": top1(float_logits, labels), "top5": topk(float_logits, labels, 5)}
+    original = {"top1": labelled_top1(float_logits, held_out), "top5": topk(float_logits, labels, 5)}
     rows: list[dict[str, Any]] = []
     with atomic_dir(out) as folder:
         for options in config.runs():

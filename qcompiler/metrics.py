@@ -19,22 +19,56 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
+def class_scores(logits: np.ndarray) -> np.ndarray | None:
+    """Classifier logits as (samples, classes), or None when the output is not a classifier's.
+
+    Axes of length 1 after the sample axis are dropped ((N, K, 1, 1) from a convolutional head
+    is a classifier); what is left must be one axis of at least two classes. Any other shape
+    (embeddings per token, a single logit, feature maps) has no single arg-max per sample.
+    """
+    if logits.ndim < 2:
+        return None
+    inner = [size for size in logits.shape[1:] if size != 1]
+    if len(inner) != 1 or inner[0] < 2:
+        return None
+    return logits.reshape(logits.shape[0], inner[0])
+
+
+def _scores(logits: np.ndarray) -> np.ndarray:
+    scores = class_scores(logits)
+    if scores is None:
+        raise ValueError(f"top-1 needs (samples, classes) logits, got shape {tuple(logits.shape)}")
+    return scores
+
+
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Fraction of samples whose arg-max over the last axis equals the label."""
-    return float(np.mean(logits.reshape(len(labels), -1).argmax(axis=1) == labels))
+    """Fraction of samples whose arg-max class equals the label.
+
+    Raises:
+        ValueError: the logits are not a classifier's (see :func:`class_scores`).
+    """
+    return float(np.mean(_scores(logits).argmax(axis=1) == labels))
 
 
 def topk(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Fraction of samples whose label is among the ``k`` largest logits."""
-    k = min(k, logits.shape[1])
-    best = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    """Fraction of samples whose label is among the ``k`` largest logits.
+
+    Raises:
+        ValueError: the logits are not a classifier's (see :func:`class_scores`).
+    """
+    scores = _scores(logits)
+    k = min(k, scores.shape[1])
+    best = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     return float(np.mean(np.any(best == labels[:, None], axis=1)))
 
 
-def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
-    """Fraction of samples on which two models' arg-max predictions agree."""
-    n = a.shape[0]
-    return float(np.mean(a.reshape(n, -1).argmax(axis=1) == b.reshape(n, -1).argmax(axis=1)))
+def top1_agreement(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Fraction of samples on which two models' arg-max classes agree; None when the outputs
+    are not a classifier's (see :func:`class_scores`)."""
+    sa, sb = class_scores(a), class_scores(b)
+    if sa is None or sb is None:
+        return None
+    return float(np.mean(sa.argmax(axis=1) == sb.argmax(axis=1)))
 
 
 def mean_cosine(reference: np.ndarray, test: np.ndarray) -> float:

@@ -315,3 +315,28 @@ def test_greedy_allocator_cli(tmp_path):
     assert report["metrics"]["float"]["top1"] - report["metrics"]["simulated"]["top1"] <= 0.02 + 1e-9
     assert report["summary"]["compression"] < 0.25  # below uniform 8-bit
     _bad(tmp_path, [MODEL, "--calib", CALIB, "--eval", EVAL, "--allocator", "greedy"], "--allocator greedy needs --max-loss")
+
+
+def test_labels_for_an_output_without_one_class_axis_are_refused(tmp_path):
+    """Labels are one class per sample; a per-token output (N, 9, 4) has no top-1 to compare
+    them with, and flattening it would score an arg-max over 36 values."""
+    import onnx
+    from onnx import helper as oh
+
+    rng = np.random.default_rng(0)
+    weight = oh.make_tensor("w", onnx.TensorProto.FLOAT, [12, 4], rng.normal(size=48).astype(np.float32))
+    graph = oh.make_graph(
+        [oh.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 9, 12])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 9, 4])], [weight],
+    )
+    path = tmp_path / "tokens.onnx"
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]), str(path))
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(20, 9, 12)).astype(np.float32), labels=np.zeros(20, np.int64))
+    _bad(tmp_path, [str(path), "--calib", str(tmp_path / "calib.npz")],
+         "calib.npz: has 'labels', but top-1 needs (samples, classes) logits, got shape (20, 9, 4)")
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(20, 9, 12)).astype(np.float32))
+    result = RUNNER.invoke(app, [str(path), "--calib", str(tmp_path / "calib.npz"), "-o", str(tmp_path / "ok")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "ok" / "report.json").read_text())["metrics"]
+    assert metrics["simulated"]["top1_agreement"] is None and metrics["simulated"]["sqnr_db"] > 20

@@ -874,3 +874,24 @@ def test_cli_gpfq_sweep_refuses_a_foreign_log_before_writing(digits_model_path, 
                                       "--eval", str(data / "eval.npz"), "-o", str(tmp_path / "o"), "--log", str(log), "-q"])
     assert result.exit_code == 2 and "not a qcompiler GPFQ log" in result.output
     assert not (tmp_path / "o").exists() and log.read_text() == "a,b\n1,2\n"
+
+
+def test_the_summary_has_no_top1_for_outputs_without_one_class_axis() -> None:
+    """Per-token outputs (N, T, K) have no single arg-max per sample: the summary says None
+    instead of a made-up agreement; its MSEs still compare every value."""
+    rng = np.random.default_rng(3)
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 9, 12] x) => (float[N, 9, 4] y) <float[12, 16] w1, float[16, 4] w2> {
+        h = MatMul (x, w1)
+        r = Relu (h)
+        y = MatMul (r, w2)
+    }
+    """
+    inits = {"w1": (0.3 * rng.normal(size=(12, 16))).astype(np.float32),
+             "w2": (0.3 * rng.normal(size=(16, 4))).astype(np.float32)}
+    x = rng.normal(size=(64, 9, 12)).astype(np.float32)
+    out = run_gpfq(load_normalized(make_model(text, inits)), data=ArrayDataset({"x": x}), bits=3, batch_size=32)
+    summary = ann.require(out, ann.GPFQSummary)
+    assert summary.top1_agreement is None and summary.top1_agreement_rtn is None
+    assert 0.0 < summary.output_mse < summary.output_mse_rtn
