@@ -7,7 +7,7 @@ Writes into the output folder (atomically):
 - ``profiles.json``: every curve (candidate, bits, rates, distortion, measured flag) per tensor,
   plus, in ``both`` mode, how well ``fast`` predicts ``exact`` (Spearman, relative error);
 - ``plots/<tensor>.png``: rate (bits per element) against distortion on a log scale, one line
-  per quantizer kind.
+  per quantizer kind; in ``both`` mode the ``fast`` predictions are drawn dashed over ``exact``.
 """
 
 from __future__ import annotations
@@ -88,8 +88,9 @@ def profile_model(model: ModelLike, config: ProfileConfig, out_dir: str | Path) 
         save(final, folder / "model.profiled.onnx")
         write_json(folder / "profiles.json", report)
         if config.plots:
+            predicted = results["fast"] if config.mode == "both" else {}
             for name, profile in results[modes[0]].items():
-                plot_curve(name, profile, folder / "plots" / f"{safe_filename(name)}.png")
+                plot_curve(name, profile, folder / "plots" / f"{safe_filename(name)}.png", predicted.get(name))
     return report
 
 
@@ -141,28 +142,60 @@ def headless_pyplot() -> Any:
     return plt
 
 
-def plot_curve(name: str, profile: ann.ErrorProfile, path: Path) -> None:
-    """Rate (bits per element, entropy and fixed) vs distortion on a log scale, per quantizer kind."""
-    plt = headless_pyplot()
+def _kind_of(label: str) -> str:
+    """The curve a candidate belongs to: its quantizer kind, with the ratio for dead zones."""
+    parts = label.split(":")
+    return parts[0] + (":" + parts[2] if parts[0] == "deadzone" else "")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+
+def _curves(profile: ann.ErrorProfile) -> dict[str, tuple[list[float], list[float]]]:
+    """Per kind: rates (entropy bits per element) and distortions, in increasing rate."""
     kinds: dict[str, list[int]] = {}
     for i, label in enumerate(profile.candidates):
-        key = label.split(":")[0] + (":" + label.split(":")[2] if label.startswith("deadzone") else "")
-        kinds.setdefault(key, []).append(i)
+        kinds.setdefault(_kind_of(label), []).append(i)
+    curves = {}
     for key, idx in sorted(kinds.items()):
         idx = sorted(idx, key=lambda i: profile.rate_entropy[i])
-        rate = [profile.rate_entropy[i] / profile.elements for i in idx]
-        dist = [max(profile.distortion[i], 1e-12) for i in idx]
-        ax.plot(rate, dist, marker="o", markersize=3, label=key)
+        curves[key] = ([profile.rate_entropy[i] / profile.elements for i in idx],
+                       [max(profile.distortion[i], 1e-12) for i in idx])
+    return curves
+
+
+def rate_distortion_figure(name: str, profile: ann.ErrorProfile, predicted: ann.ErrorProfile | None = None) -> Any:
+    """Rate (entropy bits per element) vs distortion on a log scale, one line per quantizer kind.
+
+    Args:
+        name: the tensor, for the title.
+        profile: the curves drawn solid.
+        predicted: the same tensor's ``fast`` profile, drawn dashed in the same colours, so the
+            plot shows where the additive-noise model departs from the measurement.
+
+    Returns:
+        The matplotlib figure (the caller saves and closes it).
+    """
+    plt = headless_pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    guesses = _curves(predicted) if predicted is not None else {}
+    for key, (rate, dist) in _curves(profile).items():
+        (line,) = ax.plot(rate, dist, marker="o", markersize=3, label=key)
+        if key in guesses:
+            ax.plot(*guesses[key], linestyle="--", marker="o", markersize=3, markerfacecolor="none",
+                    color=line.get_color(), linewidth=1)
     ax.set_yscale("log")
     ax.set_xlabel("rate (entropy bits per element)")
     ax.set_ylabel("logit MSE")
-    ax.set_title(f"{name} ({profile.tensor_kind}, {profile.mode})")
+    dashed = f"; dashed: {predicted.mode}" if predicted is not None else ""
+    ax.set_title(f"{name} ({profile.tensor_kind}, {profile.mode}{dashed})")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def plot_curve(name: str, profile: ann.ErrorProfile, path: Path, predicted: ann.ErrorProfile | None = None) -> None:
+    """Write :func:`rate_distortion_figure` as a PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = rate_distortion_figure(name, profile, predicted)
     # PNG metadata carries the matplotlib version only: same data, same bytes.
     fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
+    headless_pyplot().close(fig)

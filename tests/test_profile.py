@@ -147,3 +147,28 @@ def test_suffix_inputs_without_batch_axis_are_not_tiled():
                                                                    tensors="weights", batch_size=4, show_progress=False)])
         results[mode] = ann.require(model.graph.initializers["w"], ann.ErrorProfile).distortion
     assert np.allclose(results["exact"], results["full"], rtol=1e-6)
+
+
+def test_plots_draw_fast_predictions_dashed_over_the_measured_curves() -> None:
+    from qcompiler.profiling import headless_pyplot, rate_distortion_figure
+
+    labels = ("uniform:2", "uniform:4", "deadzone:2:r0.3", "deadzone:4:r0.3", "log:3")
+    common = dict(tensor_kind="weight", elements=100, candidates=labels, bits=(2, 4, 2, 4, 3),
+                  rate_fixed=(200.0, 400.0, 200.0, 400.0, 300.0), rate_entropy=(150.0, 350.0, 120.0, 300.0, 200.0))
+    exact = ann.ErrorProfile(**common, distortion=(1.0, 0.1, 2.0, 0.3, 0.5), measured=(True,) * 5)
+    fast = ann.ErrorProfile(**common, distortion=(0.8, 0.1, 1.5, 0.4, 0.7), measured=(False, True, False, False, False),
+                            mode="fast")
+    fig = rate_distortion_figure("w", exact, fast)
+    lines = fig.axes[0].get_lines()
+    solid = {ln.get_label(): ln for ln in lines if ln.get_linestyle() == "-"}
+    dashed = [ln for ln in lines if ln.get_linestyle() == "--"]
+    assert sorted(solid) == ["deadzone:r0.3", "log", "uniform"]
+    assert len(dashed) == 3 and fig.axes[0].get_title() == "w (weight, exact; dashed: fast)"
+    uniform = next(ln for ln in dashed if ln.get_color() == solid["uniform"].get_color())
+    np.testing.assert_allclose(uniform.get_xdata(), [1.5, 3.5])  # entropy bits per element, rising
+    np.testing.assert_allclose(uniform.get_ydata(), [0.8, 0.1])
+    np.testing.assert_allclose(solid["deadzone:r0.3"].get_ydata(), [2.0, 0.3])
+    headless_pyplot().close(fig)
+    alone = rate_distortion_figure("w", exact)
+    assert all(ln.get_linestyle() == "-" for ln in alone.axes[0].get_lines()) and len(alone.axes[0].get_lines()) == 3
+    headless_pyplot().close(alone)
