@@ -75,7 +75,8 @@ class AllocateBitsPass(ir.passes.InPlacePass):
         if not any(p.tensor_kind == "weight" for _, p in profiles):
             raise ir.passes.PreconditionError("no weight has an ErrorProfile: run ProfileErrorPass first")
 
-    def _legal(self, profile: ann.ErrorProfile) -> list[int]:
+    def legal_indices(self, profile: ann.ErrorProfile) -> list[int]:
+        """Indices of the profile's candidates this allocation may choose (kind and bit width)."""
         allowed = self.legal_bits if profile.tensor_kind == "weight" else self.legal_activation_bits
         return [
             i
@@ -87,7 +88,7 @@ class AllocateBitsPass(ir.passes.InPlacePass):
         entries = self._profiles(model)
         curves, legal = [], []
         for value, profile in entries:
-            idx = self._legal(profile)
+            idx = self.legal_indices(profile)
             if not idx:
                 raise AllocationError(
                     f"{profile.tensor_kind} {value.name!r}: no profiled candidate is legal "

@@ -46,7 +46,7 @@ class MaxLossAllocatePass(ir.passes.InPlacePass):
         profiles = [p for v in values_by_name(model.graph).values() if (p := ann.get(v, ann.ErrorProfile))]
         scoped = [p for p in profiles if p.tensor_kind == "weight" or self.allocate.scope == "all"]
         elements = sum(p.elements for p in scoped)
-        legal = [[i for i in self.allocate._legal(p)] for p in scoped]
+        legal = [self.allocate.legal_indices(p) for p in scoped]
         low = sum(min(p.rate_fixed[i] for i in idx) for p, idx in zip(scoped, legal)) / elements
         high = sum(max(p.rate_fixed[i] for i in idx) for p, idx in zip(scoped, legal)) / elements
         return low, high

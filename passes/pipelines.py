@@ -47,6 +47,9 @@ def allocation_passes(
         raise QCompilerError("retraining between word-length cuts needs the greedy search (--allocator greedy --max-loss L)")
     if config.allocator == "greedy" and config.max_loss is None:
         raise QCompilerError("--allocator greedy needs --max-loss (and --eval): it is driven by accuracy")
+    if config.profile_mode == "hybrid" and config.max_loss is not None:
+        raise QCompilerError("--profile-mode hybrid refines the solution of one budget; --max-loss searches many "
+                             "(use exact or fast)")
     if config.avg_bits is None and config.total_bytes is None and config.max_loss is None:
         return []
     weight_bits = tuple(target.legal_weight_bits)
@@ -68,7 +71,8 @@ def allocation_passes(
         return [GreedyAllocatePass(metric=metric, reference=reference, max_loss=config.max_loss,
                                    legal_bits=tuple(b for b in weight_bits if b <= 8), tune=tune, prepare=prepare)]
     return [
-        ProfileErrorPass(data=calib, candidates=candidates, mode="exact",
+        ProfileErrorPass(data=calib, candidates=candidates, mode=config.profile_mode,
+                         allocate=allocate if config.profile_mode == "hybrid" else None,
                          tensors="all" if config.allocate_scope == "all" else "weights",
                          batch_size=batch_size, show_progress=show_progress),
         allocate if config.max_loss is None else MaxLossAllocatePass(
@@ -152,9 +156,13 @@ def _target_legal(pass_: ir.passes.PassBase, target: Target) -> ir.passes.PassBa
     legal_bits = tuple(target.legal_weight_bits)
     if isinstance(pass_, CalibratePass) and getattr(target, "calibrate_post_activation", False):
         return dataclasses.replace(pass_, post_activation=True)
-    if isinstance(pass_, ProfileErrorPass) and pass_.candidates == tuple(candidate_set()):
-        bits = tuple(sorted(set(legal_bits) | set(target.legal_activation_bits)))
-        return dataclasses.replace(pass_, candidates=tuple(candidate_set(bits=bits, kinds=tuple(target.legal_kinds))))
+    if isinstance(pass_, ProfileErrorPass):
+        if pass_.allocate is not None:  # hybrid: it solves the same allocation as the pass after it
+            pass_ = dataclasses.replace(pass_, allocate=_target_legal(pass_.allocate, target))
+        if pass_.candidates == tuple(candidate_set()):
+            bits = tuple(sorted(set(legal_bits) | set(target.legal_activation_bits)))
+            pass_ = dataclasses.replace(pass_, candidates=tuple(candidate_set(bits=bits, kinds=tuple(target.legal_kinds))))
+        return pass_
     if isinstance(pass_, AllocateBitsPass) and pass_.legal_bits is None:
         activation_bits = tuple(target.legal_activation_bits) if pass_.scope == "all" else None
         return dataclasses.replace(pass_, legal_bits=legal_bits, legal_activation_bits=activation_bits,

@@ -12,6 +12,12 @@ entropy (N·H). Modes (algorithms.md §2.3-2.4):
   Weight candidates run the layer alone, then the shared suffix.
 - ``fast``: the additive-noise linear model ``D(c) ≈ g·σ²(c)``; ``σ²`` is exact and needs no
   forward pass, ``g`` is fitted by least squares through the origin to 1-3 exact probes.
+- ``hybrid``: ``fast``, then the allocation it serves is solved, the chosen candidate of every
+  allocated tensor and its two neighbours on the allocator's curve are measured exactly, and the
+  allocation is solved again, until every chosen candidate and its neighbours are measured
+  (§2.4: the linear model fails below ~3 bits and with large dead zones, exactly where an
+  allocator under a tight budget looks). It ends with the ``exact`` numbers wherever the
+  solution is decided, at a fraction of the ``exact`` cost on large candidate sets.
 - ``full``: the naive reference, a full forward pass per candidate (for tests and benchmarks).
 
 Results are :class:`~qcompiler.annotations.ErrorProfile` annotations on the tensors' values.
@@ -32,13 +38,14 @@ from qcompiler.candidates import Candidate, Fitted, apply, candidate_set, code_r
 from qcompiler.data import ArrayDataset, iter_feeds, load_dataset
 from qcompiler.errors import DataError, UnsupportedModelError
 from qcompiler.graph import const_array, set_initializer, values_by_name
+from qcompiler.passes.allocate_bits import AllocateBitsPass
 from qcompiler.passes.calibrate import META_KEY
 from qcompiler.passes.detect_layers import quantizable_nodes
 from qcompiler.progress import progress_bar
 from qcompiler.runtime import Runner
 from qcompiler.suffix import Suffix, build_suffix, logits_names, node_model
 
-MODES = ("exact", "fast", "full")
+MODES = ("exact", "fast", "hybrid", "full")
 #: Candidate kinds fitted per output channel for weights (the others are per tensor).
 PER_CHANNEL_KINDS = ("uniform", "fixed")
 PROBE_BITS = (4, 5, 6)
@@ -88,7 +95,9 @@ class ProfileErrorPass(ir.passes.InPlacePass):
     Attributes:
         data: calibration data (an :class:`ArrayDataset` or an iterable of feed dicts).
         candidates: the candidate set (default: :func:`~qcompiler.candidates.candidate_set`).
-        mode: ``exact``, ``fast`` or ``full``.
+        mode: ``exact``, ``fast``, ``hybrid`` or ``full``.
+        allocate: the allocation ``hybrid`` refines (its solution decides what is re-measured);
+            the pass leaves that allocation's annotations on the model.
         tensors: ``all``, ``weights`` or ``activations``.
         only: profile only these value names (empty: all of the selected kind).
         batch_size: batch size used with an :class:`ArrayDataset`.
@@ -102,6 +111,9 @@ class ProfileErrorPass(ir.passes.InPlacePass):
     data: ArrayDataset | Iterable[Mapping[str, np.ndarray]] = dataclasses.field(repr=False, compare=False)
     candidates: tuple[Candidate, ...] = tuple(candidate_set())
     mode: str = "exact"
+    # Not in the repr: a pipeline description names the allocation once, as the pass after this
+    # one, and binds it here when read back (qcompiler.pipeline_text).
+    allocate: AllocateBitsPass | None = dataclasses.field(default=None, repr=False, compare=False)
     tensors: str = "all"
     only: tuple[str, ...] = ()
     batch_size: int = 64
@@ -118,6 +130,9 @@ class ProfileErrorPass(ir.passes.InPlacePass):
             raise ValueError(f"tensors must be all, weights or activations, got {self.tensors!r}")
         if not self.candidates:
             raise ValueError("the candidate set is empty")
+        if (self.mode == "hybrid") != (self.allocate is not None):
+            raise ValueError("mode 'hybrid' needs the allocation it refines (allocate=AllocateBitsPass(...)), "
+                             "and only 'hybrid' uses one")
 
     def requires(self, model: ir.Model) -> None:
         if not quantizable_nodes(model):
@@ -297,15 +312,64 @@ class ProfileErrorPass(ir.passes.InPlacePass):
         elif self.mode == "exact":
             distortion = self._measure(model, tensors, {t.name: list(range(len(self.candidates))) for t in tensors})
         else:
-            probes = probe_indices(self.candidates)
-            exact = self._measure(model, tensors, {t.name: probes for t in tensors})
-            distortion = {}
+            distortion, measured = self._predict(model, tensors)
+        self._annotate(model, tensors, distortion, measured)
+        if self.mode == "hybrid":
+            self._refine(model, tensors, distortion, measured)
+        return ir.passes.PassResult(model, True)
+
+    def _predict(self, model: ir.Model, tensors: list[_Tensor]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The linear model: exact probes, a gain per tensor, predictions for the rest."""
+        probes = probe_indices(self.candidates)
+        exact = self._measure(model, tensors, {t.name: probes for t in tensors})
+        distortion, measured = {}, {}
+        for t in tensors:
+            gain = fit_gain(exact[t.name][probes], t.noise[probes])
+            distortion[t.name] = gain * t.noise
+            distortion[t.name][probes] = exact[t.name][probes]
+            measured[t.name] = np.zeros(len(self.candidates), bool)
+            measured[t.name][probes] = True
+        return distortion, measured
+
+    def _refine(self, model: ir.Model, tensors: list[_Tensor], distortion: dict[str, np.ndarray],
+                measured: dict[str, np.ndarray]) -> None:
+        """Hybrid: solve, measure the unmeasured chosen candidates and neighbours, solve again.
+
+        Every round measures at least one new candidate, so this ends; at worst every legal
+        candidate is measured, which is the ``exact`` profile of the legal set.
+        """
+        while True:
+            self.allocate(model)
+            values = values_by_name(model.graph)
+            which = {}
             for t in tensors:
-                gain = fit_gain(exact[t.name][probes], t.noise[probes])
-                distortion[t.name] = gain * t.noise
-                distortion[t.name][probes] = exact[t.name][probes]
-                measured[t.name] = np.zeros(len(self.candidates), bool)
-                measured[t.name][probes] = True
+                near = self._near_solution(values[t.name])
+                missing = [i for i in near if not measured[t.name][i]]
+                if missing:
+                    which[t.name] = missing
+            if not which:
+                return
+            exact = self._measure(model, tensors, which)
+            for name, indices in which.items():
+                distortion[name][indices] = exact[name][indices]
+                measured[name][indices] = True
+            self._annotate(model, [t for t in tensors if t.name in which], distortion, measured)
+
+    def _near_solution(self, value: ir.Value) -> list[int]:
+        """The chosen candidate of an allocated value and its neighbours on the allocator's curve
+        (the legal candidates in rate order); empty for a value the allocation does not cover."""
+        choice = ann.get(value, ann.BitWidth)
+        profile = ann.get(value, ann.ErrorProfile)
+        covered = profile is not None and (profile.tensor_kind == "weight" or self.allocate.scope == "all")
+        if choice is None or not covered:
+            return []
+        rates = profile.rate_fixed if self.allocate.rate_model == "fixed" else profile.rate_entropy
+        curve = sorted(self.allocate.legal_indices(profile), key=lambda i: (rates[i], i))
+        at = curve.index(profile.candidates.index(choice.candidate))
+        return curve[max(0, at - 1) : at + 2]
+
+    def _annotate(self, model: ir.Model, tensors: list[_Tensor], distortion: Mapping[str, np.ndarray],
+                  measured: Mapping[str, np.ndarray]) -> None:
         values = values_by_name(model.graph)
         for t in tensors:
             ann.set(
@@ -323,7 +387,6 @@ class ProfileErrorPass(ir.passes.InPlacePass):
                     split=self.split,
                 ),
             )
-        return ir.passes.PassResult(model, True)
 
 
 def probe_indices(candidates: Sequence[Candidate]) -> list[int]:

@@ -241,6 +241,7 @@ def compile_command(
     total_bytes: Optional[float] = typer.Option(None, "--total-bytes", help="Mixed precision: size budget in bytes."),
     allocator: str = typer.Option("knapsack", "--allocator", help="knapsack, pareto, pareto-faithful, hull, hull-fill, uniform, or greedy (seed 002, with --max-loss)."),
     allocate_scope: str = typer.Option("weights", "--allocate", help="What the budget covers: weights or all."),
+    profile_mode: str = typer.Option("exact", "--profile-mode", help="Distortion curves the allocator reads: exact (every candidate measured), fast (additive-noise model) or hybrid (fast, then the candidates around the solution measured until it is)."),
     max_loss: Optional[float] = typer.Option(
         None, "--max-loss", help="Accuracy-aware: smallest budget whose held-out top-1 drops at most this (0.01 = 1 point)."
     ),
@@ -322,6 +323,7 @@ def compile_command(
             total_bytes=total_bytes,
             allocator=allocator,
             allocate_scope=allocate_scope,
+            profile_mode=profile_mode,
             fl_rule=fl_rule,
             max_loss=max_loss,
             keep_float=tuple(split_list(keep_float)),
@@ -350,6 +352,8 @@ def compile_command(
             raise QCompilerError(f"--fl-rule {fl_rule!r} is not one of {', '.join(FL_RULES)}")
         if allocate_scope not in ("weights", "all"):
             raise QCompilerError(f"--allocate {allocate_scope!r} is not one of weights, all")
+        if profile_mode not in ("exact", "fast", "hybrid"):
+            raise QCompilerError(f"--profile-mode {profile_mode!r} is not one of exact, fast, hybrid")
         if max_loss is not None and not 0.0 <= max_loss < 1.0:
             raise QCompilerError(f"--max-loss {max_loss} is not a fraction in [0, 1)")
         if (avg_bits is not None and avg_bits <= 0) or (total_bytes is not None and total_bytes <= 0):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import onnx_ir as ir
@@ -118,34 +118,56 @@ def parse_pipeline(text: str, **data: Any) -> list[ir.passes.PassBase]:
     except SyntaxError as exc:
         raise PipelineTextError(f"pipeline {text!r}: syntax error at column {exc.offset}") from None
     calls = tree.elts if isinstance(tree, ast.Tuple) else [tree]
-    registry = passes_by_name()
-    out = []
+    out: list[ir.passes.PassBase] = []
+    hybrid: tuple[str, type, dict[str, Any]] | None = None  # profile(mode=hybrid) waits for its allocate(...)
     for call in calls:
-        if isinstance(call, ast.Name):
-            call = ast.Call(func=call, args=[], keywords=[])
-        if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name):
-            raise PipelineTextError(f"pipeline: {ast.unparse(call)!r} is not a pass call like calibrate(...)")
-        name = call.func.id
-        cls = registry.get(name)
-        if cls is None:
-            raise PipelineTextError(f"pipeline: unknown pass {name!r} (known: {', '.join(registry)})")
-        if call.args:
-            raise PipelineTextError(f"pipeline: {name}(...) takes field=value arguments only")
-        fields = _fields(cls)
-        kwargs = {}
-        for keyword in call.keywords:
-            if keyword.arg not in fields:
-                raise PipelineTextError(f"pipeline: {name} has no field {keyword.arg!r} (fields: {', '.join(fields)})")
-            kwargs[keyword.arg] = _coerce(keyword.arg, fields[keyword.arg], _value(keyword.value, name))
-        all_fields = {f.name for f in dataclasses.fields(cls) if f.init}
-        kwargs.update({k: v for k, v in data.items() if k in all_fields and k not in kwargs})
-        try:
-            out.append(cls(**kwargs))
-        except QCompilerError as exc:
-            raise PipelineTextError(f"pipeline: {name}: {exc}") from None
-        except (TypeError, ValueError) as exc:
-            raise PipelineTextError(f"pipeline: {name}: {exc}") from None
+        name, cls, kwargs = _pass_call(call, data)
+        if hybrid is not None and name != "allocate":
+            break
+        if name == "profile" and kwargs.get("mode") == "hybrid":
+            hybrid = (name, cls, kwargs)
+            continue
+        out.append(_construct(name, cls, kwargs))
+        if hybrid is not None:
+            profile_name, profile_cls, profile_kwargs = hybrid
+            out.insert(len(out) - 1, _construct(profile_name, profile_cls, {**profile_kwargs, "allocate": out[-1]}))
+            hybrid = None
+    if hybrid is not None:
+        raise PipelineTextError("pipeline: profile(mode=hybrid) refines an allocation: follow it with allocate(...)")
     return out
+
+
+def _pass_call(call: ast.expr, data: Mapping[str, Any]) -> tuple[str, type, dict[str, Any]]:
+    """The short name, class and keyword arguments of one ``name(field=value, ...)``."""
+    if isinstance(call, ast.Name):
+        call = ast.Call(func=call, args=[], keywords=[])
+    if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name):
+        raise PipelineTextError(f"pipeline: {ast.unparse(call)!r} is not a pass call like calibrate(...)")
+    name = call.func.id
+    registry = passes_by_name()
+    cls = registry.get(name)
+    if cls is None:
+        raise PipelineTextError(f"pipeline: unknown pass {name!r} (known: {', '.join(registry)})")
+    if call.args:
+        raise PipelineTextError(f"pipeline: {name}(...) takes field=value arguments only")
+    fields = _fields(cls)
+    kwargs = {}
+    for keyword in call.keywords:
+        if keyword.arg not in fields:
+            raise PipelineTextError(f"pipeline: {name} has no field {keyword.arg!r} (fields: {', '.join(fields)})")
+        kwargs[keyword.arg] = _coerce(keyword.arg, fields[keyword.arg], _value(keyword.value, name))
+    all_fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs.update({k: v for k, v in data.items() if k in all_fields and k not in kwargs})
+    return name, cls, kwargs
+
+
+def _construct(name: str, cls: type, kwargs: Mapping[str, Any]) -> ir.passes.PassBase:
+    try:
+        return cls(**kwargs)
+    except QCompilerError as exc:
+        raise PipelineTextError(f"pipeline: {name}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise PipelineTextError(f"pipeline: {name}: {exc}") from None
 
 
 def _literal(value: Any) -> str:

@@ -26,6 +26,8 @@ class TargetConfig:
         total_bytes: mixed precision: total size budget in bytes, or None.
         allocator: ``knapsack``, ``pareto``, ``pareto-faithful``, ``hull``, ``hull-fill``, ``uniform``.
         allocate_scope: ``weights`` or ``all`` (weights and activations).
+        profile_mode: the distortion curves the allocator reads: ``exact``, ``fast`` or
+            ``hybrid`` (:class:`~qcompiler.passes.profile_errors.ProfileErrorPass`).
         fl_rule: weight FL choice: ``minmax``, ``mse``, ``mae``, ``seed002`` or ``ristretto``.
         max_loss: accuracy-aware mode: the smallest budget whose held-out top-1 drop is at most
             this (a fraction, 0.01 = one point); needs evaluation data with labels.
@@ -45,6 +47,7 @@ class TargetConfig:
     total_bytes: float | None = None
     allocator: str = "knapsack"
     allocate_scope: str = "weights"
+    profile_mode: str = "exact"
     fl_rule: str = "minmax"
     max_loss: float | None = None
     model_name: str | None = None

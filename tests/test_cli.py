@@ -305,6 +305,23 @@ def test_avg_bits_knapsack_cli(tmp_path):
     _bad(tmp_path, [MODEL, "--calib", CALIB, "--avg-bits", "0.5"], "impossible budget")
 
 
+def test_profile_mode_hybrid_cli(tmp_path):
+    """At 3 bits on average the fast curves put the 512x64 Gemm at 2 bits (its real logit MSE
+    is 7-17); hybrid measures that choice, re-solves and lands on uniform 3 bits, the exact
+    profile's answer."""
+    out = tmp_path / "hybrid"
+    result = RUNNER.invoke(app, [MODEL, "--avg-bits", "3", "--profile-mode", "hybrid", "--calib", CALIB, "-q",
+                                 "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["allocation"]["bits"].values()) == {3}
+    assert "profile(candidates=" in report["pipeline_text"] and "mode='hybrid'" in report["pipeline_text"]
+    _bad(tmp_path, [MODEL, "--calib", CALIB, "--avg-bits", "3", "--profile-mode", "guess"],
+         "--profile-mode 'guess' is not one of exact, fast, hybrid")
+    _bad(tmp_path, [MODEL, "--calib", CALIB, "--eval", EVAL, "--max-loss", "0.01", "--profile-mode", "hybrid"],
+         "--profile-mode hybrid refines the solution of one budget")
+
+
 def test_greedy_allocator_cli(tmp_path):
     out = tmp_path / "greedy"
     result = RUNNER.invoke(app, [MODEL, "--calib", CALIB, "--eval", EVAL, "--max-loss", "0.02", "--allocator", "greedy",

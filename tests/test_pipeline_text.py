@@ -51,10 +51,30 @@ def test_format_then_parse_gives_equal_passes_and_reprs(passes):
     ("gpfq(bits=0)", "gpfq:"),
     ("profile(candidates=('fixed',))", "malformed quantizer candidate"),
     ("calibrate(bits=[x + 1])", "is not a literal"),
+    ("profile(mode=hybrid)", "refines an allocation: follow it with allocate"),
+    ("profile(mode=hybrid),calibrate,allocate(avg_bits=4)", "follow it with allocate"),
 ])
 def test_bad_descriptions_are_one_line_errors(text, message):
     with pytest.raises(PipelineTextError, match=message.replace("(", r"\(")):
         parse_pipeline(text, data=None)
+
+
+def test_hybrid_profile_is_bound_to_the_allocation_after_it_and_round_trips():
+    """The allocation a hybrid profile refines is written once, as the next pass; reading the
+    text back binds it, and the target's legal widths reach both copies."""
+    from qcompiler.passes.pipelines import text_pipeline
+    from targets import get_target
+    from targets.base import TargetConfig
+
+    text = "profile(mode=hybrid, tensors=weights),allocate(avg_bits=3)"
+    profile, allocate = parse_pipeline(text, data=None)
+    assert profile.mode == "hybrid" and profile.allocate is allocate == AllocateBitsPass(avg_bits=3)
+    assert format_pipeline([profile, allocate]) == "profile(mode='hybrid', tensors='weights'),allocate(avg_bits=3)"
+    again = parse_pipeline(format_pipeline([profile, allocate]), data=None)
+    assert again == [profile, allocate] and again[0].allocate is again[1]
+    passes = text_pipeline(get_target("fixed-point"), TargetConfig(), text, calib=None, show_progress=False)
+    profile, allocate = (p for p in passes if type(p).__name__ in ("ProfileErrorPass", "AllocateBitsPass"))
+    assert allocate.legal_bits == (1, 2, 3, 4, 5, 6, 7, 8, 16) and profile.allocate == allocate
 
 
 def test_cli_pipeline_runs_and_the_report_text_round_trips(tmp_path):

@@ -172,3 +172,70 @@ def test_plots_draw_fast_predictions_dashed_over_the_measured_curves() -> None:
     alone = rate_distortion_figure("w", exact)
     assert all(ln.get_linestyle() == "-" for ln in alone.axes[0].get_lines()) and len(alone.axes[0].get_lines()) == 3
     headless_pyplot().close(alone)
+
+
+# --------------------------------------------------------------------------- hybrid
+DIGITS_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+
+
+@pytest.fixture(scope="module")
+def digits_calibrated():
+    from qcompiler.ir import load_normalized
+    from qcompiler.passes.pipelines import canonical_pipeline
+    from tests.conftest import DIGITS
+
+    with np.load(DIGITS / "calib.npz") as npz:
+        data = ArrayDataset({"x": npz["x"][:128]})
+    model = run_pipeline(load_normalized(DIGITS / "digits_cnn.onnx"), canonical_pipeline()).model
+    CalibratePass(data=data, show_progress=False)(model)
+    return model, data
+
+
+def _allocated(model, data, mode, allocate):
+    from qcompiler.passes.profile_errors import ProfileErrorPass
+
+    model = model.clone()
+    candidates = tuple(candidate_set(bits=DIGITS_BITS, kinds=("fixed",)))
+    ProfileErrorPass(data=data, candidates=candidates, mode=mode, tensors="weights", show_progress=False,
+                     allocate=allocate if mode == "hybrid" else None)(model)
+    if mode != "hybrid":
+        allocate(model)
+    values = values_by_name(model.graph)
+    chosen = {n: ann.get(v, ann.BitWidth).candidate for n, v in values.items() if ann.get(v, ann.BitWidth)}
+    profiles = {n: p for n, v in values.items() if (p := ann.get(v, ann.ErrorProfile))}
+    return chosen, profiles
+
+
+@pytest.mark.parametrize("avg_bits", [3.0, 4.0])
+def test_hybrid_ends_on_the_exact_allocation_where_fast_misjudges_it(digits_calibrated, avg_bits: float) -> None:
+    """On the digits CNN, fast's linear model calls 2-bit weights of the 512x64 Gemm cheap and
+    picks them at 3 and 4 bits on average; hybrid measures its choices and their neighbours,
+    re-solves, and ends on the allocation the exact profile gives, with the exact numbers around
+    it and fewer measurements."""
+    from qcompiler.passes.allocate_bits import AllocateBitsPass
+
+    model, data = digits_calibrated
+    allocate = AllocateBitsPass(avg_bits=avg_bits, legal_bits=DIGITS_BITS, kinds=("fixed",))
+    exact, exact_profiles = _allocated(model, data, "exact", allocate)
+    fast, _ = _allocated(model, data, "fast", allocate)
+    hybrid, profiles = _allocated(model, data, "hybrid", allocate)
+    assert fast != exact
+    assert hybrid == exact
+    measured = sum(sum(p.measured) for p in profiles.values())
+    assert measured < sum(len(p.measured) for p in profiles.values())
+    for name, label in hybrid.items():
+        profile = profiles[name]
+        order = sorted(range(len(profile.candidates)), key=lambda i: (profile.rate_fixed[i], i))
+        at = order.index(profile.candidates.index(label))
+        for i in order[max(0, at - 1) : at + 2]:  # the choice and its two neighbours: measured, exact
+            assert profile.measured[i] and profile.mode == "hybrid"
+            np.testing.assert_allclose(profile.distortion[i], exact_profiles[name].distortion[i], rtol=1e-12)
+
+
+def test_hybrid_needs_its_allocation_and_only_hybrid_takes_one() -> None:
+    from qcompiler.passes.allocate_bits import AllocateBitsPass
+
+    with pytest.raises(ValueError, match="needs the allocation it refines"):
+        ProfileErrorPass(data=DATA, mode="hybrid")
+    with pytest.raises(ValueError, match="only 'hybrid' uses one"):
+        ProfileErrorPass(data=DATA, mode="exact", allocate=AllocateBitsPass(avg_bits=4))
