@@ -13,6 +13,7 @@ from qcompiler.candidates import candidate_set
 from qcompiler.data import ArrayDataset
 from qcompiler.errors import QCompilerError
 from qcompiler.passes.allocate_bits import AllocateBitsPass
+from qcompiler.passes.measure_allocation import MeasureAllocationPass
 from qcompiler.passes.calibrate import CalibratePass
 from qcompiler.passes.canonicalize import CanonicalizePass
 from qcompiler.passes.detect_layers import DetectLayersPass
@@ -78,6 +79,7 @@ def allocation_passes(
         allocate if config.max_loss is None else MaxLossAllocatePass(
             metric=metric, reference=reference, max_loss=config.max_loss, allocate=allocate
         ),
+        MeasureAllocationPass(data=calib, batch_size=batch_size),
     ]
 
 

@@ -81,11 +81,27 @@ class _Tensor:
         return quantized
 
 
-def _activation_sample(value: ir.Value, fallback: np.ndarray | None) -> np.ndarray | None:
+def activation_sample(value: ir.Value, fallback: np.ndarray | None) -> np.ndarray | None:
+    """The values an activation's candidates are fitted on: calibration's reservoir when it is in
+    memory, else ``fallback`` (e.g. the activation on the first batch)."""
     stats = value.meta.get(META_KEY)
     if stats is not None and stats.reservoir_size and stats.count:
         return stats.reservoir_sample()
     return fallback
+
+
+def fit_weight(candidate: Candidate, weight: np.ndarray, layer: ann.QuantizableLayer) -> Fitted:
+    """A candidate fitted to a layer's weight (per output channel for the per-channel kinds)."""
+    return fit(candidate, weight, True, axis=layer.channel_axis if candidate.kind in PER_CHANNEL_KINDS else None)
+
+
+def fit_activation(candidate: Candidate, value: ir.Value, sample: np.ndarray) -> Fitted:
+    """A candidate fitted to an activation's sample; sign and clip from its calibration
+    statistics when they exist."""
+    stats = ann.get(value, ann.TensorStats)
+    signed = (stats.min < 0) if stats is not None else bool((sample < 0).any())
+    clip = stats.absmax if stats is not None else None
+    return fit(candidate, sample, signed, None, clip)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,17 +204,14 @@ class ProfileErrorPass(ir.passes.InPlacePass):
         if kind == "weight":
             w = const_array(value)
             layer = ann.require(node, ann.QuantizableLayer)
-            fitted = [fit(c, w, True, axis=layer.channel_axis if c.kind in PER_CHANNEL_KINDS else None) for c in self.candidates]
+            fitted = [fit_weight(c, w, layer) for c in self.candidates]
             tensor = _Tensor(name, kind, int(w.size), fitted, w, build_suffix(model, proto, node.outputs[0].name, threads=1),
                              node=node, layer_input=layer.activation_input)
             tensor.node_runner = node_model(model, proto, node)
             tensor.quantized_weights = tensor.quantize_sample()
             return tensor
-        sample = _activation_sample(value, first[name])
-        stats = ann.get(value, ann.TensorStats)
-        signed = (stats.min < 0) if stats is not None else bool((sample < 0).any())
-        clip = stats.absmax if stats is not None else None
-        fitted = [fit(c, sample, signed, None, clip) for c in self.candidates]
+        sample = activation_sample(value, first[name])
+        fitted = [fit_activation(c, value, sample) for c in self.candidates]
         per_sample = int(np.prod(first[name].shape[1:])) if first[name].ndim > 1 else 1
         tensor = _Tensor(name, kind, per_sample, fitted, sample, build_suffix(model, proto, name, threads=1))
         tensor.quantize_sample()

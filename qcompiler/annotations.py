@@ -334,6 +334,8 @@ class AllocationSummary(Annotation):
         used_bits: the rate of the chosen candidates.
         elements: the number of elements the budget covers.
         predicted_distortion: Σ D of the chosen candidates (additive model).
+        measured_distortion: the logit MSE with every allocated tensor quantized at once, on
+            the data the curves were measured on (:class:`MeasureAllocationPass`), or None.
     """
 
     KIND: ClassVar[str] = "allocation"
@@ -344,6 +346,7 @@ class AllocationSummary(Annotation):
     used_bits: float
     elements: int
     predicted_distortion: float
+    measured_distortion: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

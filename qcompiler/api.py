@@ -385,6 +385,9 @@ def build_report(
     if summary is not None:
         allocation = dataclasses.asdict(summary)
         allocation["bits"] = {r["weight"]: r.get("weight_bits") for r in layers}
+        # algorithms.md 2.4: the sum of single-tensor distortions against the joint measurement
+        measured, predicted = summary.measured_distortion, summary.predicted_distortion
+        allocation["additivity_ratio"] = measured / predicted if measured is not None and predicted > 0 else None
         search = ann.get(model, ann.AccuracySearch)
         if search is not None:
             allocation["max_loss_search"] = dataclasses.asdict(search)

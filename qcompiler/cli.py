@@ -161,6 +161,11 @@ def _print_summary(result: Any) -> None:
     console.print(table)
     for note in result.report.get("notes", []):
         console.print(f"note: {note}")
+    allocation = result.report.get("allocation") or {}
+    if allocation.get("measured_distortion") is not None:
+        from qcompiler.report_html import additivity_line
+
+        console.print(additivity_line(allocation))
     layers = Table(title="quantized layers")
     for col in ("layer", "op", "params", "W bits", "W FL", "A bits", "A FL", "W SQNR dB"):
         layers.add_column(col)

@@ -36,6 +36,7 @@ def _registry() -> dict[str, type]:
         DetectLayersPass,
         FineTunePass,
         FoldBatchNormPass,
+        MeasureAllocationPass,
         ProfileErrorPass,
     )
     from qcompiler.passes.gpfq import GPFQPass
@@ -47,6 +48,7 @@ def _registry() -> dict[str, type]:
         "calibrate": CalibratePass,
         "profile": ProfileErrorPass,
         "allocate": AllocateBitsPass,
+        "measure_allocation": MeasureAllocationPass,
         "channels": ChannelAllocationPass,
         "gpfq": GPFQPass,
         "finetune": FineTunePass,

@@ -118,6 +118,14 @@ def _pareto_figure(points: Mapping[str, list[tuple[float, float]]]) -> str:
     return _png(fig)
 
 
+def additivity_line(allocation: Mapping[str, Any]) -> str:
+    """One sentence: the allocation's predicted output MSE against its joint measurement."""
+    ratio = allocation.get("additivity_ratio")
+    return (f"allocation: predicted output MSE {allocation['predicted_distortion']:.4g} (sum over tensors), "
+            f"measured with every allocated tensor quantized at once {allocation['measured_distortion']:.4g}"
+            + (f" (additivity ratio {ratio:.2f})" if ratio is not None else ""))
+
+
 def _chosen_widths(model: ir.Model) -> dict[str, ann.BitWidth]:
     """The allocator's choice per weight, by name."""
     return {v.name: b for v in model.graph.initializers.values() if (b := ann.get(v, ann.BitWidth)) is not None}
@@ -164,6 +172,9 @@ def render_html(report: Mapping[str, Any], model: ir.Model) -> str:
         parts += ["<h2>Rate–distortion curves</h2>", f'<img id="rd" alt="rate-distortion curves" src="{_rd_figure(profiles)}">',
                   "<h2>Allocation: Pareto front</h2>",
                   f'<img id="pareto" alt="Pareto front" src="{_pareto_figure(pareto_points(profiles, chosen))}">']
+    allocation = report.get("allocation") or {}
+    if allocation.get("measured_distortion") is not None:
+        parts.append(f'<p id="additivity">{html.escape(additivity_line(allocation))}</p>')
     parts += ["<h2>Pipeline</h2>", _table("pipeline", ["pass", "seconds", "modified"], pipeline_rows)]
     if report.get("pipeline_text"):
         parts.append(f"<pre id=\"pipeline-text\">{html.escape(report['pipeline_text'])}</pre>")
