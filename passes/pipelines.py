@@ -149,6 +149,10 @@ def text_pipeline(
             pass_ = dataclasses.replace(pass_, data=finetune_data)
         pass_ = _target_legal(pass_, target)
         (after if name in REWRITE_PASSES else before).append(pass_)
+    allocations = [i for i, p in enumerate(before) if isinstance(p, AllocateBitsPass)]
+    if allocations and not any(isinstance(p, MeasureAllocationPass) for p in before):
+        # the report always gives the predicted distortion against the joint one (algorithms.md 2.4)
+        before.insert(allocations[-1] + 1, MeasureAllocationPass(data=calib))
     return [*canonical_pipeline(config.keep_float), *before, *target.passes(config), *after]
 
 

@@ -362,7 +362,7 @@ class ProfileErrorPass(ir.passes.InPlacePass):
                     which[t.name] = missing
             if not which:
                 return
-            exact = self._measure(model, tensors, which)
+            exact = self._measure(model, [t for t in tensors if t.name in which], which)
             for name, indices in which.items():
                 distortion[name][indices] = exact[name][indices]
                 measured[name][indices] = True

@@ -87,7 +87,8 @@ def test_cli_pipeline_runs_and_the_report_text_round_trips(tmp_path):
     described = parse_pipeline(report["pipeline_text"], data=None)
     names = [type(p).__name__ for p in described]
     assert names == ["CanonicalizePass", "FoldBatchNormPass", "DetectLayersPass", "CalibratePass", "ProfileErrorPass",
-                     "AllocateBitsPass", "GPFQPass"]
+                     "AllocateBitsPass", "MeasureAllocationPass", "GPFQPass"]  # the joint measurement is added
+    assert report["allocation"]["measured_distortion"] > 0
     assert described[3].methods == ("percentile",) and described[4].mode == "fast"
     assert described[5].avg_bits == 4 and described[5].legal_bits == (1, 2, 3, 4, 5, 6, 7, 8, 16)  # the target's
     assert {c.kind for c in described[4].candidates} == {"fixed"}
