@@ -20,6 +20,7 @@ from qcompiler.allocation import Allocation, AllocationError, Curve, allocate
 from qcompiler.graph import values_by_name
 
 METHODS = ("knapsack", "pareto", "pareto-faithful", "hull", "hull-fill", "uniform")
+RATE_MODELS = ("fixed", "entropy", "log2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +34,7 @@ class AllocateBitsPass(ir.passes.InPlacePass):
         method: ``knapsack`` (exact MCKP, never worse than ``pareto``), ``pareto`` (equal-slope
             Lagrangian), ``pareto-faithful`` (seed 000's float32 bisection), ``hull``,
             ``hull-fill`` or ``uniform`` (the largest single bit width that fits).
-        rate_model: ``fixed`` (N·b) or ``entropy`` (N·H).
+        rate_model: ``fixed`` (N·b), ``entropy`` (N·H) or ``log2`` (N·log2 L, seed 000's).
         legal_bits: allowed bit widths for weights (target-legal), or None for all profiled.
         legal_activation_bits: allowed bit widths for activations, or None.
         kinds: allowed quantizer kinds.
@@ -57,8 +58,8 @@ class AllocateBitsPass(ir.passes.InPlacePass):
             raise ValueError(f"scope must be 'weights' or 'all', got {self.scope!r}")
         if self.method not in METHODS:
             raise ValueError(f"unknown allocator {self.method!r} (known: {', '.join(METHODS)})")
-        if self.rate_model not in ("fixed", "entropy"):
-            raise ValueError(f"rate_model must be 'fixed' or 'entropy', got {self.rate_model!r}")
+        if self.rate_model not in RATE_MODELS:
+            raise ValueError(f"rate_model must be one of {', '.join(RATE_MODELS)}, got {self.rate_model!r}")
 
     def _profiles(self, model: ir.Model) -> list[tuple[ir.Value, ann.ErrorProfile]]:
         out = []
@@ -74,6 +75,16 @@ class AllocateBitsPass(ir.passes.InPlacePass):
         profiles = self._profiles(model)
         if not any(p.tensor_kind == "weight" for _, p in profiles):
             raise ir.passes.PreconditionError("no weight has an ErrorProfile: run ProfileErrorPass first")
+
+    def rates_of(self, profile: ann.ErrorProfile) -> tuple[float, ...]:
+        """The profile's rates under this allocation's rate model.
+
+        Raises:
+            AllocationError: a ``log2`` allocation of a profile written without those rates.
+        """
+        if self.rate_model == "log2" and len(profile.rate_log2) != len(profile.candidates):
+            raise AllocationError("the profile has no log2 rates (written before they existed): profile again")
+        return {"fixed": profile.rate_fixed, "entropy": profile.rate_entropy, "log2": profile.rate_log2}[self.rate_model]
 
     def legal_indices(self, profile: ann.ErrorProfile) -> list[int]:
         """Indices of the profile's candidates this allocation may choose (kind and bit width)."""
@@ -94,7 +105,7 @@ class AllocateBitsPass(ir.passes.InPlacePass):
                     f"{profile.tensor_kind} {value.name!r}: no profiled candidate is legal "
                     f"(kinds {list(self.kinds)}, bits {self.legal_bits if profile.tensor_kind == 'weight' else self.legal_activation_bits})"
                 )
-            rates = profile.rate_fixed if self.rate_model == "fixed" else profile.rate_entropy
+            rates = self.rates_of(profile)
             curves.append(Curve(tuple(rates[i] for i in idx), tuple(profile.distortion[i] for i in idx), value.name))
             legal.append(idx)
         elements = sum(p.elements for _, p in entries)

@@ -376,7 +376,7 @@ class ProfileErrorPass(ir.passes.InPlacePass):
         covered = profile is not None and (profile.tensor_kind == "weight" or self.allocate.scope == "all")
         if choice is None or not covered:
             return []
-        rates = profile.rate_fixed if self.allocate.rate_model == "fixed" else profile.rate_entropy
+        rates = self.allocate.rates_of(profile)
         curve = sorted(self.allocate.legal_indices(profile), key=lambda i: (rates[i], i))
         at = curve.index(profile.candidates.index(choice.candidate))
         return curve[max(0, at - 1) : at + 2]
@@ -392,12 +392,13 @@ class ProfileErrorPass(ir.passes.InPlacePass):
                     elements=t.elements,
                     candidates=tuple(c.label for c in self.candidates),
                     bits=tuple(c.bits for c in self.candidates),
-                    rate_fixed=tuple(r for r, _ in t.rates),
-                    rate_entropy=tuple(h for _, h in t.rates),
+                    rate_fixed=tuple(r[0] for r in t.rates),
+                    rate_entropy=tuple(r[1] for r in t.rates),
                     distortion=tuple(float(d) for d in distortion[t.name]),
                     measured=tuple(bool(m) for m in measured[t.name]),
                     mode=self.mode,
                     split=self.split,
+                    rate_log2=tuple(r[2] for r in t.rates),
                 ),
             )
 

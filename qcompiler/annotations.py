@@ -229,8 +229,9 @@ class ErrorProfile(Annotation):
         rate_entropy: entropy rate N·H in bits.
         distortion: output-logit MSE against float with only this tensor quantized.
         measured: True where the distortion was measured, False where predicted (fast mode).
-        mode: ``exact``, ``fast`` or ``full``.
+        mode: ``exact``, ``fast``, ``hybrid`` or ``full``.
         split: the calibration split the distortion was measured on.
+        rate_log2: ``log2`` rate N·log2 L in bits (seed 000's; empty in files written before it).
     """
 
     KIND: ClassVar[str] = "error_profile"
@@ -244,6 +245,7 @@ class ErrorProfile(Annotation):
     measured: tuple[bool, ...]
     mode: str = "exact"
     split: str = "calib"
+    rate_log2: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

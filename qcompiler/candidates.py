@@ -5,7 +5,8 @@ Kinds (algorithms.md §1):
 - ``uniform``: symmetric b-bit grid (signed tensors) or unsigned ``[0, 2**b - 1]`` (tensors that
   are never negative); weights per output channel, activations per tensor; 1 bit is the sign
   quantizer ``±s`` (``s`` = mean ``|x|``) for signed tensors;
-- ``deadzone``: seed 000's dead-zone quantizer with ``L = 2**b - 1`` levels and a zero bin holding
+- ``deadzone``: seed 000's dead-zone quantizer with ``L = 2**b - 1`` levels (or an explicit L,
+  :func:`deadzone_levels`) and a zero bin holding
   ``ratio`` of the values (λ = the ratio quantile of ``|x|``, δ by a 200-point grid then a
   golden-section refinement of the squared error);
 - ``log``: power-of-two levels ``{0} ∪ {±2**e}`` with ``2**(b-1) - 1`` exponents below the
@@ -13,7 +14,8 @@ Kinds (algorithms.md §1):
 - ``fixed``: fixed point (wl = b, the no-overflow fractional length), per output channel for
   weights (as the fixed-point target emits them) and per tensor for activations.
 
-Rates: ``fixed`` = N·b bits; ``entropy`` = N·H over the histogram of codes.
+Rates: ``fixed`` = N·b bits; ``entropy`` = N·H over the histogram of codes; ``log2`` = N·log2 L
+for the L codes the quantizer can produce (seed 000's rate, fractional bits).
 """
 
 from __future__ import annotations
@@ -35,39 +37,84 @@ class Candidate:
 
     Attributes:
         kind: ``uniform``, ``deadzone``, ``log`` or ``fixed``.
-        bits: bit width (16 means "nearly float").
+        bits: bit width (16 means "nearly float"); with ``levels``, ``ceil(log2 levels)``.
         ratio: dead-zone ratio in [0, 1) (``deadzone`` only).
+        levels: ``deadzone`` only: an explicit level count L (seed 000's lists, e.g. 5, 41, 601);
+            0 means ``2**bits - 1``. Build these with :func:`deadzone_levels`.
     """
 
     kind: str
     bits: int
     ratio: float = 0.0
+    levels: int = 0
+
+    def __post_init__(self) -> None:
+        if self.levels:
+            if self.kind != "deadzone":
+                raise ValueError(f"a level count is a dead-zone parameter, not a {self.kind} one")
+            if not MIN_LEVELS <= self.levels <= MAX_LEVELS:
+                raise ValueError(f"dead-zone level counts must be in {MIN_LEVELS}..{MAX_LEVELS}, got {self.levels}")
+            if self.bits != math.ceil(math.log2(self.levels)):
+                raise ValueError(f"{self.levels} levels take {math.ceil(math.log2(self.levels))} bits, not {self.bits}")
 
     @property
     def label(self) -> str:
-        """A stable name, e.g. ``uniform:4`` or ``deadzone:4:r0.3``."""
-        return f"{self.kind}:{self.bits}" + (f":r{self.ratio:g}" if self.kind == "deadzone" else "")
+        """A stable name, e.g. ``uniform:4``, ``deadzone:4:r0.3`` or ``deadzone:L41:r0.3``."""
+        width = f"L{self.levels}" if self.levels else str(self.bits)
+        return f"{self.kind}:{width}" + (f":r{self.ratio:g}" if self.kind == "deadzone" else "")
+
+    @property
+    def level_count(self) -> int:
+        """The dead zone's L (explicit, or ``2**bits - 1``)."""
+        return self.levels or (1 << self.bits) - 1
+
+
+#: Dead-zone level counts: L < 3 has no nonzero level (a division by zero in the seed, Q000-9);
+#: 65536 is the largest in the seed's lists and the most a 16-bit code holds.
+MIN_LEVELS, MAX_LEVELS = 3, 1 << 16
+
+
+def deadzone_levels(levels: int, ratio: float) -> Candidate:
+    """A dead-zone candidate with L levels (its fixed-length rate is ``ceil(log2 L)`` bits)."""
+    if not MIN_LEVELS <= levels <= MAX_LEVELS:
+        raise ValueError(f"dead-zone level counts must be in {MIN_LEVELS}..{MAX_LEVELS}, got {levels}")
+    return Candidate("deadzone", math.ceil(math.log2(levels)), ratio, levels)
 
 
 def parse_candidate(label: str) -> Candidate:
-    """The candidate of a label (``uniform:4``, ``deadzone:4:r0.3``), the inverse of :attr:`Candidate.label`.
+    """The candidate of a label (``uniform:4``, ``deadzone:4:r0.3``, ``deadzone:L41:r0.3``), the
+    inverse of :attr:`Candidate.label`.
 
     Raises:
         ValueError: an unknown kind or a malformed label.
     """
     parts = label.split(":")
-    if len(parts) not in (2, 3) or parts[0] not in KINDS or not parts[1].isdigit():
-        raise ValueError(f"malformed quantizer candidate {label!r} (expected kind:bits[:rratio])")
+    width = parts[1] if len(parts) > 1 else ""
+    explicit = width.startswith("L") and width[1:].isdigit() and parts[0] == "deadzone"
+    if len(parts) not in (2, 3) or parts[0] not in KINDS or not (width.isdigit() or explicit):
+        raise ValueError(f"malformed quantizer candidate {label!r} (expected kind:bits[:rratio] or deadzone:L<levels>:rratio)")
     ratio = float(parts[2][1:]) if len(parts) == 3 and parts[2].startswith("r") else 0.0
-    return Candidate(parts[0], int(parts[1]), ratio)
+    if explicit:
+        return deadzone_levels(int(width[1:]), ratio)
+    return Candidate(parts[0], int(width), ratio)
 
 
 def candidate_set(
     bits: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 16),
     kinds: tuple[str, ...] = KINDS,
     deadzone_ratios: tuple[float, ...] = (0.1, 0.3, 0.5),
+    deadzone_levels_list: tuple[int, ...] = (),
 ) -> list[Candidate]:
-    """The default candidate grid: every legal (kind, bits[, ratio])."""
+    """The default candidate grid: every legal (kind, bits[, ratio]).
+
+    Args:
+        bits: bit widths of every kind.
+        kinds: quantizer kinds.
+        deadzone_ratios: the dead-zone ratios.
+        deadzone_levels_list: explicit dead-zone level counts L (seed 000's
+            ``adaptive_list_quant_levels.txt``); when given, the dead-zone candidates are these
+            L times the ratios instead of ``2**bits - 1`` levels.
+    """
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
         raise ValueError(f"unknown quantizer kinds {unknown} (known: {', '.join(KINDS)})")
@@ -76,6 +123,9 @@ def candidate_set(
         raise ValueError(f"bit-widths must be in 1..16, got {outside}")
     out = []
     for kind in kinds:
+        if kind == "deadzone" and deadzone_levels_list:
+            out += [deadzone_levels(n, r) for n in deadzone_levels_list for r in deadzone_ratios]
+            continue
         for b in bits:
             if kind == "deadzone":
                 out += [Candidate(kind, b, r) for r in deadzone_ratios if b >= 2]
@@ -92,7 +142,8 @@ def candidate_set(
 
 
 def deadzone_quantize(x: np.ndarray, lam: float, delta: float, levels: int) -> np.ndarray:
-    """Seed 000's dead-zone quantizer (algorithms.md §1.3); ``levels`` odd >= 3."""
+    """Seed 000's dead-zone quantizer (algorithms.md §1.3); ``levels`` >= 3 (an even L, as in the
+    seed's lists, has k = (L - 1) // 2 and leaves one code unused)."""
     k = (levels - 1) // 2
     a = np.abs(x)
     idx = np.clip(np.floor((a - lam) / delta), 0, k - 1)
@@ -135,8 +186,8 @@ def _deadzone_sse_sorted(a: np.ndarray, p1: np.ndarray, p2: np.ndarray, lam: flo
 def fit_deadzone(values: np.ndarray, ratio: float, levels: int, refine: bool = True) -> tuple[float, float]:
     """(λ, δ): λ = the ratio quantile of |x| (inverted CDF), δ by the seed's 200-point grid
     (first minimum), then golden-section refinement unless ``refine`` is False (faithful)."""
-    if levels < 3 or levels % 2 == 0:
-        raise ValueError(f"a dead-zone quantizer needs an odd number of levels >= 3, got {levels}")
+    if levels < 3:
+        raise ValueError(f"a dead-zone quantizer needs at least 3 levels, got {levels}")
     a = np.abs(values.astype(np.float64).reshape(-1))
     lam = float(np.quantile(a, ratio, method="inverted_cdf")) if ratio > 0 else 0.0
     k = (levels - 1) // 2
@@ -210,7 +261,7 @@ def fit(candidate: Candidate, values: np.ndarray, signed: bool, axis: int | None
             return Fitted(candidate, signed, axis, np.where(ranges > 0, ranges / levels, 1.0))
         return Fitted(candidate, signed, None, (absmax / levels if absmax > 0 else 1.0,))
     if candidate.kind == "deadzone":
-        lam, delta = fit_deadzone(values, candidate.ratio, (1 << b) - 1)
+        lam, delta = fit_deadzone(values, candidate.ratio, candidate.level_count)
         return Fitted(candidate, signed, None, (lam, delta))
     if candidate.kind == "log":
         e_max = round(math.log2(absmax)) if absmax > 0 else 0
@@ -236,7 +287,7 @@ def codes(f: Fitted, x: np.ndarray) -> np.ndarray:
         return np.clip(np.rint(x64 / step), lo, levels).astype(np.int64)
     if c.kind == "deadzone":
         lam, delta = f.params
-        k = ((1 << b) - 2) // 2
+        k = (c.level_count - 1) // 2
         idx = np.clip(np.floor((np.abs(x64) - lam) / delta), 0, k - 1) + 1
         return (np.sign(x64) * np.where(np.abs(x64) < lam, 0, idx)).astype(np.int64)
     if c.kind == "log":
@@ -267,7 +318,7 @@ def dequantize(f: Fitted, q: np.ndarray, x: np.ndarray) -> np.ndarray:
             step = np.asarray(f.params, dtype=np.float64).reshape(_scale_shape(x, f.axis)) if f.axis is not None else f.params[0]
             out = q * step
     elif c.kind == "deadzone":
-        out = deadzone_quantize(x.astype(np.float64), f.params[0], f.params[1], (1 << b) - 1)
+        out = deadzone_quantize(x.astype(np.float64), f.params[0], f.params[1], c.level_count)
     elif c.kind == "log":
         e_min = f.params[0]
         out = np.where(q == 0, 0.0, np.sign(q) * np.exp2(np.abs(q) - 1 + e_min))
@@ -283,12 +334,26 @@ def _fl(f: Fitted, x: np.ndarray) -> np.ndarray | int:
     return np.asarray(f.params, dtype=np.int64).reshape(_scale_shape(x, f.axis))
 
 
-def rates(f: Fitted, x: np.ndarray, elements: int) -> tuple[float, float]:
-    """(fixed-length rate N·b, entropy rate N·H) in bits for ``elements`` elements."""
+def level_count(f: Fitted) -> int:
+    """How many codes a fitted candidate can produce (the L of the ``log2`` rate model)."""
+    c, b = f.candidate, f.candidate.bits
+    if c.kind == "deadzone":
+        return c.level_count
+    if c.kind == "uniform":
+        return 2 if b == 1 and f.signed else ((1 << b) - 1 if f.signed else 1 << b)
+    if c.kind == "log":
+        return (1 << b) - 1 if f.signed else 1 << (b - 1)
+    lo, hi = code_range(b, f.signed)
+    return hi - lo + 1
+
+
+def rates(f: Fitted, x: np.ndarray, elements: int) -> tuple[float, float, float]:
+    """(fixed-length rate N·b, entropy rate N·H, ``log2`` rate N·log2 L) in bits for ``elements``
+    elements."""
     return code_rates(f, codes(f, x), elements)
 
 
-def code_rates(f: Fitted, q: np.ndarray, elements: int) -> tuple[float, float]:
+def code_rates(f: Fitted, q: np.ndarray, elements: int) -> tuple[float, float, float]:
     """:func:`rates` from the codes ``q`` of a sample (as :func:`codes` gives them)."""
     q = q.reshape(-1)
     lo = int(q.min()) if q.size else 0
@@ -301,4 +366,4 @@ def code_rates(f: Fitted, q: np.ndarray, elements: int) -> tuple[float, float]:
         _, counts = np.unique(q, return_counts=True)
     p = counts / counts.sum()
     entropy = float(-(p * np.log2(p)).sum())
-    return float(elements * f.candidate.bits), float(elements * entropy)
+    return float(elements * f.candidate.bits), float(elements * entropy), float(elements * math.log2(level_count(f)))

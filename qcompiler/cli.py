@@ -446,6 +446,8 @@ def profile_command(
     bits: str = typer.Option("1,2,3,4,5,6,7,8,16", "--bits", help="Candidate bit widths, comma-separated."),
     kinds: str = typer.Option("uniform,deadzone,log,fixed", "--kinds", help="Quantizer kinds, comma-separated."),
     ratios: str = typer.Option("0.1,0.3,0.5", "--deadzone-ratios", help="Dead-zone ratios, comma-separated."),
+    levels: Optional[str] = typer.Option(None, "--deadzone-levels", help="Dead-zone level counts L instead of 2^b-1 (seed 000's adaptive_list_quant_levels): comma-separated, or @FILE with one L per line."),
+    export_pareto: bool = typer.Option(False, "--export-pareto-inputs", help="Also write seed 000's pareto_condition_inputs.txt (dead-zone points)."),
     tensors: str = typer.Option("all", "--tensors", help="all, weights or activations."),
     batch_size: int = typer.Option(64, "--batch-size"),
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
@@ -462,13 +464,15 @@ def profile_command(
                 bits=tuple(int(b) for b in bits.split(",")),
                 kinds=tuple(k.strip() for k in kinds.split(",")),
                 deadzone_ratios=tuple(float(r) for r in ratios.split(",")),
+                deadzone_levels_list=level_list(levels) if levels else (),
             )
         except ValueError as exc:
             raise QCompilerError(f"bad candidate options: {exc}") from None
         if tensors not in ("all", "weights", "activations"):
             raise QCompilerError(f"--tensors {tensors!r} is not one of all, weights, activations")
         config = ProfileConfig(calib=calib, mode=mode, candidates=tuple(candidates), tensors=tensors,
-                               batch_size=batch_size, plots=not no_plots, show_progress=not quiet)
+                               batch_size=batch_size, plots=not no_plots, show_progress=not quiet,
+                               export_pareto_inputs=export_pareto)
         return profile_model(model, config, out)
 
     report = _run(debug, run)
@@ -477,6 +481,51 @@ def profile_command(
         if "fast_vs_exact" in report:
             fv = report["fast_vs_exact"]
             typer.echo(f"fast vs exact: mean Spearman {fv['mean_spearman']:.3f}, median relative error {fv['median_relative_error']:.3f}")
+
+
+def level_list(text: str) -> tuple[int, ...]:
+    """Level counts from ``"3,5,7"`` or ``"@FILE"`` (numbers separated by commas or whitespace).
+
+    Raises:
+        QCompilerError: an unreadable file or a value that is not an integer.
+    """
+    source = text
+    if text.startswith("@"):
+        path = Path(text[1:])
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise QCompilerError(f"{path}: cannot read the level list ({exc.strerror or exc})") from None
+    items = text.replace(",", " ").split()
+    try:
+        return tuple(int(v) for v in items)
+    except ValueError:
+        raise QCompilerError(f"--deadzone-levels {source!r}: level counts are integers") from None
+
+
+@app.command("allocate")
+def allocate_command(
+    inputs: Path = typer.Argument(..., help="Seed 000's pareto_condition_inputs.txt (or qcompile profile --export-pareto-inputs)."),
+    avg_bits: str = typer.Option(..., "--avg-bits", help="Budgets b̄ in bits per element: b1,b2,... or start:stop:step (e.g. 1.5:16:0.1)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: bit_allocation_{10·b̄}.txt per budget, allocations.json."),
+    allocator: str = typer.Option("knapsack", "--allocator", help="knapsack, pareto, pareto-faithful, hull or hull-fill."),
+    max_point_error: Optional[float] = typer.Option(None, "--max-point-error", help="Drop points with D above this first (the seed drops D > 1)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Seed 000's step 5: allocate a curve file for a list of budgets, one bit_allocation file each."""
+    from qcompiler.pareto_files import parse_budgets, run_seed_allocation
+
+    def run() -> Any:
+        if allocator not in ("knapsack", "pareto", "pareto-faithful", "hull", "hull-fill"):
+            raise QCompilerError(f"--allocator {allocator!r} is not one of knapsack, pareto, pareto-faithful, hull, hull-fill")
+        return run_seed_allocation(inputs, parse_budgets(avg_bits), out, allocator, max_point_error)
+
+    rows = _run(debug, run)
+    if not quiet:
+        for row in rows:
+            typer.echo(f"{row['avg_bits']:g} bits: {row['file']} (rate {row['rate_per_element']:.4f} bits/element, "
+                       f"sum of D {row['distortion']:.6g})")
 
 
 @app.command("channels")

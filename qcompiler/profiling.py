@@ -6,6 +6,7 @@ Writes into the output folder (atomically):
 - ``stats/``: the calibration sidecar (histograms and reservoirs per activation);
 - ``profiles.json``: every curve (candidate, bits, rates, distortion, measured flag) per tensor,
   plus, in ``both`` mode, how well ``fast`` predicts ``exact`` (Spearman, relative error);
+- ``pareto_condition_inputs.txt`` (with ``export_pareto_inputs``): seed 000's curve file;
 - ``plots/<tensor>.png``: rate (bits per element) against distortion on a log scale, one line
   per quantizer kind; in ``both`` mode the ``fast`` predictions are drawn dashed over ``exact``.
 """
@@ -22,9 +23,10 @@ import onnx_ir as ir
 from qcompiler import annotations as ann
 from qcompiler.candidates import Candidate, candidate_set
 from qcompiler.data import DataSource, load_dataset
-from qcompiler.fsutil import atomic_dir, write_json
+from qcompiler.fsutil import atomic_dir, write_bytes, write_json
 from qcompiler.graph import values_by_name
 from qcompiler.ir import ModelLike, load_normalized, save
+from qcompiler.pareto_files import INPUTS_NAME, format_pareto_inputs, profiles_to_seed
 from qcompiler.passes.calibrate import CalibratePass, safe_filename
 from qcompiler.passes.pipelines import canonical_pipeline
 from qcompiler.passes.profile_errors import ProfileErrorPass, agreement
@@ -43,6 +45,8 @@ class ProfileConfig:
         batch_size: batch size.
         plots: write one PNG per tensor.
         show_progress: progress bars on a terminal.
+        export_pareto_inputs: also write seed 000's ``pareto_condition_inputs.txt`` (the
+            dead-zone points of every tensor, :mod:`qcompiler.pareto_files`).
     """
 
     calib: DataSource
@@ -52,6 +56,7 @@ class ProfileConfig:
     batch_size: int = 64
     plots: bool = True
     show_progress: bool = True
+    export_pareto_inputs: bool = False
 
 
 def _profiles(model: ir.Model) -> dict[str, ann.ErrorProfile]:
@@ -85,6 +90,10 @@ def profile_model(model: ModelLike, config: ProfileConfig, out_dir: str | Path) 
             results[mode] = _profiles(target)
             final = target
         report = _report(results)
+        if config.export_pareto_inputs:
+            seed = profiles_to_seed(final, results[modes[0]])  # exact's curves in both mode
+            write_bytes(folder / INPUTS_NAME, format_pareto_inputs(seed).encode())
+            report["pareto_inputs"] = {"file": INPUTS_NAME, "tensors": [t.name for t in seed]}
         save(final, folder / "model.profiled.onnx")
         write_json(folder / "profiles.json", report)
         if config.plots:

@@ -160,3 +160,20 @@ def test_max_loss_cli(tmp_path):
     missing = CliRunner().invoke(app, [str(DIGITS / "digits_cnn.onnx"), "--calib", str(DIGITS / "calib.npz"),
                                        "--max-loss", "0.01", "-o", str(tmp_path / "x")])
     assert missing.exit_code == 2 and "--max-loss needs held-out data with labels" in missing.output
+
+
+def test_log2_rate_model_counts_the_codes_each_candidate_can_produce(profiled):
+    """Seed 000's rate N·log2 L: a signed 4-bit uniform weight has 15 codes, fixed point 16."""
+    model, chosen = _run(profiled, avg_bits=3.0, rate_model="log2", kinds=("fixed", "uniform"))
+    profile = ann.get(values_by_name(profiled.graph)["w1"], ann.ErrorProfile)
+    log2 = dict(zip(profile.candidates, profile.rate_log2))
+    assert log2["uniform:4"] == pytest.approx(512 * np.log2(15)) and log2["fixed:4"] == pytest.approx(512 * 4)
+    summary = ann.require(model, ann.AllocationSummary)
+    assert summary.rate_model == "log2" and summary.used_bits <= 3.0 * 768
+    assert summary.used_bits == pytest.approx(chosen["w1"].rate + chosen["w2"].rate)
+    old = profiled.clone()  # a profile written before log2 rates existed
+    for value in values_by_name(old.graph).values():
+        if (p := ann.get(value, ann.ErrorProfile)) is not None:
+            ann.set(value, __import__("dataclasses").replace(p, rate_log2=()))
+    with pytest.raises(PipelineError, match="no log2 rates"):
+        run_pipeline(old, [AllocateBitsPass(avg_bits=3.0, rate_model="log2")])

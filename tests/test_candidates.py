@@ -61,8 +61,9 @@ def test_deadzone_fit_matches_quantile_and_brute_force(ratio):
     grid = (1.5 * a.max() - lam) * np.arange(1, 201) / (200 * 3)
     brute = min(np.sum((deadzone_quantize(x, lam, d, 7) - x) ** 2) for d in grid)
     assert np.sum((deadzone_quantize(x, lam, delta, 7) - x) ** 2) <= brute * (1 + 1e-9)
-    with pytest.raises(ValueError, match="odd number of levels"):
-        fit_deadzone(x, ratio, 4)
+    with pytest.raises(ValueError, match="at least 3 levels, got 2"):
+        fit_deadzone(x, ratio, 2)
+    assert fit_deadzone(x, ratio, 8) == (lam, delta)  # an even L (the seed's lists) fits like L - 1
 
 
 def test_sorted_and_direct_sse_agree():
@@ -78,8 +79,8 @@ def test_rate_fixture():
     x = np.array([-1.0] * 216 + [0.0] * 432 + [1.0] * 216)
     f = fit(Candidate("uniform", 2), x, signed=True)
     assert sorted(np.unique(codes(f, x)).tolist()) == [-1, 0, 1]
-    fixed, entropy = rates(f, x, 864)
-    assert fixed == 1728 and entropy == pytest.approx(1296)
+    fixed, entropy, log2 = rates(f, x, 864)
+    assert fixed == 1728 and entropy == pytest.approx(1296) and log2 == pytest.approx(1369.41, abs=0.01)
 
 
 @pytest.mark.parametrize("candidate", candidate_set(bits=(1, 2, 4, 8, 16), deadzone_ratios=(0.3,)), ids=lambda c: c.label)
@@ -89,7 +90,7 @@ def test_entropy_rate_counts_codes_like_a_sort(candidate):
     f = fit(candidate, x, signed=True)
     _, counts = np.unique(codes(f, x), return_counts=True)
     p = counts / counts.sum()
-    assert rates(f, x, 5_000) == (5_000.0 * candidate.bits, 5_000 * float(-(p * np.log2(p)).sum()))
+    assert rates(f, x, 5_000)[:2] == (5_000.0 * candidate.bits, 5_000 * float(-(p * np.log2(p)).sum()))
 
 
 @pytest.mark.parametrize("candidate", candidate_set(bits=(2, 3, 4, 8), deadzone_ratios=(0.3,)), ids=lambda c: c.label)
@@ -123,3 +124,57 @@ def test_candidate_set_validation():
         candidate_set(kinds=("kmeans",))
     with pytest.raises(ValueError, match="empty"):
         candidate_set(bits=(1,), kinds=("log",))
+
+
+# --------------------------------------------------------------------------- explicit level counts (seed 000)
+def test_dead_zones_with_explicit_level_counts_have_stable_labels():
+    from qcompiler.candidates import deadzone_levels, parse_candidate
+
+    c = deadzone_levels(41, 0.3)
+    assert (c.bits, c.level_count, c.label) == (6, 41, "deadzone:L41:r0.3")
+    assert parse_candidate("deadzone:L41:r0.3") == c and parse_candidate("deadzone:L65536:r0") == deadzone_levels(65536, 0.0)
+    assert Candidate("deadzone", 4, 0.3).level_count == 15 and parse_candidate("deadzone:4:r0.3").levels == 0
+    labels = [x.label for x in candidate_set(kinds=("deadzone", "uniform"), bits=(2,), deadzone_ratios=(0.1, 0.5),
+                                             deadzone_levels_list=(5, 601))]
+    assert labels == ["deadzone:L5:r0.1", "deadzone:L5:r0.5", "deadzone:L601:r0.1", "deadzone:L601:r0.5", "uniform:2"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: Candidate("deadzone", 1, 0.0, 2), "level counts must be in 3..65536, got 2"),
+    (lambda: Candidate("uniform", 3, 0.0, 5), "a level count is a dead-zone parameter"),
+    (lambda: Candidate("deadzone", 4, 0.0, 41), "41 levels take 6 bits, not 4"),
+    (lambda: __import__("qcompiler.candidates", fromlist=["x"]).deadzone_levels(65537, 0.1), "got 65537"),
+    (lambda: __import__("qcompiler.candidates", fromlist=["x"]).parse_candidate("uniform:L5"), "malformed"),
+])
+def test_bad_level_counts_are_refused(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_explicit_levels_follow_the_spec_fixture_and_rates():
+    """algorithms.md §1.10: L = 5, λ = 0.25, δ = 0.5; L = 7 rounds 1.25 half away from zero;
+    an even L has one code less than L (k = floor((L - 1) / 2))."""
+    from qcompiler.candidates import Fitted, deadzone_levels, level_count
+
+    x = np.array([0.2, 0.25, 0.7, 0.75, 3.0, -0.8])
+    five = Fitted(deadzone_levels(5, 0.0), True, None, (0.25, 0.5))
+    np.testing.assert_array_equal(five.apply(x), [0, 0.5, 0.5, 1.0, 1.0, -1.0])
+    seven = Fitted(deadzone_levels(7, 0.0), True, None, (0.25, 0.5))
+    assert seven.apply(np.array([1.25]))[0] == 1.5
+    six = Fitted(deadzone_levels(6, 0.0), True, None, (0.25, 0.5))
+    assert np.abs(codes(six, np.linspace(-9, 9, 101))).max() == 2
+    fixed, _, log2 = rates(five, x, 864)
+    assert fixed == 864 * 3 and log2 == pytest.approx(864 * np.log2(5)) and level_count(six) == 6
+    assert level_count(fit(Candidate("uniform", 4), x, signed=True)) == 15
+    assert level_count(fit(Candidate("uniform", 4), np.abs(x), signed=False)) == 16
+    assert level_count(fit(Candidate("fixed", 4), x, signed=True)) == 16
+    assert level_count(fit(Candidate("log", 4), x, signed=True)) == 15
+
+
+def test_fitted_explicit_levels_use_every_code():
+    from qcompiler.candidates import deadzone_levels
+
+    x = RNG.laplace(size=20_000)
+    f = fit(deadzone_levels(41, 0.3), x, signed=True)
+    q = codes(f, x)
+    assert q.min() == -20 and q.max() == 20 and np.mean(q == 0) == pytest.approx(0.3, abs=0.01)
