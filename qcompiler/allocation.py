@@ -242,19 +242,33 @@ def knapsack(curves: Sequence[Curve], budget: float, unit: float | None = None, 
     dp[0] = 0.0
     back = np.zeros((len(curves), cells + 1), np.int32)
     new = np.empty(cells + 1)
-    for t, c in enumerate(curves):
-        weights = np.array([int(math.ceil(r / u - 1e-9)) for r in c.rates], np.int64)
-        _knapsack_layer(dp, weights, np.asarray(c.distortions, np.float64), new, back[t])
+    # A point another one beats on rate and distortion is never in an optimum: the DP runs on each
+    # curve's front only (seed 000's lists share a rate across dead-zone ratios: 730 -> <= 73).
+    fronts = [undominated(c) for c in curves]
+    for t, (c, front) in enumerate(zip(curves, fronts)):
+        weights = np.array([int(math.ceil(c.rates[i] / u - 1e-9)) for i in front], np.int64)
+        _knapsack_layer(dp, weights, np.array([c.distortions[i] for i in front], np.float64), new, back[t])
         dp, new = new, dp
     end = int(np.argmin(dp))
     if not np.isfinite(dp[end]):
         raise AllocationError(f"no selection fits the budget {budget:g} on a {u:g}-bit grid")
     choice = [0] * len(curves)
     for t in range(len(curves) - 1, -1, -1):
-        i = int(back[t, end])
+        i = fronts[t][int(back[t, end])]
         choice[t] = i
         end -= int(math.ceil(curves[t].rates[i] / u - 1e-9))
     return _totals(curves, choice, "knapsack")
+
+
+def undominated(curve: Curve) -> list[int]:
+    """Indices of the curve's points that no other point beats on both rate and distortion, in
+    increasing rate (of equal points, the first)."""
+    order = sorted(range(len(curve.rates)), key=lambda i: (curve.rates[i], curve.distortions[i], i))
+    kept: list[int] = []
+    for i in order:
+        if not kept or curve.distortions[i] < curve.distortions[kept[-1]]:
+            kept.append(i)
+    return kept
 
 
 def allocate(curves: Sequence[Curve], budget: float, method: str = "knapsack") -> Allocation:

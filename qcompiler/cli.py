@@ -524,6 +524,9 @@ def allocate_command(
     rows = _run(debug, run)
     if not quiet:
         for row in rows:
+            if "error" in row:
+                typer.echo(f"{row['avg_bits']:g} bits: skipped, {row['error']}")
+                continue
             typer.echo(f"{row['avg_bits']:g} bits: {row['file']} (rate {row['rate_per_element']:.4f} bits/element, "
                        f"sum of D {row['distortion']:.6g})")
 

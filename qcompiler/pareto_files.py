@@ -3,7 +3,8 @@
 ``pareto_condition_inputs.txt`` (algorithms.md §2.2) holds the dead-zone rate–distortion curves
 of every tensor, weights first, then activations: for each tensor a line with its point count
 ``m``, then ``m`` lines ``layer dz L rate D``: the tensor's index among its kind (0-based), the
-dead-zone ratio in percent (−1 for activations), the level count, the ``log2`` rate N·log2 L
+dead-zone ratio in percent (−1 for activations, whose points are the ratio-0 dead zones, as the
+seed's activation codebooks are), the level count, the ``log2`` rate N·log2 L
 in bits, and the distortion. ``bit_allocation_{10·b̄}.txt`` holds the chosen ``dz L`` of every
 tensor, one line each, in the same order.
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from qcompiler import annotations as ann
-from qcompiler.allocation import Allocation, Curve, allocate
+from qcompiler.allocation import Allocation, AllocationError, Curve, allocate
 from qcompiler.candidates import parse_candidate
 from qcompiler.errors import DataError
 from qcompiler.graph import values_by_name
@@ -102,11 +103,13 @@ def profiles_to_seed(model: ir.Model, profiles: Mapping[str, ann.ErrorProfile] |
             points = []
             for label, rate, distortion in zip(profile.candidates, profile.rate_log2, profile.distortion):
                 candidate = parse_candidate(label)
-                if candidate.kind == "deadzone":
+                # activations take ratio-0 codebooks in the seed; their dz is written as -1
+                if candidate.kind == "deadzone" and not (kind_index and candidate.ratio):
                     dz = -1.0 if kind_index else candidate.ratio * 100.0
                     points.append(SeedPoint(dz, candidate.level_count, rate, distortion))
             if not points:
-                raise DataError(f"{name}: no dead-zone candidate was profiled (seed 000's files hold dead zones only)")
+                need = "ratio-0 dead zone (add 0 to --deadzone-ratios)" if kind_index else "dead-zone candidate"
+                raise DataError(f"{name}: no {need} was profiled (seed 000's files hold dead zones only)")
             out.append(SeedTensor(index, bool(kind_index), tuple(points), name))
     return out
 
@@ -247,24 +250,32 @@ def parse_budgets(text: str) -> list[float]:
 
 def run_seed_allocation(inputs: str | Path, budgets: Sequence[float], out: str | Path, method: str = "knapsack",
                         max_point_error: float | None = None) -> list[dict[str, float | str]]:
-    """Seed 000's step 5 from a curve file: one ``bit_allocation_{10·b̄}.txt`` per budget and
-    ``allocations.json`` (per budget: rate used per element, Σ D, the solver) in ``out``.
+    """Seed 000's step 5 from a curve file: one ``bit_allocation_{10·b̄}.txt`` per feasible budget
+    and ``allocations.json`` (per budget: rate used per element, Σ D, the solver; or why it is
+    infeasible) in ``out``.
 
     Raises:
-        DataError: an unreadable curve file. AllocationError: an impossible budget.
+        DataError: an unreadable curve file. AllocationError: no budget is feasible.
     """
     from qcompiler.fsutil import atomic_dir, check_output_dir, write_bytes, write_json
 
     tensors = read_pareto_inputs(inputs)
     check_output_dir(out)
     elements = sum(t.elements for t in tensors)
-    rows = []
+    rows: list[dict[str, float | str]] = []
     solved = []
     for b in budgets:
-        choice, result = allocate_seed(tensors, b, method, max_point_error)
+        try:
+            choice, result = allocate_seed(tensors, b, method, max_point_error)
+        except AllocationError as exc:  # below the smallest candidates: reported, the others still run
+            rows.append({"avg_bits": b, "error": str(exc)})
+            continue
         solved.append((b, choice))
         rows.append({"avg_bits": b, "file": bit_allocation_name(b), "rate_per_element": result.rate / elements,
                      "distortion": result.distortion, "method": result.method})
+    if not solved:
+        raise AllocationError(f"{inputs}: no budget of {', '.join(f'{b:g}' for b in budgets)} bits per element is "
+                              f"feasible: {rows[0]['error']}")
     with atomic_dir(out) as folder:
         for b, choice in solved:
             write_bytes(folder / bit_allocation_name(b), format_bit_allocation(choice).encode())

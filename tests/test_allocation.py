@@ -134,3 +134,22 @@ def test_solver_time_100_tensors_20_candidates():
     elapsed = time.perf_counter() - start
     assert a.rate <= budget
     assert elapsed < 5.0  # the benchmark goal is < 1 s; generous here for noisy CI machines
+
+
+def test_the_knapsack_runs_on_each_curves_front():
+    import itertools
+
+    from qcompiler.allocation import undominated
+
+    curve = Curve(rates=(4.0, 2.0, 2.0, 3.0, 6.0, 4.0, 8.0), distortions=(0.5, 2.0, 1.0, 1.0, 0.1, 0.5, 0.1), name="t")
+    assert undominated(curve) == [2, 0, 4]  # 2.0/1.0 beats 2.0/2.0 and 3.0/1.0; 4.0/0.5 twice: the first
+    rng = np.random.default_rng(9)
+    for _ in range(20):  # seed 000's shape: several ratios share each level count's rate
+        curves = [Curve(tuple(float(r) for r in np.repeat(rng.integers(1, 30, 6), 5)), tuple(rng.random(30)), f"t{k}")
+                  for k in range(3)]
+        budget = float(sum(min(c.rates) for c in curves) + rng.integers(0, 40))
+        result = knapsack(curves, budget, unit=1.0)
+        brute = min(sum(c.distortions[i] for c, i in zip(curves, pick))
+                    for pick in itertools.product(range(30), repeat=3)
+                    if sum(c.rates[i] for c, i in zip(curves, pick)) <= budget)
+        assert result.distortion == pytest.approx(brute) and result.rate <= budget

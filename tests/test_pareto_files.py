@@ -108,10 +108,16 @@ def test_profiles_export_their_dead_zone_points_weights_first():
     w2 = tensors[1]
     assert [(p.dz, p.levels) for p in w2.points] == [(0, 3), (30, 3), (0, 41), (30, 41), (0, 2048), (30, 2048)]
     assert [p.rate for p in w2.points] == pytest.approx([144 * math.log2(L) for L in (3, 3, 41, 41, 2048, 2048)])
-    assert {p.dz for p in tensors[4].points} == {-1}
+    assert [(p.dz, p.levels) for p in tensors[4].points] == [(-1, 3), (-1, 41), (-1, 2048)]  # ratio 0 only
     assert [t.elements for t in tensors] == pytest.approx([72, 144, 720, 72, 144, 144])
     again = read_pareto_inputs_text(format_pareto_inputs(tensors))
     assert [t.points for t in again] == [t.points for t in tensors]
+    model = _model()
+    ProfileErrorPass(data=DATA, candidates=tuple(candidate_set(kinds=("deadzone",), deadzone_ratios=(0.3,),
+                                                               deadzone_levels_list=(3,))),
+                     batch_size=16, show_progress=False)(model)
+    with pytest.raises(DataError, match="x: no ratio-0 dead zone"):
+        profiles_to_seed(model)
 
 
 def read_pareto_inputs_text(text):
@@ -144,13 +150,16 @@ def test_cli_profile_exports_and_allocate_writes_one_file_per_budget(tmp_path):
                                                      "bit_allocation_30.txt"]
     rows = json.loads((out / "allocations.json").read_text())["allocations"]
     assert [r["avg_bits"] for r in rows] == [2.0, 2.5, 3.0]
+    result = runner.invoke(app, ["allocate", str(prof / "pareto_condition_inputs.txt"), "--avg-bits", "1,2", "-o", str(tmp_path / "a2")])
+    assert result.exit_code == 0 and result.output.startswith("1 bits: skipped, impossible budget"), result.output
+    assert sorted(p.name for p in (tmp_path / "a2").iterdir() if not p.name.startswith(".")) == ["allocations.json", "bit_allocation_20.txt"]
     assert all(r["rate_per_element"] <= r["avg_bits"] + 1e-9 for r in rows)
     assert rows[0]["distortion"] > rows[1]["distortion"] > rows[2]["distortion"]
     lines = (out / "bit_allocation_30.txt").read_text().splitlines()
     assert len(lines) == 5 and all(line.split()[0] == "30" and line.split()[1] in {"3", "5", "9", "17"} for line in lines)
     for args, message in [
         (["allocate", str(tmp_path / "none.txt"), "--avg-bits", "2"], "none.txt: cannot read it"),
-        (["allocate", str(prof / "pareto_condition_inputs.txt"), "--avg-bits", "1"], "impossible budget"),
+        (["allocate", str(prof / "pareto_condition_inputs.txt"), "--avg-bits", "1,1.2"], "no budget of 1, 1.2 bits per element is feasible: impossible budget"),
         (["allocate", str(prof / "pareto_condition_inputs.txt"), "--avg-bits", "2", "--allocator", "magic"], "--allocator 'magic'"),
         (["profile", str(DIGITS / "digits_cnn.onnx"), "--calib", str(DIGITS / "calib.npz"), "--deadzone-levels", "3,x"], "level counts are integers"),
         (["profile", str(DIGITS / "digits_cnn.onnx"), "--calib", str(DIGITS / "calib.npz"), "--deadzone-levels", "2"], "level counts must be in 3..65536"),
