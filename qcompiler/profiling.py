@@ -133,10 +133,11 @@ def _report(results: dict[str, dict[str, ann.ErrorProfile]]) -> dict[str, Any]:
 
 def json_profile(profile: ann.ErrorProfile) -> dict[str, Any]:
     """An ErrorProfile as rows, for JSON export."""
+    log2 = profile.rate_log2 if len(profile.rate_log2) == len(profile.candidates) else (None,) * len(profile.candidates)
     rows = [
-        {"candidate": c, "bits": b, "rate_fixed": rf, "rate_entropy": re, "distortion": d, "measured": m}
-        for c, b, rf, re, d, m in zip(profile.candidates, profile.bits, profile.rate_fixed, profile.rate_entropy,
-                                      profile.distortion, profile.measured)
+        {"candidate": c, "bits": b, "rate_fixed": rf, "rate_entropy": re, "rate_log2": rl, "distortion": d, "measured": m}
+        for c, b, rf, re, rl, d, m in zip(profile.candidates, profile.bits, profile.rate_fixed, profile.rate_entropy,
+                                          log2, profile.distortion, profile.measured)
     ]
     return {"kind": profile.tensor_kind, "elements": profile.elements, "mode": profile.mode, "rows": rows}
 

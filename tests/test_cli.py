@@ -238,6 +238,7 @@ def test_profile_command_exports_json_plots_and_annotations(tmp_path):
     assert [r["candidate"] for r in rows] == ["uniform:3", "uniform:4", "uniform:6", "fixed:3", "fixed:4", "fixed:6"]
     assert rows[0]["distortion"] > rows[1]["distortion"] > rows[2]["distortion"] > 0
     assert rows[1]["rate_fixed"] == 4 * 4608 and all(r["measured"] for r in rows)
+    assert rows[1]["rate_log2"] == pytest.approx(4608 * np.log2(15)) and rows[4]["rate_log2"] == 4 * 4608  # uniform:4, fixed:4
     assert not all(r["measured"] for r in entry["fast"]["rows"])
     assert -1 <= entry["fast_vs_exact"]["spearman"] <= 1
     assert report["fast_vs_exact"]["mean_spearman"] > 0.5
