@@ -496,11 +496,10 @@ def level_list(text: str) -> tuple[int, ...]:
             text = path.read_text()
         except OSError as exc:
             raise QCompilerError(f"{path}: cannot read the level list ({exc.strerror or exc})") from None
-    items = text.replace(",", " ").split()
     try:
-        return tuple(int(v) for v in items)
+        return tuple(int(v) for v in text.replace(",", " ").split())
     except ValueError:
-        raise QCompilerError(f"--deadzone-levels {source!r}: level counts are integers") from None
+        raise QCompilerError(f"--deadzone-levels {source!r}: expected integers separated by commas or white space") from None
 
 
 @app.command("allocate")

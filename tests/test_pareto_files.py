@@ -161,7 +161,7 @@ def test_cli_profile_exports_and_allocate_writes_one_file_per_budget(tmp_path):
         (["allocate", str(tmp_path / "none.txt"), "--avg-bits", "2"], "none.txt: cannot read it"),
         (["allocate", str(prof / "pareto_condition_inputs.txt"), "--avg-bits", "1,1.2"], "no budget of 1, 1.2 bits per element is feasible: impossible budget"),
         (["allocate", str(prof / "pareto_condition_inputs.txt"), "--avg-bits", "2", "--allocator", "magic"], "--allocator 'magic'"),
-        (["profile", str(DIGITS / "digits_cnn.onnx"), "--calib", str(DIGITS / "calib.npz"), "--deadzone-levels", "3,x"], "level counts are integers"),
+        (["profile", str(DIGITS / "digits_cnn.onnx"), "--calib", str(DIGITS / "calib.npz"), "--deadzone-levels", "3,x"], "expected integers separated by commas or white space"),
         (["profile", str(DIGITS / "digits_cnn.onnx"), "--calib", str(DIGITS / "calib.npz"), "--deadzone-levels", "2"], "level counts must be in 3..65536"),
         (["profile", str(DIGITS / "digits_cnn.onnx"), "--calib", str(DIGITS / "calib.npz"), "--kinds", "uniform", "--export-pareto-inputs"], "no dead-zone candidate was profiled"),
     ]:
