@@ -16,8 +16,9 @@ quantized activations before it to the next allocated activation, the last to th
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -112,11 +113,10 @@ class _QuantizedRunner:
         return self.segments[-1].run(values, self.logits)
 
 
-def joint_distortion(model: ir.Model, data: ArrayDataset | Iterable[Mapping[str, np.ndarray]], batch_size: int = 64) -> float:
-    """Logit MSE against float with every allocated tensor quantized by its chosen candidate.
-
-    The MSE is averaged like the profiles': over each sample's logits, then over samples, summed
-    over the logits outputs.
+def joint_outputs(model: ir.Model, data: ArrayDataset | Iterable[Mapping[str, np.ndarray]],
+                  batch_size: int = 64) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """Per batch: the float logits and the logits with every allocated tensor quantized by its
+    chosen candidate (``BitWidth`` annotations), by logits name.
 
     Raises:
         DataError: the data is empty.
@@ -135,11 +135,23 @@ def joint_distortion(model: ir.Model, data: ArrayDataset | Iterable[Mapping[str,
         sample = activation_sample(values[name], sample_of[name])
         cuts[name] = fit_activation(parse_candidate(label), values[name], sample)
     quantized = _QuantizedRunner(model, weights, cuts, logits)
+    for feed in itertools.chain([first], feeds):
+        yield float_runner.run(feed, logits), quantized.run(feed)
+
+
+def joint_distortion(model: ir.Model, data: ArrayDataset | Iterable[Mapping[str, np.ndarray]], batch_size: int = 64) -> float:
+    """Logit MSE against float with every allocated tensor quantized by its chosen candidate.
+
+    The MSE is averaged like the profiles': over each sample's logits, then over samples, summed
+    over the logits outputs.
+
+    Raises:
+        DataError: the data is empty.
+    """
     total, samples = 0.0, 0
-    for feed in [first, *feeds]:
-        ref, got = float_runner.run(feed, logits), quantized.run(feed)
-        for name in logits:
-            r = ref[name].astype(np.float64)
+    for ref, got in joint_outputs(model, data, batch_size):
+        for name, value in ref.items():
+            r = value.astype(np.float64)
             total += float(((got[name].astype(np.float64) - r) ** 2).reshape(r.shape[0], -1).mean(axis=1).sum())
-        samples += next(iter(feed.values())).shape[0]
+        samples += next(iter(ref.values())).shape[0]
     return total / samples

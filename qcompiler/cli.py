@@ -509,16 +509,24 @@ def allocate_command(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: bit_allocation_{10·b̄}.txt per budget, allocations.json."),
     allocator: str = typer.Option("knapsack", "--allocator", help="knapsack, pareto, pareto-faithful, hull or hull-fill."),
     max_point_error: Optional[float] = typer.Option(None, "--max-point-error", help="Drop points with D above this first (the seed drops D > 1)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Apply every allocation to this model (the one profiled) and measure it (seed step 6); needs --calib."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="With --model: calibration data (the activations' dead zones are fitted on it)."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval", help="With --model: data to measure on (logit MSE, top-1 with labels); default --calib."),
+    batch_size: int = typer.Option(64, "--batch-size"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
-    """Seed 000's step 5: allocate a curve file for a list of budgets, one bit_allocation file each."""
-    from qcompiler.pareto_files import parse_budgets, run_seed_allocation
+    """Seed 000's steps 5-6: allocate a curve file for a list of budgets, one bit_allocation file
+    each; with --model, apply and measure every allocation."""
+    from qcompiler.pareto_files import SeedEvaluation, parse_budgets, run_seed_allocation
 
     def run() -> Any:
         if allocator not in ("knapsack", "pareto", "pareto-faithful", "hull", "hull-fill"):
             raise QCompilerError(f"--allocator {allocator!r} is not one of knapsack, pareto, pareto-faithful, hull, hull-fill")
-        return run_seed_allocation(inputs, parse_budgets(avg_bits), out, allocator, max_point_error)
+        if (model is None) != (calib is None) or (eval_data is not None and model is None):
+            raise QCompilerError("--model and --calib go together (and --eval needs them)")
+        evaluation = SeedEvaluation(model, calib, eval_data, batch_size) if model is not None else None
+        return run_seed_allocation(inputs, parse_budgets(avg_bits), out, allocator, max_point_error, evaluation)
 
     rows = _run(debug, run)
     if not quiet:
@@ -526,8 +534,10 @@ def allocate_command(
             if "error" in row:
                 typer.echo(f"{row['avg_bits']:g} bits: skipped, {row['error']}")
                 continue
+            measured = f", measured {row['measured_distortion']:.6g}" if "measured_distortion" in row else ""
+            top1 = f", top-1 {row['top1']:.4f}" if "top1" in row else ""
             typer.echo(f"{row['avg_bits']:g} bits: {row['file']} (rate {row['rate_per_element']:.4f} bits/element, "
-                       f"sum of D {row['distortion']:.6g})")
+                       f"sum of D {row['distortion']:.6g}{measured}{top1})")
 
 
 @app.command("channels")

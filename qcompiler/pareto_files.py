@@ -19,15 +19,18 @@ import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from qcompiler import annotations as ann
 from qcompiler.allocation import Allocation, AllocationError, Curve, allocate
-from qcompiler.candidates import parse_candidate
+from qcompiler.candidates import deadzone_levels, parse_candidate
 from qcompiler.errors import DataError
-from qcompiler.graph import values_by_name
+from qcompiler.graph import const_array, values_by_name
 from qcompiler.passes.detect_layers import quantizable_nodes
+from qcompiler.passes.profile_errors import activation_sample, fit_activation, fit_weight
 
 INPUTS_NAME = "pareto_condition_inputs.txt"
 
@@ -89,11 +92,7 @@ def profiles_to_seed(model: ir.Model, profiles: Mapping[str, ann.ErrorProfile] |
     values = values_by_name(model.graph)
     if profiles is None:
         profiles = {n: p for n, v in values.items() if (p := ann.get(v, ann.ErrorProfile)) is not None}
-    weights, activations = [], []
-    for _, layer in quantizable_nodes(model):
-        for name, bucket in ((layer.weight, weights), (layer.activation_input, activations)):
-            if name not in bucket and name in profiles:
-                bucket.append(name)
+    weights, activations = ([n for n in names if n in profiles] for names in seed_order(model))
     out = []
     for kind_index, names in ((0, weights), (1, activations)):
         for index, name in enumerate(names):
@@ -112,6 +111,18 @@ def profiles_to_seed(model: ir.Model, profiles: Mapping[str, ann.ErrorProfile] |
                 raise DataError(f"{name}: no {need} was profiled (seed 000's files hold dead zones only)")
             out.append(SeedTensor(index, bool(kind_index), tuple(points), name))
     return out
+
+
+def seed_order(model: ir.Model) -> tuple[list[str], list[str]]:
+    """The order of the seed's files: the weights of the quantizable layers, then the activations
+    entering them, each in layer order without repeats."""
+    weights: list[str] = []
+    activations: list[str] = []
+    for _, layer in quantizable_nodes(model):
+        for name, bucket in ((layer.weight, weights), (layer.activation_input, activations)):
+            if name not in bucket:
+                bucket.append(name)
+    return weights, activations
 
 
 def format_pareto_inputs(tensors: Iterable[SeedTensor]) -> str:
@@ -248,19 +259,42 @@ def parse_budgets(text: str) -> list[float]:
     return budgets
 
 
+@dataclasses.dataclass(frozen=True)
+class SeedEvaluation:
+    """The model every allocation of a curve file is applied to and measured on (seed step 6).
+
+    Attributes:
+        model: the float model (.onnx) the curves were profiled on.
+        calib: calibration data: the activations' dead zones are fitted on its reservoir.
+        eval: data the allocated model is measured on (logit MSE against float, top-1 when it
+            has labels); default ``calib``.
+        batch_size: batch size.
+    """
+
+    model: str | Path
+    calib: Any
+    eval: Any = None
+    batch_size: int = 64
+
+
 def run_seed_allocation(inputs: str | Path, budgets: Sequence[float], out: str | Path, method: str = "knapsack",
-                        max_point_error: float | None = None) -> list[dict[str, float | str]]:
-    """Seed 000's step 5 from a curve file: one ``bit_allocation_{10·b̄}.txt`` per feasible budget
-    and ``allocations.json`` (per budget: rate used per element, Σ D, the solver; or why it is
-    infeasible) in ``out``.
+                        max_point_error: float | None = None,
+                        evaluation: SeedEvaluation | None = None) -> list[dict[str, float | str]]:
+    """Seed 000's step 5 (and 6) from a curve file: one ``bit_allocation_{10·b̄}.txt`` per feasible
+    budget and ``allocations.json`` (per budget: rate used per element, Σ D, the solver; or why it
+    is infeasible) in ``out``. With ``evaluation``, every allocation is also applied to the model:
+    its measured logit MSE (and top-1) go into ``allocations.json`` and its codebooks into
+    ``codebooks_{10·b̄}.txt`` (``name dz L λ δ``).
 
     Raises:
-        DataError: an unreadable curve file. AllocationError: no budget is feasible.
+        DataError: an unreadable curve file, or a file that does not fit the model.
+        AllocationError: no budget is feasible.
     """
     from qcompiler.fsutil import atomic_dir, check_output_dir, write_bytes, write_json
 
     tensors = read_pareto_inputs(inputs)
     check_output_dir(out)
+    evaluator = _Evaluator(evaluation, tensors, str(inputs)) if evaluation is not None else None
     elements = sum(t.elements for t in tensors)
     rows: list[dict[str, float | str]] = []
     solved = []
@@ -270,14 +304,125 @@ def run_seed_allocation(inputs: str | Path, budgets: Sequence[float], out: str |
         except AllocationError as exc:  # below the smallest candidates: reported, the others still run
             rows.append({"avg_bits": b, "error": str(exc)})
             continue
-        solved.append((b, choice))
-        rows.append({"avg_bits": b, "file": bit_allocation_name(b), "rate_per_element": result.rate / elements,
-                     "distortion": result.distortion, "method": result.method})
+        row = {"avg_bits": b, "file": bit_allocation_name(b), "rate_per_element": result.rate / elements,
+               "distortion": result.distortion, "method": result.method}
+        codebooks = evaluator.measure(choice, result.method, row) if evaluator is not None else None
+        solved.append((b, choice, codebooks))
+        rows.append(row)
     if not solved:
         raise AllocationError(f"{inputs}: no budget of {', '.join(f'{b:g}' for b in budgets)} bits per element is "
                               f"feasible: {rows[0]['error']}")
+    summary: dict[str, Any] = {"inputs": str(inputs), "elements": elements, "allocations": rows}
+    if evaluator is not None:
+        summary.update(evaluator.header())
     with atomic_dir(out) as folder:
-        for b, choice in solved:
+        for b, choice, codebooks in solved:
             write_bytes(folder / bit_allocation_name(b), format_bit_allocation(choice).encode())
-        write_json(folder / "allocations.json", {"inputs": str(inputs), "elements": elements, "allocations": rows})
+            if codebooks is not None:
+                write_bytes(folder / f"codebooks_{round(b * 10)}.txt", codebooks.encode())
+        write_json(folder / "allocations.json", summary)
     return rows
+
+
+class _Evaluator:
+    """A calibrated model that measures allocations of a curve file."""
+
+    def __init__(self, evaluation: SeedEvaluation, tensors: Sequence[SeedTensor], source: str) -> None:
+        from qcompiler.data import load_dataset
+        from qcompiler.ir import load_normalized
+        from qcompiler.passes.calibrate import CalibratePass
+        from qcompiler.passes.pipelines import canonical_pipeline
+        from qcompiler.pipeline import run_pipeline
+
+        model = load_normalized(evaluation.model)
+        calib = load_dataset(evaluation.calib, model)
+        passes = [*canonical_pipeline(), CalibratePass(data=calib, batch_size=evaluation.batch_size, show_progress=False)]
+        self.model = run_pipeline(model, passes).model
+        self.names = match_tensors(self.model, tensors, source)
+        self.data = load_dataset(evaluation.eval, model) if evaluation.eval is not None else calib
+        self.batch_size = evaluation.batch_size
+        self.evaluation = evaluation
+        self.float_top1: float | None = None
+
+    def header(self) -> dict[str, Any]:
+        return {"model": str(self.evaluation.model), "measured_on": self.data.source, "tensors": self.names,
+                "float_top1": self.float_top1}
+
+    def measure(self, choice: Sequence[SeedPoint], method: str, row: dict[str, Any]) -> str:
+        """Apply ``choice``; add its measured MSE (and top-1) to ``row``; return its codebooks."""
+        from qcompiler.api import labelled_top1
+        from qcompiler.passes.measure_allocation import joint_outputs
+
+        apply_choice(self.model, self.names, choice, method)
+        total, samples, floats, quantized = 0.0, 0, [], []
+        for ref, got in joint_outputs(self.model, self.data, self.batch_size):
+            for name, value in ref.items():
+                r = value.astype(np.float64)
+                total += float(((got[name].astype(np.float64) - r) ** 2).reshape(r.shape[0], -1).mean(axis=1).sum())
+            samples += next(iter(ref.values())).shape[0]
+            floats.append(next(iter(ref.values())))
+            quantized.append(next(iter(got.values())))
+        row["measured_distortion"] = total / samples
+        if self.data.labels is not None:
+            self.float_top1 = labelled_top1(np.concatenate(floats), self.data)
+            row["top1"] = labelled_top1(np.concatenate(quantized), self.data)
+        return codebook_lines(self.model, self.names, choice)
+
+
+# --------------------------------------------------------------------------- seed step 6: evaluation
+def match_tensors(model: ir.Model, tensors: Sequence[SeedTensor], source: str) -> list[str]:
+    """The model values a curve file's tensors stand for (the file's order: :func:`seed_order`).
+
+    Raises:
+        DataError: naming the file, when the counts of weights or activations differ, or a
+            tensor's N (from its rates) is not the value's element count (per sample).
+    """
+    weights, activations = seed_order(model)
+    file_weights = [t for t in tensors if not t.activation]
+    file_activations = [t for t in tensors if t.activation]
+    if len(file_weights) != len(weights) or len(file_activations) not in (0, len(activations)):
+        raise DataError(f"{source}: {len(file_weights)} weights and {len(file_activations)} activations, the model "
+                        f"has {len(weights)} weights and {len(activations)} activations entering its layers")
+    names = weights + activations[: len(file_activations)]
+    values = values_by_name(model.graph)
+    for t, name in zip([*file_weights, *file_activations], names):
+        n = _elements(values[name], t.activation)
+        if n is not None and not math.isclose(n, t.elements, rel_tol=1e-6):
+            kind = "activation" if t.activation else "weight"
+            raise DataError(f"{source}: {kind} {t.layer} has N = {t.elements:g} (rate / log2 L), the model's "
+                            f"{name!r} has {n:g} elements{' per sample' if t.activation else ''}")
+    return names
+
+
+def _elements(value: ir.Value, per_sample: bool) -> int | None:
+    dims = list(value.shape) if value.shape is not None else None
+    if dims is None or not all(isinstance(d, int) for d in dims[1 if per_sample else 0 :]):
+        return None
+    return math.prod(dims[1:]) if per_sample else math.prod(dims)
+
+
+def apply_choice(model: ir.Model, names: Sequence[str], choice: Sequence[SeedPoint], method: str) -> None:
+    """Annotate the chosen dead zone of every named value (``BitWidth``, for the quantizers and
+    the joint measurement); activations take ratio-0 dead zones, as in the seed."""
+    for name, point in zip(names, choice):
+        candidate = deadzone_levels(point.levels, 0.0 if point.dz < 0 else point.dz / 100.0)
+        ann.set(values_by_name(model.graph)[name], ann.BitWidth(
+            candidate=candidate.label, kind="deadzone", bits=candidate.bits, rate=point.rate,
+            distortion=point.distortion, method=method))
+
+
+def codebook_lines(model: ir.Model, names: Sequence[str], choice: Sequence[SeedPoint]) -> str:
+    """``name dz L λ δ`` per tensor (the seed's codebooks, λ and δ with 12 decimals)."""
+    values = values_by_name(model.graph)
+    layers = {layer.weight: layer for _, layer in quantizable_nodes(model)}
+    lines = []
+    for name, point in zip(names, choice):
+        candidate = deadzone_levels(point.levels, 0.0 if point.dz < 0 else point.dz / 100.0)
+        value = values[name]
+        if name in layers:
+            fitted = fit_weight(candidate, const_array(value), layers[name])
+        else:
+            fitted = fit_activation(candidate, value, activation_sample(value, None))
+        lam, delta = fitted.params
+        lines.append(f"{name} {_number(point.dz)} {point.levels} {lam:.12f} {delta:.12f}\n")
+    return "".join(lines)

@@ -157,10 +157,30 @@ def test_cli_profile_exports_and_allocate_writes_one_file_per_budget(tmp_path):
     assert rows[0]["distortion"] > rows[1]["distortion"] > rows[2]["distortion"]
     lines = (out / "bit_allocation_30.txt").read_text().splitlines()
     assert len(lines) == 5 and all(line.split()[0] == "30" and line.split()[1] in {"3", "5", "9", "17"} for line in lines)
+    ev = tmp_path / "evaluated"
+    result = runner.invoke(app, ["allocate", str(prof / "pareto_condition_inputs.txt"), "--avg-bits", "2,3",
+                                 "--model", str(DIGITS / "digits_cnn.onnx"), "--calib", str(DIGITS / "calib.npz"),
+                                 "--eval", str(DIGITS / "eval.npz"), "-o", str(ev)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((ev / "allocations.json").read_text())
+    assert summary["tensors"] == ["0.weight", "3.weight", "7.weight", "12.weight", "14.weight"]
+    assert summary["float_top1"] == pytest.approx(0.9944, abs=1e-4)
+    low, high = summary["allocations"]
+    assert low["measured_distortion"] > high["measured_distortion"] > 0 and 0.5 < high["top1"] <= 1.0
+    assert 0.2 < high["measured_distortion"] / high["distortion"] < 5  # eval split against the calib curves
+    codebooks = (ev / "codebooks_30.txt").read_text().splitlines()
+    chosen = (ev / "bit_allocation_30.txt").read_text().splitlines()
+    assert [line.split()[0] for line in codebooks] == summary["tensors"]
+    assert [" ".join(line.split()[1:3]) for line in codebooks] == chosen
+    assert all(len(line.split()[3].split(".")[1]) == 12 and float(line.split()[4]) > 0 for line in codebooks)
     for args, message in [
         (["allocate", str(tmp_path / "none.txt"), "--avg-bits", "2"], "none.txt: cannot read it"),
         (["allocate", str(prof / "pareto_condition_inputs.txt"), "--avg-bits", "1,1.2"], "no budget of 1, 1.2 bits per element is feasible: impossible budget"),
         (["allocate", str(prof / "pareto_condition_inputs.txt"), "--avg-bits", "2", "--allocator", "magic"], "--allocator 'magic'"),
+        (["allocate", str(prof / "pareto_condition_inputs.txt"), "--avg-bits", "2", "--model", str(DIGITS / "digits_cnn.onnx")],
+         "--model and --calib go together"),
+        (["allocate", str(_write(tmp_path)), "--avg-bits", "3", "--model", str(DIGITS / "digits_cnn.onnx"), "--calib",
+          str(DIGITS / "calib.npz")], "pareto_condition_inputs.txt: 2 weights and 1 activations, the model has 5 weights and 5 activations"),
         (["profile", str(DIGITS / "digits_cnn.onnx"), "--calib", str(DIGITS / "calib.npz"), "--deadzone-levels", "3,x"], "expected integers separated by commas or white space"),
         (["profile", str(DIGITS / "digits_cnn.onnx"), "--calib", str(DIGITS / "calib.npz"), "--deadzone-levels", "2"], "level counts must be in 3..65536"),
         (["profile", str(DIGITS / "digits_cnn.onnx"), "--calib", str(DIGITS / "calib.npz"), "--kinds", "uniform", "--export-pareto-inputs"], "no dead-zone candidate was profiled"),
@@ -178,3 +198,20 @@ def test_numbers_are_written_so_they_read_back_exactly():
     assert text.splitlines()[1] == "0 33.3 3 0.30000000000000004 0.3333333333333333"
     again = read_pareto_inputs_text(text)[0]
     assert again.points == tensor.points and np.isclose(again.elements, tensor.elements)
+
+
+def test_a_curve_file_must_fit_the_models_element_counts(tmp_path):
+    from qcompiler.ir import load_normalized
+    from qcompiler.pareto_files import match_tensors
+    from qcompiler.passes.pipelines import canonical_pipeline
+    from qcompiler.pipeline import run_pipeline
+
+    model = run_pipeline(load_normalized(DIGITS / "digits_cnn.onnx"), canonical_pipeline()).model
+    sizes = [144, 4608, 9216, 32768, 640]  # the digits CNN's weights, in layer order
+    text = "".join(f"1\n{i} 30 3 {n * math.log2(3)!r} 1\n" for i, n in enumerate(sizes))
+    names = match_tensors(model, read_pareto_inputs(_write(tmp_path, text)), "f")
+    assert names == ["0.weight", "3.weight", "7.weight", "12.weight", "14.weight"]
+    sizes[2] = 9000
+    text = "".join(f"1\n{i} 30 3 {n * math.log2(3)!r} 1\n" for i, n in enumerate(sizes))
+    with pytest.raises(DataError, match="f: weight 2 has N = 9000 .rate / log2 L., the model's '7.weight' has 9216 elements"):
+        match_tensors(model, read_pareto_inputs(_write(tmp_path, text)), "f")
