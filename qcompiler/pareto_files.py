@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from qcompiler import annotations as ann
 from qcompiler.allocation import Allocation, AllocationError, Curve, allocate
-from qcompiler.candidates import deadzone_levels, parse_candidate
+from qcompiler.candidates import MAX_LEVELS, deadzone_levels, parse_candidate
 from qcompiler.errors import DataError
 from qcompiler.graph import const_array, values_by_name
 from qcompiler.passes.detect_layers import quantizable_nodes
@@ -403,20 +403,29 @@ def _elements(value: ir.Value, per_sample: bool) -> int | None:
 
 def apply_choice(model: ir.Model, names: Sequence[str], choice: Sequence[SeedPoint], method: str) -> None:
     """Annotate the chosen dead zone of every named value (``BitWidth``, for the quantizers and
-    the joint measurement); activations take ratio-0 dead zones, as in the seed."""
+    the joint measurement); activations take ratio-0 dead zones, as in the seed. A level count
+    above 65536 is the seed's "not quantized" (it writes L = ∞ as 100000000): the value stays float."""
+    values = values_by_name(model.graph)
     for name, point in zip(names, choice):
+        if point.levels > MAX_LEVELS:
+            ann.remove(values[name], ann.BitWidth)
+            continue
         candidate = deadzone_levels(point.levels, 0.0 if point.dz < 0 else point.dz / 100.0)
-        ann.set(values_by_name(model.graph)[name], ann.BitWidth(
+        ann.set(values[name], ann.BitWidth(
             candidate=candidate.label, kind="deadzone", bits=candidate.bits, rate=point.rate,
             distortion=point.distortion, method=method))
 
 
 def codebook_lines(model: ir.Model, names: Sequence[str], choice: Sequence[SeedPoint]) -> str:
-    """``name dz L λ δ`` per tensor (the seed's codebooks, λ and δ with 12 decimals)."""
+    """``name dz L λ δ`` per tensor (the seed's codebooks, λ and δ with 12 decimals; ``- -`` for a
+    tensor left float)."""
     values = values_by_name(model.graph)
     layers = {layer.weight: layer for _, layer in quantizable_nodes(model)}
     lines = []
     for name, point in zip(names, choice):
+        if point.levels > MAX_LEVELS:  # not quantized
+            lines.append(f"{name} {_number(point.dz)} {point.levels} - -\n")
+            continue
         candidate = deadzone_levels(point.levels, 0.0 if point.dz < 0 else point.dz / 100.0)
         value = values[name]
         if name in layers:

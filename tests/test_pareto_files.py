@@ -215,3 +215,18 @@ def test_a_curve_file_must_fit_the_models_element_counts(tmp_path):
     text = "".join(f"1\n{i} 30 3 {n * math.log2(3)!r} 1\n" for i, n in enumerate(sizes))
     with pytest.raises(DataError, match="f: weight 2 has N = 9000 .rate / log2 L., the model's '7.weight' has 9216 elements"):
         match_tensors(model, read_pareto_inputs(_write(tmp_path, text)), "f")
+
+
+def test_the_seeds_not_quantized_level_count_leaves_a_tensor_float(tmp_path):
+    """The seed writes L = ∞ as 100000000: applied, that tensor keeps its float values."""
+    from qcompiler.pareto_files import SeedEvaluation, run_seed_allocation
+
+    sizes = [144, 4608, 9216, 32768, 640]
+    text = "".join(f"2\n{i} 30 3 {n * math.log2(3)!r} 1\n{i} 0 100000000 {n * math.log2(1e8)!r} 0\n"
+                   for i, n in enumerate(sizes))
+    path = _write(tmp_path, text)
+    rows = run_seed_allocation(path, [1.6, 27.0], tmp_path / "o", evaluation=SeedEvaluation(
+        DIGITS / "digits_cnn.onnx", DIGITS / "calib.npz"))
+    assert rows[0]["measured_distortion"] > 0 and rows[1]["measured_distortion"] == 0.0  # all float at 27 bits
+    assert (tmp_path / "o" / "bit_allocation_270.txt").read_text() == "0 100000000\n" * 5
+    assert (tmp_path / "o" / "codebooks_270.txt").read_text().splitlines()[0] == "0.weight 0 100000000 - -"
