@@ -14,6 +14,8 @@ Kinds (algorithms.md §1):
 - ``fixed``: fixed point (wl = b, the no-overflow fractional length), per output channel for
   weights (as the fixed-point target emits them) and per tensor for activations.
 
+- ``none``: not quantized (float32; :func:`not_quantized`).
+
 Rates: ``fixed`` = N·b bits; ``entropy`` = N·H over the histogram of codes; ``log2`` = N·log2 L
 for the L codes the quantizer can produce (seed 000's rate, fractional bits).
 """
@@ -59,7 +61,9 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        """A stable name, e.g. ``uniform:4``, ``deadzone:4:r0.3`` or ``deadzone:L41:r0.3``."""
+        """A stable name, e.g. ``uniform:4``, ``deadzone:4:r0.3``, ``deadzone:L41:r0.3`` or ``none``."""
+        if self.kind == NOT_QUANTIZED:
+            return NOT_QUANTIZED
         width = f"L{self.levels}" if self.levels else str(self.bits)
         return f"{self.kind}:{width}" + (f":r{self.ratio:g}" if self.kind == "deadzone" else "")
 
@@ -67,6 +71,17 @@ class Candidate:
     def level_count(self) -> int:
         """The dead zone's L (explicit, or ``2**bits - 1``)."""
         return self.levels or (1 << self.bits) - 1
+
+
+#: The "not quantized" candidate (algorithms.md §1.4): the tensor stays float32 (32 bits per
+#: element; the seed writes it as L = 100000000, which is its level count for the log2 rate).
+NOT_QUANTIZED = "none"
+NOT_QUANTIZED_LEVELS = 100_000_000
+
+
+def not_quantized() -> Candidate:
+    """The candidate that leaves a tensor in float (label ``none``)."""
+    return Candidate(NOT_QUANTIZED, 32)
 
 
 #: Dead-zone level counts: L < 3 has no nonzero level (a division by zero in the seed, Q000-9);
@@ -88,6 +103,8 @@ def parse_candidate(label: str) -> Candidate:
     Raises:
         ValueError: an unknown kind or a malformed label.
     """
+    if label == NOT_QUANTIZED:
+        return not_quantized()
     parts = label.split(":")
     width = parts[1] if len(parts) > 1 else ""
     explicit = width.startswith("L") and width[1:].isdigit() and parts[0] == "deadzone"
@@ -114,8 +131,10 @@ def candidate_set(
         deadzone_levels_list: explicit dead-zone level counts L (seed 000's
             ``adaptive_list_quant_levels.txt``); when given, the dead-zone candidates are these
             L times the ratios instead of ``2**bits - 1`` levels.
+
+    The kind ``none`` in ``kinds`` adds the one "not quantized" candidate.
     """
-    unknown = sorted(set(kinds) - set(KINDS))
+    unknown = sorted(set(kinds) - set(KINDS) - {NOT_QUANTIZED})
     if unknown:
         raise ValueError(f"unknown quantizer kinds {unknown} (known: {', '.join(KINDS)})")
     outside = sorted(b for b in set(bits) if not 1 <= b <= 16)
@@ -123,6 +142,9 @@ def candidate_set(
         raise ValueError(f"bit-widths must be in 1..16, got {outside}")
     out = []
     for kind in kinds:
+        if kind == NOT_QUANTIZED:
+            out.append(not_quantized())
+            continue
         if kind == "deadzone" and deadzone_levels_list:
             out += [deadzone_levels(n, r) for n in deadzone_levels_list for r in deadzone_ratios]
             continue
@@ -251,6 +273,8 @@ def fit(candidate: Candidate, values: np.ndarray, signed: bool, axis: int | None
         clip: the activation's calibrated range (defaults to max |values|).
     """
     b = candidate.bits
+    if candidate.kind == NOT_QUANTIZED:
+        return Fitted(candidate, signed, None, ())
     absmax = float(np.abs(values).max()) if clip is None else float(clip)
     if candidate.kind == "uniform":
         if b == 1 and signed:
@@ -275,8 +299,11 @@ def fit(candidate: Candidate, values: np.ndarray, signed: bool, axis: int | None
 
 
 def codes(f: Fitted, x: np.ndarray) -> np.ndarray:
-    """Integer codes of ``x`` (for the entropy rate)."""
+    """Integer codes of ``x`` (for the entropy rate); a float tensor's codes are its float32 bit
+    patterns (its rates are fixed at 32 bits, :func:`code_rates`)."""
     c, b = f.candidate, f.candidate.bits
+    if c.kind == NOT_QUANTIZED:
+        return np.ascontiguousarray(x, dtype=np.float32).view(np.int32).astype(np.int64)
     x64 = x.astype(np.float64)
     if c.kind == "uniform":
         if b == 1 and f.signed:
@@ -310,6 +337,8 @@ def apply(f: Fitted, x: np.ndarray) -> np.ndarray:
 def dequantize(f: Fitted, q: np.ndarray, x: np.ndarray) -> np.ndarray:
     """The values of ``x``'s codes ``q`` (from :func:`codes`) under ``f``, in ``x``'s dtype."""
     c, b = f.candidate, f.candidate.bits
+    if c.kind == NOT_QUANTIZED:
+        return x.copy()
     q = q.astype(np.float64)
     if c.kind == "uniform":
         if b == 1 and f.signed:
@@ -337,6 +366,8 @@ def _fl(f: Fitted, x: np.ndarray) -> np.ndarray | int:
 def level_count(f: Fitted) -> int:
     """How many codes a fitted candidate can produce (the L of the ``log2`` rate model)."""
     c, b = f.candidate, f.candidate.bits
+    if c.kind == NOT_QUANTIZED:
+        return NOT_QUANTIZED_LEVELS
     if c.kind == "deadzone":
         return c.level_count
     if c.kind == "uniform":
@@ -354,7 +385,13 @@ def rates(f: Fitted, x: np.ndarray, elements: int) -> tuple[float, float, float]
 
 
 def code_rates(f: Fitted, q: np.ndarray, elements: int) -> tuple[float, float, float]:
-    """:func:`rates` from the codes ``q`` of a sample (as :func:`codes` gives them)."""
+    """:func:`rates` from the codes ``q`` of a sample (as :func:`codes` gives them).
+
+    A float tensor is stored raw: its entropy rate is its 32 bits (the empirical entropy of
+    distinct float values would be log2 N, cheaper than any real code for a small tensor).
+    """
+    if f.candidate.kind == NOT_QUANTIZED:
+        return 32.0 * elements, 32.0 * elements, float(elements * math.log2(NOT_QUANTIZED_LEVELS))
     q = q.reshape(-1)
     lo = int(q.min()) if q.size else 0
     if q.size and int(q.max()) - lo < 1 << 24:

@@ -444,7 +444,7 @@ def profile_command(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     mode: str = typer.Option("exact", "--mode", help="exact, fast, or both (measures and compares)."),
     bits: str = typer.Option("1,2,3,4,5,6,7,8,16", "--bits", help="Candidate bit widths, comma-separated."),
-    kinds: str = typer.Option("uniform,deadzone,log,fixed", "--kinds", help="Quantizer kinds, comma-separated."),
+    kinds: str = typer.Option("uniform,deadzone,log,fixed", "--kinds", help="Quantizer kinds, comma-separated; none adds the not-quantized candidate (float32)."),
     ratios: str = typer.Option("0.1,0.3,0.5", "--deadzone-ratios", help="Dead-zone ratios, comma-separated."),
     levels: Optional[str] = typer.Option(None, "--deadzone-levels", help="Dead-zone level counts L instead of 2^b-1 (seed 000's adaptive_list_quant_levels): comma-separated, or @FILE with one L per line."),
     export_pareto: bool = typer.Option(False, "--export-pareto-inputs", help="Also write seed 000's pareto_condition_inputs.txt (dead-zone points)."),

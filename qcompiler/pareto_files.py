@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from qcompiler import annotations as ann
 from qcompiler.allocation import Allocation, AllocationError, Curve, allocate
-from qcompiler.candidates import MAX_LEVELS, deadzone_levels, parse_candidate
+from qcompiler.candidates import MAX_LEVELS, NOT_QUANTIZED, NOT_QUANTIZED_LEVELS, deadzone_levels, parse_candidate
 from qcompiler.errors import DataError
 from qcompiler.graph import const_array, values_by_name
 from qcompiler.passes.detect_layers import quantizable_nodes
@@ -102,10 +102,12 @@ def profiles_to_seed(model: ir.Model, profiles: Mapping[str, ann.ErrorProfile] |
             points = []
             for label, rate, distortion in zip(profile.candidates, profile.rate_log2, profile.distortion):
                 candidate = parse_candidate(label)
+                dz = -1.0 if kind_index else candidate.ratio * 100.0
                 # activations take ratio-0 codebooks in the seed; their dz is written as -1
                 if candidate.kind == "deadzone" and not (kind_index and candidate.ratio):
-                    dz = -1.0 if kind_index else candidate.ratio * 100.0
                     points.append(SeedPoint(dz, candidate.level_count, rate, distortion))
+                elif candidate.kind == NOT_QUANTIZED:  # the seed's L = 100000000
+                    points.append(SeedPoint(dz, NOT_QUANTIZED_LEVELS, rate, distortion))
             if not points:
                 need = "ratio-0 dead zone (add 0 to --deadzone-ratios)" if kind_index else "dead-zone candidate"
                 raise DataError(f"{name}: no {need} was profiled (seed 000's files hold dead zones only)")

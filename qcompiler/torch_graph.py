@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from qcompiler import annotations as ann
 from qcompiler.errors import UnsupportedModelError
 from qcompiler.graph import attr, const_array
-from qcompiler.candidates import Fitted, fit, parse_candidate
+from qcompiler.candidates import NOT_QUANTIZED, Fitted, fit, parse_candidate
 from qcompiler.candidates import codes as codebook_codes
 from qcompiler.passes.calibrate import META_KEY
 from qcompiler.passes.detect_layers import quantizable_nodes
@@ -194,6 +194,8 @@ def codebook_of(value: ir.Value, array: np.ndarray | None, weight_axis: int | No
     if chosen is None or array is None:
         return None
     candidate = parse_candidate(chosen.candidate)
+    if candidate.kind == NOT_QUANTIZED:  # allocated to stay float: no quantizer
+        return None
     if weight_axis is not None:
         return fit(candidate, array, True, axis=weight_axis if candidate.kind in PER_CHANNEL_KINDS else None)
     stats = ann.get(value, ann.TensorStats)

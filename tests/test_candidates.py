@@ -178,3 +178,16 @@ def test_fitted_explicit_levels_use_every_code():
     f = fit(deadzone_levels(41, 0.3), x, signed=True)
     q = codes(f, x)
     assert q.min() == -20 and q.max() == 20 and np.mean(q == 0) == pytest.approx(0.3, abs=0.01)
+
+
+def test_the_not_quantized_candidate():
+    from qcompiler.candidates import not_quantized, parse_candidate
+
+    none = not_quantized()
+    assert none.label == "none" and parse_candidate("none") == none and none.bits == 32
+    assert [c.label for c in candidate_set(kinds=("fixed", "none"), bits=(4,))] == ["fixed:4", "none"]
+    x = RNG.normal(size=100).astype(np.float32)
+    f = fit(none, x, signed=True)
+    assert np.array_equal(f.apply(x), x) and rates(f, x, 100) == (3200.0, 3200.0, pytest.approx(100 * np.log2(1e8)))
+    with pytest.raises(ValueError, match="unknown quantizer kinds"):
+        candidate_set(kinds=("float",))

@@ -112,6 +112,14 @@ def test_profiles_export_their_dead_zone_points_weights_first():
     assert [t.elements for t in tensors] == pytest.approx([72, 144, 720, 72, 144, 144])
     again = read_pareto_inputs_text(format_pareto_inputs(tensors))
     assert [t.points for t in again] == [t.points for t in tensors]
+    model = _model()  # the "not quantized" candidate is the seed's L = 100000000
+    ProfileErrorPass(data=DATA, candidates=tuple(candidate_set(kinds=("deadzone", "none"), deadzone_ratios=(0.0,),
+                                                               deadzone_levels_list=(3,))),
+                     batch_size=16, show_progress=False)(model)
+    tensors = profiles_to_seed(model)
+    assert [(p.dz, p.levels) for p in tensors[0].points] == [(0, 3), (0, 100_000_000)]
+    assert [(p.dz, p.levels) for p in tensors[3].points] == [(-1, 3), (-1, 100_000_000)]
+    assert [p.points for p in read_pareto_inputs_text(format_pareto_inputs(tensors))] == [t.points for t in tensors]
     model = _model()
     ProfileErrorPass(data=DATA, candidates=tuple(candidate_set(kinds=("deadzone",), deadzone_ratios=(0.3,),
                                                                deadzone_levels_list=(3,))),

@@ -239,3 +239,40 @@ def test_hybrid_needs_its_allocation_and_only_hybrid_takes_one() -> None:
         ProfileErrorPass(data=DATA, mode="hybrid")
     with pytest.raises(ValueError, match="only 'hybrid' uses one"):
         ProfileErrorPass(data=DATA, mode="exact", allocate=AllocateBitsPass(avg_bits=4))
+
+
+def test_the_not_quantized_candidate_costs_32_bits_and_nothing_in_distortion() -> None:
+    """algorithms.md §1.4: an explicit "none" candidate; its distortion is measured (float
+    rounding of a separate run at most) and its rates are the raw float's."""
+    from qcompiler.candidates import not_quantized
+
+    candidates = (*tuple(candidate_set(bits=(2, 4), kinds=("uniform",))), not_quantized())
+    for mode in ("exact", "fast"):
+        model = _model()
+        ProfileErrorPass(data=DATA, candidates=candidates, mode=mode, batch_size=16, show_progress=False)(model)
+        for name, value in values_by_name(model.graph).items():
+            p = ann.get(value, ann.ErrorProfile)
+            if p is None:
+                continue
+            i = p.candidates.index("none")
+            assert p.rate_fixed[i] == p.rate_entropy[i] == 32 * p.elements
+            assert p.rate_log2[i] == pytest.approx(p.elements * np.log2(1e8))
+            assert p.distortion[i] < 1e-9 * p.distortion[p.candidates.index("uniform:2")], (mode, name)
+
+
+def test_an_allocation_may_keep_tensors_float() -> None:
+    from qcompiler.candidates import not_quantized
+    from qcompiler.passes.allocate_bits import AllocateBitsPass
+
+    model = _model()
+    candidates = (*tuple(candidate_set(bits=(2, 4, 8), kinds=("fixed",))), not_quantized())
+    ProfileErrorPass(data=DATA, candidates=candidates, tensors="weights", batch_size=16, show_progress=False)(model)
+    AllocateBitsPass(avg_bits=32, kinds=("fixed", "none"))(model)
+    chosen = {n: ann.get(v, ann.BitWidth) for n, v in values_by_name(model.graph).items() if ann.get(v, ann.BitWidth)}
+    assert {c.candidate for c in chosen.values()} == {"none"} and {c.bits for c in chosen.values()} == {32}
+    AllocateBitsPass(avg_bits=12, kinds=("fixed", "none"))(model)  # room to keep only the small tensors float
+    labels = {n: ann.get(v, ann.BitWidth).candidate for n, v in values_by_name(model.graph).items() if ann.get(v, ann.BitWidth)}
+    assert labels["w3"] != "none" and "none" in labels.values()
+    from qcompiler.passes.measure_allocation import joint_distortion
+
+    assert joint_distortion(model, DATA, 16) > 0
