@@ -496,6 +496,8 @@ def level_list(text: str) -> tuple[int, ...]:
             text = path.read_text()
         except OSError as exc:
             raise QCompilerError(f"{path}: cannot read the level list ({exc.strerror or exc})") from None
+        except UnicodeDecodeError:
+            raise QCompilerError(f"{path}: the level list is not a text file") from None
     try:
         return tuple(int(v) for v in text.replace(",", " ").split())
     except ValueError:

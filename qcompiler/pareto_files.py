@@ -148,6 +148,8 @@ def read_pareto_inputs(path: str | Path) -> list[SeedTensor]:
         rows = path.read_text().split("\n")
     except OSError as exc:
         raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a text file (pareto_condition_inputs.txt holds numbers)") from None
     tensors: list[SeedTensor] = []
     i = 0
     while i < len(rows):

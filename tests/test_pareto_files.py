@@ -43,7 +43,7 @@ TEXT = """3
 
 def _write(tmp_path, text=TEXT, name="pareto_condition_inputs.txt"):
     path = tmp_path / name
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     return path
 
 
@@ -80,6 +80,7 @@ def test_allocation_is_the_brute_force_optimum_and_writes_dz_l_lines(tmp_path):
     ("2\n0 30 3 158.5 1\n0 30 7 100 0.5\n", ":1: the rates disagree on N"),
     ("1\n0 -1 3 10 1\n1\n0 30 3 10 1\n", ":3: a weight after the activations"),
     ("2\n0 -1 3 10 1\n0 30 3 10 1\n", ":1: a tensor mixes weight and activation points"),
+    (b"\xff\xfe", ": not a text file"),
 ])
 def test_bad_files_name_the_file_and_line(tmp_path, text, message):
     path = _write(tmp_path, text)
