@@ -11,6 +11,7 @@ from qcompiler.passes.detect_layers import DetectLayersPass
 from qcompiler.passes.channel_allocation import ChannelAllocationPass
 from qcompiler.passes.finetune import FineTunePass
 from qcompiler.passes.fold_batchnorm import FoldBatchNormPass
+from qcompiler.passes.import_profiles import ImportProfilesPass
 from qcompiler.passes.measure_allocation import MeasureAllocationPass
 from qcompiler.passes.profile_errors import ProfileErrorPass
 
@@ -24,5 +25,6 @@ __all__ = [
     "DetectLayersPass",
     "FineTunePass",
     "FoldBatchNormPass",
+    "ImportProfilesPass",
     "MeasureAllocationPass",
 ]

@@ -13,6 +13,7 @@ from qcompiler.candidates import candidate_set
 from qcompiler.data import ArrayDataset
 from qcompiler.errors import QCompilerError
 from qcompiler.passes.allocate_bits import AllocateBitsPass
+from qcompiler.passes.import_profiles import ImportProfilesPass
 from qcompiler.passes.measure_allocation import MeasureAllocationPass
 from qcompiler.passes.calibrate import CalibratePass
 from qcompiler.passes.canonicalize import CanonicalizePass
@@ -48,6 +49,8 @@ def allocation_passes(
         raise QCompilerError("retraining between word-length cuts needs the greedy search (--allocator greedy --max-loss L)")
     if config.allocator == "greedy" and config.max_loss is None:
         raise QCompilerError("--allocator greedy needs --max-loss (and --eval): it is driven by accuracy")
+    if config.profile_from is not None and config.profile_mode != "exact":
+        raise QCompilerError("--profile-from reads curves measured earlier; --profile-mode does not apply")
     if config.profile_mode == "hybrid" and config.max_loss is not None:
         raise QCompilerError("--profile-mode hybrid refines the solution of one budget; --max-loss searches many "
                              "(use exact or fast)")
@@ -71,11 +74,14 @@ def allocation_passes(
 
         return [GreedyAllocatePass(metric=metric, reference=reference, max_loss=config.max_loss,
                                    legal_bits=tuple(b for b in weight_bits if b <= 8), tune=tune, prepare=prepare)]
+    tensors = "all" if config.allocate_scope == "all" else "weights"
+    profile = (ImportProfilesPass(source=str(config.profile_from), candidates=candidates, tensors=tensors)
+               if config.profile_from is not None else
+               ProfileErrorPass(data=calib, candidates=candidates, mode=config.profile_mode,
+                                allocate=allocate if config.profile_mode == "hybrid" else None,
+                                tensors=tensors, batch_size=batch_size, show_progress=show_progress))
     return [
-        ProfileErrorPass(data=calib, candidates=candidates, mode=config.profile_mode,
-                         allocate=allocate if config.profile_mode == "hybrid" else None,
-                         tensors="all" if config.allocate_scope == "all" else "weights",
-                         batch_size=batch_size, show_progress=show_progress),
+        profile,
         allocate if config.max_loss is None else MaxLossAllocatePass(
             metric=metric, reference=reference, max_loss=config.max_loss, allocate=allocate
         ),

@@ -246,6 +246,7 @@ def compile_command(
     total_bytes: Optional[float] = typer.Option(None, "--total-bytes", help="Mixed precision: size budget in bytes."),
     allocator: str = typer.Option("knapsack", "--allocator", help="knapsack, pareto, pareto-faithful, hull, hull-fill, uniform, or greedy (seed 002, with --max-loss)."),
     allocate_scope: str = typer.Option("weights", "--allocate", help="What the budget covers: weights or all."),
+    profile_from: Optional[Path] = typer.Option(None, "--profile-from", help="Allocate from the curves in this file (model.profiled.onnx of qcompile profile, or a previous compile's model.annotated.onnx) instead of profiling."),
     profile_mode: str = typer.Option("exact", "--profile-mode", help="Distortion curves the allocator reads: exact (every candidate measured), fast (additive-noise model) or hybrid (fast, then the candidates around the solution measured until it is)."),
     max_loss: Optional[float] = typer.Option(
         None, "--max-loss", help="Accuracy-aware: smallest budget whose held-out top-1 drops at most this (0.01 = 1 point)."
@@ -329,6 +330,7 @@ def compile_command(
             allocator=allocator,
             allocate_scope=allocate_scope,
             profile_mode=profile_mode,
+            profile_from=str(profile_from) if profile_from is not None else None,
             fl_rule=fl_rule,
             max_loss=max_loss,
             keep_float=tuple(split_list(keep_float)),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import networkx as nx
 import numpy as np
 import onnx_ir as ir
@@ -91,3 +93,13 @@ def to_networkx(model: ir.Model) -> nx.DiGraph:
         src = producer.name if producer is not None else f"input:{value.name}"
         g.add_edge(src, f"output:{value.name}", value=value.name)
     return g
+
+
+def static_size(value: ir.Value, per_sample: bool = False) -> int | None:
+    """A value's element count (per sample: without axis 0) when its shape is static, else None."""
+    if value.shape is None:
+        return None
+    dims = list(value.shape)[1 if per_sample else 0 :]
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    return math.prod(dims)

@@ -28,7 +28,7 @@ from qcompiler import annotations as ann
 from qcompiler.allocation import Allocation, AllocationError, Curve, allocate
 from qcompiler.candidates import MAX_LEVELS, NOT_QUANTIZED, NOT_QUANTIZED_LEVELS, deadzone_levels, parse_candidate
 from qcompiler.errors import DataError
-from qcompiler.graph import const_array, values_by_name
+from qcompiler.graph import const_array, static_size, values_by_name
 from qcompiler.passes.detect_layers import quantizable_nodes
 from qcompiler.passes.profile_errors import activation_sample, fit_activation, fit_weight
 
@@ -390,19 +390,12 @@ def match_tensors(model: ir.Model, tensors: Sequence[SeedTensor], source: str) -
     names = weights + activations[: len(file_activations)]
     values = values_by_name(model.graph)
     for t, name in zip([*file_weights, *file_activations], names):
-        n = _elements(values[name], t.activation)
+        n = static_size(values[name], per_sample=t.activation)
         if n is not None and not math.isclose(n, t.elements, rel_tol=1e-6):
             kind = "activation" if t.activation else "weight"
             raise DataError(f"{source}: {kind} {t.layer} has N = {t.elements:g} (rate / log2 L), the model's "
                             f"{name!r} has {n:g} elements{' per sample' if t.activation else ''}")
     return names
-
-
-def _elements(value: ir.Value, per_sample: bool) -> int | None:
-    dims = list(value.shape) if value.shape is not None else None
-    if dims is None or not all(isinstance(d, int) for d in dims[1 if per_sample else 0 :]):
-        return None
-    return math.prod(dims[1:]) if per_sample else math.prod(dims)
 
 
 def apply_choice(model: ir.Model, names: Sequence[str], choice: Sequence[SeedPoint], method: str) -> None:

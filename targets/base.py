@@ -28,6 +28,8 @@ class TargetConfig:
         allocate_scope: ``weights`` or ``all`` (weights and activations).
         profile_mode: the distortion curves the allocator reads: ``exact``, ``fast`` or
             ``hybrid`` (:class:`~qcompiler.passes.profile_errors.ProfileErrorPass`).
+        profile_from: an ONNX file whose ErrorProfile annotations the allocator reads instead
+            of profiling (``model.profiled.onnx`` or ``model.annotated.onnx`` of this model).
         fl_rule: weight FL choice: ``minmax``, ``mse``, ``mae``, ``seed002`` or ``ristretto``.
         max_loss: accuracy-aware mode: the smallest budget whose held-out top-1 drop is at most
             this (a fraction, 0.01 = one point); needs evaluation data with labels.
@@ -48,6 +50,7 @@ class TargetConfig:
     allocator: str = "knapsack"
     allocate_scope: str = "weights"
     profile_mode: str = "exact"
+    profile_from: str | None = None
     fl_rule: str = "minmax"
     max_loss: float | None = None
     model_name: str | None = None

@@ -358,3 +358,30 @@ def test_labels_for_an_output_without_one_class_axis_are_refused(tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "ok" / "report.json").read_text())["metrics"]
     assert metrics["simulated"]["top1_agreement"] is None and metrics["simulated"]["sqnr_db"] > 20
+
+
+def test_profile_from_reuses_curves_measured_earlier(tmp_path):
+    """One profile serves any number of budgets: a compile at 4 bits from the curves of a
+    compile at 3 bits allocates and quantizes exactly as a compile that profiles again."""
+    import onnx
+
+    first, again, fresh = tmp_path / "b3", tmp_path / "b4", tmp_path / "fresh"
+    assert RUNNER.invoke(app, [MODEL, "--calib", CALIB, "--avg-bits", "3", "-q", "-o", str(first)]).exit_code == 0
+    result = RUNNER.invoke(app, [MODEL, "--calib", CALIB, "--avg-bits", "4", "--profile-from",
+                                 str(first / "model.annotated.onnx"), "-q", "-o", str(again)])
+    assert result.exit_code == 0, result.output
+    assert RUNNER.invoke(app, [MODEL, "--calib", CALIB, "--avg-bits", "4", "-q", "-o", str(fresh)]).exit_code == 0
+    a, b = (json.loads((d / "report.json").read_text()) for d in (again, fresh))
+    assert a["allocation"] == b["allocation"] and a["metrics"] == b["metrics"]
+    assert "ImportProfilesPass" in [p["pass"] for p in a["pipeline"]] and "ProfileErrorPass" not in [p["pass"] for p in a["pipeline"]]
+    assert onnx.load(str(again / "model.qdq.onnx")).graph == onnx.load(str(fresh / "model.qdq.onnx")).graph
+    prof = tmp_path / "prof"
+    assert RUNNER.invoke(app, ["profile", MODEL, "--calib", CALIB, "--kinds", "fixed", "--bits", "2,4", "--tensors",
+                               "weights", "--no-plots", "-q", "-o", str(prof)]).exit_code == 0
+    _bad(tmp_path, [MODEL, "--calib", CALIB, "--avg-bits", "4", "--profile-from", str(prof / "model.profiled.onnx")],
+         "model.profiled.onnx: the profile of '0.weight' lacks the candidates ['fixed:1', 'fixed:3'")
+    _bad(tmp_path, [MODEL, "--calib", CALIB, "--avg-bits", "4", "--allocate", "all", "--profile-from",
+                    str(first / "model.annotated.onnx")], "no profile of the activation 'x' (profile the same model, with --tensors all)")
+    _bad(tmp_path, [MODEL, "--calib", CALIB, "--avg-bits", "4", "--profile-mode", "fast", "--profile-from",
+                    str(first / "model.annotated.onnx")], "--profile-from reads curves measured earlier")
+    _bad(tmp_path, [MODEL, "--calib", CALIB, "--avg-bits", "4", "--profile-from", CALIB], "calib.npz")
