@@ -234,6 +234,15 @@ def accuracy_metric(
     return metric, reference
 
 
+def profile_points(model: ir.Model) -> dict[str, Any]:
+    """How the allocated tensors' curves were obtained: their modes and how many points were
+    measured (the rest predicted by the additive-noise model)."""
+    profiles = [p for v in values_by_name(model.graph).values()
+                if ann.get(v, ann.BitWidth) is not None and (p := ann.get(v, ann.ErrorProfile)) is not None]
+    return {"modes": sorted({p.mode for p in profiles}), "measured": sum(sum(p.measured) for p in profiles),
+            "total": sum(len(p.measured) for p in profiles)}
+
+
 def labelled_top1(logits: np.ndarray, data: ArrayDataset) -> float:
     """Top-1 of ``logits`` against ``data.labels``.
 
@@ -388,6 +397,7 @@ def build_report(
         # algorithms.md 2.4: the sum of single-tensor distortions against the joint measurement
         measured, predicted = summary.measured_distortion, summary.predicted_distortion
         allocation["additivity_ratio"] = measured / predicted if measured is not None and predicted > 0 else None
+        allocation["profile_points"] = profile_points(model)
         search = ann.get(model, ann.AccuracySearch)
         if search is not None:
             allocation["max_loss_search"] = dataclasses.asdict(search)

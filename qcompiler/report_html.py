@@ -121,9 +121,12 @@ def _pareto_figure(points: Mapping[str, list[tuple[float, float]]]) -> str:
 def additivity_line(allocation: Mapping[str, Any]) -> str:
     """One sentence: the allocation's predicted output MSE against its joint measurement."""
     ratio = allocation.get("additivity_ratio")
+    points = allocation.get("profile_points") or {}
+    curves = (f"; curves: {points['measured']} of {points['total']} points measured ({', '.join(points['modes'])})"
+              if points.get("total") else "")
     return (f"allocation: predicted output MSE {allocation['predicted_distortion']:.4g} (sum over tensors), "
             f"measured with every allocated tensor quantized at once {allocation['measured_distortion']:.4g}"
-            + (f" (additivity ratio {ratio:.2f})" if ratio is not None else ""))
+            + (f" (additivity ratio {ratio:.2f})" if ratio is not None else "") + curves)
 
 
 def _chosen_widths(model: ir.Model) -> dict[str, ann.BitWidth]:

@@ -317,6 +317,8 @@ def test_profile_mode_hybrid_cli(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert set(report["allocation"]["bits"].values()) == {3}
     assert "profile(candidates=" in report["pipeline_text"] and "mode='hybrid'" in report["pipeline_text"]
+    points = report["allocation"]["profile_points"]
+    assert points["modes"] == ["hybrid"] and points["total"] == 5 * 9 and 10 <= points["measured"] < 45
     _bad(tmp_path, [MODEL, "--calib", CALIB, "--avg-bits", "3", "--profile-mode", "guess"],
          "--profile-mode 'guess' is not one of exact, fast, hybrid")
     _bad(tmp_path, [MODEL, "--calib", CALIB, "--eval", EVAL, "--max-loss", "0.01", "--profile-mode", "hybrid"],
