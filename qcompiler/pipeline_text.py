@@ -111,6 +111,9 @@ def parse_pipeline(text: str, **data: Any) -> list[ir.passes.PassBase]:
         **data: values for fields the text cannot hold, given to every pass that has them
             (e.g. ``data=calib``, ``show_progress=False``).
 
+    ``profile(mode=hybrid)`` refines the allocation of the ``allocate(...)`` that must follow it
+    directly: that pass is bound to the profile's ``allocate`` field (which the text never holds).
+
     Raises:
         PipelineTextError: a syntax error, an unknown pass or field, or a value the pass rejects
             (one line naming the pass).
