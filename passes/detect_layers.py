@@ -102,6 +102,18 @@ def quantizable_nodes(model: ir.Model) -> list[tuple[ir.Node, ann.QuantizableLay
     return out
 
 
+def layer_tensors(model: ir.Model) -> tuple[list[str], list[str]]:
+    """The weights of the quantizable layers and the activations entering them, each in layer
+    order without repeats (the order of profiles, allocations and seed 000's files)."""
+    weights: list[str] = []
+    activations: list[str] = []
+    for _, layer in quantizable_nodes(model):
+        for name, bucket in ((layer.weight, weights), (layer.activation_input, activations)):
+            if name not in bucket:
+                bucket.append(name)
+    return weights, activations
+
+
 def _check_finite(model: ir.Model, node: ir.Node, layer: ann.QuantizableLayer) -> None:
     """Quantizing a NaN/Inf weight or bias would silently produce garbage: refuse it."""
     for role, value in (("weight", node.inputs[1]), ("bias", node.inputs[2] if len(node.inputs) > 2 else None)):

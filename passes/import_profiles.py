@@ -20,7 +20,7 @@ from qcompiler.candidates import Candidate
 from qcompiler.errors import AnnotationError, DataError
 from qcompiler.graph import static_size, values_by_name
 from qcompiler.ir import load
-from qcompiler.passes.detect_layers import quantizable_nodes
+from qcompiler.passes.detect_layers import layer_tensors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +62,5 @@ class ImportProfilesPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, True)
 
     def _targets(self, model: ir.Model) -> list[tuple[str, str]]:
-        out: list[tuple[str, str]] = []
-        for _, layer in quantizable_nodes(model):
-            pairs = [(layer.weight, "weight")] + ([(layer.activation_input, "activation")] if self.tensors == "all" else [])
-            out += [pair for pair in pairs if pair not in out]
-        return out
+        weights, activations = layer_tensors(model)
+        return [(n, "weight") for n in weights] + ([(n, "activation") for n in activations] if self.tensors == "all" else [])

@@ -47,8 +47,9 @@ class MaxLossAllocatePass(ir.passes.InPlacePass):
         scoped = [p for p in profiles if p.tensor_kind == "weight" or self.allocate.scope == "all"]
         elements = sum(p.elements for p in scoped)
         legal = [self.allocate.legal_indices(p) for p in scoped]
-        low = sum(min(p.rate_fixed[i] for i in idx) for p, idx in zip(scoped, legal)) / elements
-        high = sum(max(p.rate_fixed[i] for i in idx) for p, idx in zip(scoped, legal)) / elements
+        rates = [self.allocate.rates_of(p) for p in scoped]  # the allocation's rate model, as it counts the budget
+        low = sum(min(r[i] for i in idx) for r, idx in zip(rates, legal)) / elements
+        high = sum(max(r[i] for i in idx) for r, idx in zip(rates, legal)) / elements
         return low, high
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

@@ -61,19 +61,17 @@ class MeasureAllocationPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, True)
 
 
-def _allocated(model: ir.Model) -> tuple[dict[str, Fitted], dict[str, str]]:
-    """The fitted weight candidates by weight name, and the chosen activation candidates."""
+def chosen_quantizers(model: ir.Model, first: Mapping[str, np.ndarray]) -> tuple[dict[str, Fitted], dict[str, Fitted]]:
+    """(weights, activations): every allocated value's chosen candidate (``BitWidth``), fitted as
+    profiling fits it; activations on calibration's reservoir, else on ``first`` (one batch)."""
     layers = {layer.weight: layer for _, layer in quantizable_nodes(model)}
-    weights, activations = {}, {}
-    for name, value in values_by_name(model.graph).items():
-        choice = ann.get(value, ann.BitWidth)
-        if choice is None:
-            continue
-        candidate = parse_candidate(choice.candidate)
-        if name in layers and value.const_value is not None:
-            weights[name] = fit_weight(candidate, const_array(value), layers[name])
-        else:
-            activations[name] = choice.candidate
+    values = values_by_name(model.graph)
+    chosen = {n: parse_candidate(b.candidate) for n, v in values.items() if (b := ann.get(v, ann.BitWidth)) is not None}
+    weights = {n: fit_weight(c, const_array(values[n]), layers[n].channel_axis)
+               for n, c in chosen.items() if n in layers and values[n].const_value is not None}
+    names = [n for n in chosen if n not in weights]
+    sample_of = Runner(model, [n for n in names if n not in first]).run(first, names) if names else {}
+    activations = {n: fit_activation(chosen[n], values[n], activation_sample(values[n], sample_of[n])) for n in names}
     return weights, activations
 
 
@@ -113,45 +111,52 @@ class _QuantizedRunner:
         return self.segments[-1].run(values, self.logits)
 
 
-def joint_outputs(model: ir.Model, data: ArrayDataset | Iterable[Mapping[str, np.ndarray]],
-                  batch_size: int = 64) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+def joint_outputs(model: ir.Model, data: ArrayDataset | Iterable[Mapping[str, np.ndarray]], batch_size: int = 64,
+                  quantizers: tuple[Mapping[str, Fitted], Mapping[str, Fitted]] | None = None,
+                  ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
     """Per batch: the float logits and the logits with every allocated tensor quantized by its
-    chosen candidate (``BitWidth`` annotations), by logits name.
+    chosen candidate, by logits name.
+
+    Args:
+        model: the model with its ``BitWidth`` annotations.
+        data: the data.
+        batch_size: batch size used with an :class:`ArrayDataset`.
+        quantizers: :func:`chosen_quantizers` when the caller has them (default: fitted here).
 
     Raises:
         DataError: the data is empty.
     """
-    weights, chosen = _allocated(model)
     logits = logits_names(model)
     float_runner = Runner(model, [n for n in logits if n not in {v.name for v in model.graph.outputs}])
     feeds = iter(iter_feeds(data, batch_size, model))
     first = next(feeds, None)
     if first is None:
         raise DataError("allocation measurement: the data is empty")
-    values = values_by_name(model.graph)
-    sample_of = Runner(model, [n for n in chosen if n not in first]).run(first, list(chosen)) if chosen else {}
-    cuts = {}
-    for name, label in chosen.items():
-        sample = activation_sample(values[name], sample_of[name])
-        cuts[name] = fit_activation(parse_candidate(label), values[name], sample)
+    weights, cuts = quantizers if quantizers is not None else chosen_quantizers(model, first)
     quantized = _QuantizedRunner(model, weights, cuts, logits)
     for feed in itertools.chain([first], feeds):
         yield float_runner.run(feed, logits), quantized.run(feed)
 
 
-def joint_distortion(model: ir.Model, data: ArrayDataset | Iterable[Mapping[str, np.ndarray]], batch_size: int = 64) -> float:
-    """Logit MSE against float with every allocated tensor quantized by its chosen candidate.
+def squared_error(reference: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray]) -> float:
+    """One batch's share of the profiles' logit MSE: per sample, the mean squared difference over
+    its logits; summed over samples and over the logits outputs."""
+    total = 0.0
+    for name, value in reference.items():
+        r = value.astype(np.float64)
+        total += float(((test[name].astype(np.float64) - r) ** 2).reshape(r.shape[0], -1).mean(axis=1).sum())
+    return total
 
-    The MSE is averaged like the profiles': over each sample's logits, then over samples, summed
-    over the logits outputs.
+
+def joint_distortion(model: ir.Model, data: ArrayDataset | Iterable[Mapping[str, np.ndarray]], batch_size: int = 64) -> float:
+    """Logit MSE against float with every allocated tensor quantized by its chosen candidate
+    (averaged like the profiles': :func:`squared_error` over every batch, per sample).
 
     Raises:
         DataError: the data is empty.
     """
     total, samples = 0.0, 0
     for ref, got in joint_outputs(model, data, batch_size):
-        for name, value in ref.items():
-            r = value.astype(np.float64)
-            total += float(((got[name].astype(np.float64) - r) ** 2).reshape(r.shape[0], -1).mean(axis=1).sum())
+        total += squared_error(ref, got)
         samples += next(iter(ref.values())).shape[0]
     return total / samples

@@ -90,9 +90,10 @@ def activation_sample(value: ir.Value, fallback: np.ndarray | None) -> np.ndarra
     return fallback
 
 
-def fit_weight(candidate: Candidate, weight: np.ndarray, layer: ann.QuantizableLayer) -> Fitted:
-    """A candidate fitted to a layer's weight (per output channel for the per-channel kinds)."""
-    return fit(candidate, weight, True, axis=layer.channel_axis if candidate.kind in PER_CHANNEL_KINDS else None)
+def fit_weight(candidate: Candidate, weight: np.ndarray, channel_axis: int) -> Fitted:
+    """A candidate fitted to a layer's weight (per output channel, on ``channel_axis``, for the
+    per-channel kinds)."""
+    return fit(candidate, weight, True, axis=channel_axis if candidate.kind in PER_CHANNEL_KINDS else None)
 
 
 def fit_activation(candidate: Candidate, value: ir.Value, sample: np.ndarray) -> Fitted:
@@ -204,7 +205,7 @@ class ProfileErrorPass(ir.passes.InPlacePass):
         if kind == "weight":
             w = const_array(value)
             layer = ann.require(node, ann.QuantizableLayer)
-            fitted = [fit_weight(c, w, layer) for c in self.candidates]
+            fitted = [fit_weight(c, w, layer.channel_axis) for c in self.candidates]
             tensor = _Tensor(name, kind, int(w.size), fitted, w, build_suffix(model, proto, node.outputs[0].name, threads=1),
                              node=node, layer_input=layer.activation_input)
             tensor.node_runner = node_model(model, proto, node)

@@ -26,11 +26,12 @@ import onnx_ir as ir
 
 from qcompiler import annotations as ann
 from qcompiler.allocation import Allocation, AllocationError, Curve, allocate
-from qcompiler.candidates import MAX_LEVELS, NOT_QUANTIZED, NOT_QUANTIZED_LEVELS, deadzone_levels, parse_candidate
+from qcompiler.candidates import MAX_LEVELS, NOT_QUANTIZED, NOT_QUANTIZED_LEVELS, Candidate, Fitted, deadzone_levels, parse_candidate
 from qcompiler.errors import DataError
-from qcompiler.graph import const_array, static_size, values_by_name
-from qcompiler.passes.detect_layers import quantizable_nodes
-from qcompiler.passes.profile_errors import activation_sample, fit_activation, fit_weight
+from qcompiler.graph import static_size, values_by_name
+from qcompiler.passes.detect_layers import layer_tensors
+from qcompiler.data import iter_feeds
+from qcompiler.passes.measure_allocation import chosen_quantizers, joint_outputs, squared_error
 
 INPUTS_NAME = "pareto_condition_inputs.txt"
 
@@ -50,6 +51,14 @@ class SeedPoint:
     levels: int
     rate: float
     distortion: float
+
+    @property
+    def candidate(self) -> Candidate | None:
+        """The dead zone this point stands for (activations: ratio 0, as in the seed); None for
+        the seed's "not quantized" (a level count above 65536: it writes L = ∞ as 100000000)."""
+        if self.levels > MAX_LEVELS:
+            return None
+        return deadzone_levels(self.levels, 0.0 if self.dz < 0 else self.dz / 100.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +101,7 @@ def profiles_to_seed(model: ir.Model, profiles: Mapping[str, ann.ErrorProfile] |
     values = values_by_name(model.graph)
     if profiles is None:
         profiles = {n: p for n, v in values.items() if (p := ann.get(v, ann.ErrorProfile)) is not None}
-    weights, activations = ([n for n in names if n in profiles] for names in seed_order(model))
+    weights, activations = ([n for n in names if n in profiles] for names in layer_tensors(model))
     out = []
     for kind_index, names in ((0, weights), (1, activations)):
         for index, name in enumerate(names):
@@ -113,18 +122,6 @@ def profiles_to_seed(model: ir.Model, profiles: Mapping[str, ann.ErrorProfile] |
                 raise DataError(f"{name}: no {need} was profiled (seed 000's files hold dead zones only)")
             out.append(SeedTensor(index, bool(kind_index), tuple(points), name))
     return out
-
-
-def seed_order(model: ir.Model) -> tuple[list[str], list[str]]:
-    """The order of the seed's files: the weights of the quantizable layers, then the activations
-    entering them, each in layer order without repeats."""
-    weights: list[str] = []
-    activations: list[str] = []
-    for _, layer in quantizable_nodes(model):
-        for name, bucket in ((layer.weight, weights), (layer.activation_input, activations)):
-            if name not in bucket:
-                bucket.append(name)
-    return weights, activations
 
 
 def format_pareto_inputs(tensors: Iterable[SeedTensor]) -> str:
@@ -355,33 +352,33 @@ class _Evaluator:
     def measure(self, choice: Sequence[SeedPoint], method: str, row: dict[str, Any]) -> str:
         """Apply ``choice``; add its measured MSE (and top-1) to ``row``; return its codebooks."""
         from qcompiler.api import labelled_top1
-        from qcompiler.passes.measure_allocation import joint_outputs
 
         apply_choice(self.model, self.names, choice, method)
+        first = next(iter(iter_feeds(self.data, self.batch_size, self.model)))
+        weights, activations = chosen_quantizers(self.model, first)
         total, samples, floats, quantized = 0.0, 0, [], []
-        for ref, got in joint_outputs(self.model, self.data, self.batch_size):
-            for name, value in ref.items():
-                r = value.astype(np.float64)
-                total += float(((got[name].astype(np.float64) - r) ** 2).reshape(r.shape[0], -1).mean(axis=1).sum())
+        for ref, got in joint_outputs(self.model, self.data, self.batch_size, (weights, activations)):
+            total += squared_error(ref, got)
             samples += next(iter(ref.values())).shape[0]
             floats.append(next(iter(ref.values())))
             quantized.append(next(iter(got.values())))
         row["measured_distortion"] = total / samples
         if self.data.labels is not None:
-            self.float_top1 = labelled_top1(np.concatenate(floats), self.data)
+            if self.float_top1 is None:
+                self.float_top1 = labelled_top1(np.concatenate(floats), self.data)
             row["top1"] = labelled_top1(np.concatenate(quantized), self.data)
-        return codebook_lines(self.model, self.names, choice)
+        return codebook_lines(self.names, choice, {**weights, **activations})
 
 
 # --------------------------------------------------------------------------- seed step 6: evaluation
 def match_tensors(model: ir.Model, tensors: Sequence[SeedTensor], source: str) -> list[str]:
-    """The model values a curve file's tensors stand for (the file's order: :func:`seed_order`).
+    """The model values a curve file's tensors stand for (the file's order: :func:`~qcompiler.passes.detect_layers.layer_tensors`).
 
     Raises:
         DataError: naming the file, when the counts of weights or activations differ, or a
             tensor's N (from its rates) is not the value's element count (per sample).
     """
-    weights, activations = seed_order(model)
+    weights, activations = layer_tensors(model)
     file_weights = [t for t in tensors if not t.activation]
     file_activations = [t for t in tensors if t.activation]
     if len(file_weights) != len(weights) or len(file_activations) not in (0, len(activations)):
@@ -400,35 +397,26 @@ def match_tensors(model: ir.Model, tensors: Sequence[SeedTensor], source: str) -
 
 def apply_choice(model: ir.Model, names: Sequence[str], choice: Sequence[SeedPoint], method: str) -> None:
     """Annotate the chosen dead zone of every named value (``BitWidth``, for the quantizers and
-    the joint measurement); activations take ratio-0 dead zones, as in the seed. A level count
-    above 65536 is the seed's "not quantized" (it writes L = ∞ as 100000000): the value stays float."""
+    the joint measurement); a "not quantized" point leaves the value float."""
     values = values_by_name(model.graph)
     for name, point in zip(names, choice):
-        if point.levels > MAX_LEVELS:
+        candidate = point.candidate
+        if candidate is None:
             ann.remove(values[name], ann.BitWidth)
             continue
-        candidate = deadzone_levels(point.levels, 0.0 if point.dz < 0 else point.dz / 100.0)
         ann.set(values[name], ann.BitWidth(
             candidate=candidate.label, kind="deadzone", bits=candidate.bits, rate=point.rate,
             distortion=point.distortion, method=method))
 
 
-def codebook_lines(model: ir.Model, names: Sequence[str], choice: Sequence[SeedPoint]) -> str:
+def codebook_lines(names: Sequence[str], choice: Sequence[SeedPoint], fitted: Mapping[str, Fitted]) -> str:
     """``name dz L λ δ`` per tensor (the seed's codebooks, λ and δ with 12 decimals; ``- -`` for a
-    tensor left float)."""
-    values = values_by_name(model.graph)
-    layers = {layer.weight: layer for _, layer in quantizable_nodes(model)}
+    tensor left float), from the fitted dead zones by name."""
     lines = []
     for name, point in zip(names, choice):
-        if point.levels > MAX_LEVELS:  # not quantized
+        if name not in fitted:  # not quantized
             lines.append(f"{name} {_number(point.dz)} {point.levels} - -\n")
             continue
-        candidate = deadzone_levels(point.levels, 0.0 if point.dz < 0 else point.dz / 100.0)
-        value = values[name]
-        if name in layers:
-            fitted = fit_weight(candidate, const_array(value), layers[name])
-        else:
-            fitted = fit_activation(candidate, value, activation_sample(value, None))
-        lam, delta = fitted.params
+        lam, delta = fitted[name].params
         lines.append(f"{name} {_number(point.dz)} {point.levels} {lam:.12f} {delta:.12f}\n")
     return "".join(lines)

@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from qcompiler import annotations as ann
 from qcompiler.errors import UnsupportedModelError
 from qcompiler.graph import attr, const_array
-from qcompiler.candidates import NOT_QUANTIZED, Fitted, fit, parse_candidate
+from qcompiler.candidates import NOT_QUANTIZED, Fitted, parse_candidate
 from qcompiler.candidates import codes as codebook_codes
 from qcompiler.passes.calibrate import META_KEY
 from qcompiler.passes.detect_layers import quantizable_nodes
-from qcompiler.passes.profile_errors import PER_CHANNEL_KINDS
+from qcompiler.passes.profile_errors import fit_activation, fit_weight
 
 
 class _RoundingSTE(torch.autograd.Function):
@@ -197,10 +197,8 @@ def codebook_of(value: ir.Value, array: np.ndarray | None, weight_axis: int | No
     if candidate.kind == NOT_QUANTIZED:  # allocated to stay float: no quantizer
         return None
     if weight_axis is not None:
-        return fit(candidate, array, True, axis=weight_axis if candidate.kind in PER_CHANNEL_KINDS else None)
-    stats = ann.get(value, ann.TensorStats)
-    signed = stats.min < 0 if stats is not None else bool((array < 0).any())
-    return fit(candidate, array, signed, None, stats.absmax if stats is not None else None)
+        return fit_weight(candidate, array, weight_axis)
+    return fit_activation(candidate, value, array)
 
 
 # --------------------------------------------------------------------------- ops

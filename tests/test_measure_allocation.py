@@ -58,7 +58,7 @@ def test_joint_measurement_equals_a_torch_forward_with_every_tensor_quantized(pr
 
     values = values_by_name(model.graph)
     layers = {layer.weight: layer for n in model.graph if (layer := ann.get(n, ann.QuantizableLayer))}
-    w = {n: apply(fit_weight(parse_candidate(chosen[n]), INITS[n], layers[n]), INITS[n]) for n in ("w1", "w2", "w3")}
+    w = {n: apply(fit_weight(parse_candidate(chosen[n]), INITS[n], layers[n].channel_axis), INITS[n]) for n in ("w1", "w2", "w3")}
     q = {n: fit_activation(parse_candidate(chosen[n]), values[n], activation_sample(values[n], None)) for n in ("r1", "f")}
     t = lambda a: torch.from_numpy(np.asarray(a, np.float32))  # noqa: E731
     x = t(DATA.arrays["x"])
