@@ -50,6 +50,7 @@ from qcompiler.gpfq import (
     reference_step,
     relative_error_from_projections,
     relative_error_on_rows,
+    sample_slices,
 )
 from qcompiler import float_reference
 from qcompiler.graph import add_initializer, const_array, set_initializer, values_by_name
@@ -426,7 +427,7 @@ class GPFQPass(ir.passes.InPlacePass):
         # G and F only projected on W when that is cheaper; act_order needs the whole G.
         project = not self.act_order and projection_is_cheaper(wm.shape[1], geo.columns)
         acc = GramAccumulator(geo.columns, geo.groups, matched=matched, keep_rows=geo.columns, weights=wm, project=project)
-        seen = 0
+        seen, per_sample = 0, 0
         for index, feed in enumerate(calibration.feeds):
             wanted = samples is None or seen < samples  # the batches end at every layer's sample limit
             if not wanted and not calibration.incremental:
@@ -438,13 +439,18 @@ class GPFQPass(ir.passes.InPlacePass):
             if not wanted:
                 continue
             keep = self._kept_rows(feed, x_batch, geo)
-            # float64 before im2col: the accumulator works in float64, and the patches are written once
-            x = rows(geo, x_batch, np.float64)
-            x_tilde = None if xt_batch is None else rows(geo, xt_batch, np.float64)
-            if keep is not None:
-                x = x[:, keep]
-                x_tilde = None if x_tilde is None else x_tilde[:, keep]
-            acc.update(x, x_tilde)
+            per_sample = per_sample or rows(geo, x_batch[:1]).shape[1]
+            for part in sample_slices(len(x_batch), per_sample):
+                # float64 before im2col: the accumulator works in float64, and the patches are
+                # written once. A few samples at a time, so the patches (up to 2·k² times the
+                # batch's activations) are bounded by ROWS_PER_UPDATE rows, not the batch size.
+                x = rows(geo, x_batch[part], np.float64)
+                x_tilde = None if xt_batch is None else rows(geo, xt_batch[part], np.float64)
+                if keep is not None:
+                    kept = keep[part.start * per_sample:part.stop * per_sample]
+                    x = x[:, kept]
+                    x_tilde = None if x_tilde is None else x_tilde[:, kept]
+                acc.update(x, x_tilde)
             seen += len(next(iter(feed.values())))
         return acc
 

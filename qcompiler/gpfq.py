@@ -486,6 +486,28 @@ def projection_is_cheaper(n: int, d: int, block: int = PROJECTION_BLOCK) -> bool
     return 6 * n + 2 * block < 2 * d
 
 
+#: Rows per :meth:`GramAccumulator.update` when a pass streams a batch in parts (see
+#: :func:`sample_slices`). A batch's float64 im2col rows take up to 2·k² times the memory of
+#: its float32 activations (a 7×7 stem: 98×); slices of this many rows bound that whatever the
+#: batch size. Fewer rows per update made the products slower (2,048 rows: the ResNet-18 stem's
+#: updates 1.4× slower), so the slices are not cache-sized (bench/RESULTS.md, issue 5).
+ROWS_PER_UPDATE = 16384
+
+
+def sample_slices(samples: int, rows_per_sample: int, rows: int | None = None) -> list[slice]:
+    """Consecutive slices of a batch's samples, each giving at most ``rows`` layer rows (but at
+    least one sample).
+
+    Args:
+        samples: samples in the batch.
+        rows_per_sample: layer rows per sample (output positions of a convolution, tokens of a MatMul).
+        rows: wanted rows per slice (default :data:`ROWS_PER_UPDATE`).
+    """
+    rows = ROWS_PER_UPDATE if rows is None else rows
+    step = max(1, rows // max(rows_per_sample, 1))
+    return [slice(start, min(start + step, samples)) for start in range(0, samples, step)]
+
+
 @dataclasses.dataclass
 class GramAccumulator:
     """Streamed ``H = X̃ᵀX̃``, ``G = X̃ᵀX``, ``F = XᵀX`` and column sums, float64, O(d²) memory.

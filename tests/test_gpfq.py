@@ -35,6 +35,7 @@ from qcompiler.gpfq import (
     relative_error,
     relative_error_from_projections,
     relative_error_on_rows,
+    sample_slices,
 )
 from qcompiler.graph import const_array, values_by_name
 from qcompiler.ir import load_normalized
@@ -277,6 +278,53 @@ def test_streaming_products_do_not_depend_on_the_batch_split() -> None:
         np.testing.assert_allclose(a, b, rtol=1e-12)
     np.testing.assert_allclose(one.mean_x_tilde(), split.mean_x_tilde(), rtol=1e-12)
     assert split.rows == 500
+
+
+def test_sample_slices_bound_the_rows_per_update() -> None:
+    assert sample_slices(10, 3, rows=7) == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8), slice(8, 10)]
+    assert sample_slices(4, 100, rows=7) == [slice(i, i + 1) for i in range(4)]  # at least one sample
+    assert sample_slices(5, 1, rows=100) == [slice(0, 5)]
+
+
+def test_pass_streams_batches_in_slices_with_the_same_result(monkeypatch) -> None:
+    """One sample per update (token masks sliced along) gives what whole batches give."""
+    import qcompiler.gpfq
+
+    data = grouped_data()
+    whole = run_gpfq(grouped_model(), data=data, bits=3, batch_size=40)
+    monkeypatch.setattr(qcompiler.gpfq, "ROWS_PER_UPDATE", 1)
+    updates: list[int] = []
+    plain_update = GramAccumulator.update
+
+    def counted(self, x, x_tilde=None):
+        updates.append(x.shape[1])
+        plain_update(self, x, x_tilde)
+
+    monkeypatch.setattr(GramAccumulator, "update", counted)
+    sliced = run_gpfq(grouped_model(), data=data, bits=3, batch_size=40)
+    assert max(updates) == 16 and len(updates) == 3 * 96  # one sample (16 positions, or 1 row) each
+    layers = [[ann.require(n, ann.GPFQLayer) for n in m.graph if ann.get(n, ann.GPFQLayer)] for m in (whole, sliced)]
+    assert [a.rows for a in layers[0]] == [b.rows for b in layers[1]] == [96 * 16, 96 * 16, 96]
+    for a, b in zip(*layers):
+        assert a.error == pytest.approx(b.error, rel=1e-9)
+    weights = [[const_array(n.inputs[1]) for n in m.graph if ann.get(n, ann.GPFQLayer)] for m in (whole, sliced)]
+    assert all(np.array_equal(a, b) for a, b in zip(*weights))
+
+    rng = np.random.default_rng(4)
+    inits = {"w": rng.normal(size=(8, 5)).astype(np.float32)}
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 6, 8] x, int64[N, 6] mask) => (float[N, 6, 5] y) <float[8,5] w> {
+        y = MatMul (x, w)
+    }
+    """
+    mask = (np.arange(6)[None, :] < rng.integers(1, 7, size=(10, 1))).astype(np.int64)  # 1..6 tokens each
+    tokens = ArrayDataset({"x": rng.normal(size=(10, 6, 8)).astype(np.float32), "mask": mask})
+    masked = run_gpfq(load_normalized(make_model(text, inits)), data=tokens, bits=3, token_mask="mask")
+    monkeypatch.setattr(qcompiler.gpfq, "ROWS_PER_UPDATE", 1 << 14)
+    in_one = run_gpfq(load_normalized(make_model(text, inits)), data=tokens, bits=3, token_mask="mask")
+    assert ann.require(list(masked.graph)[0], ann.GPFQLayer).rows == int(mask.sum())
+    np.testing.assert_array_equal(const_array(list(masked.graph)[0].inputs[1]), const_array(list(in_one.graph)[0].inputs[1]))
 
 
 def test_quantizer_cases_of_the_spec() -> None:
