@@ -8,6 +8,8 @@ Parts (``--part``, default all):
 - ``resnet``: the whole ResNet-18-shaped model (examples/resnet18, built on demand) at 4 bits,
   layer inputs from the model inputs (``cache_mb=0``) and from incremental prefixes, side by
   side, with all images and with a sample limit of half of them.
+- ``memory``: the whole ResNet-18-shaped model at 4 bits, 64 images, batch 16 and 64, each in a
+  fresh process: wall time, peak RSS and a digest of the rewritten weights.
 - ``prefixes``: ``resnet``, then MiniLM side by side the same way (needs ``examples/minilm/build``).
 - ``digits``: output MSE and top-1 of GPFQ vs round-to-nearest at 2, 3, 4 bits (int grid).
 - ``minilm``: mean cosine of MiniLM sentence embeddings against float on the 64 evaluation
@@ -147,6 +149,46 @@ def resnet(samples: int) -> None:
                           bits=4, batch_size=16, samples=samples // 2)
 
 
+MEMORY_RUN = """
+import hashlib, resource, sys, time
+import numpy as np
+sys.path.insert(0, {resnet!r})
+from qcompiler import annotations as ann
+from qcompiler.data import ArrayDataset
+from qcompiler.graph import const_array
+from qcompiler.ir import load_normalized
+from qcompiler.passes.gpfq import GPFQPass
+from qcompiler.passes.pipelines import canonical_pipeline
+from qcompiler.pipeline import run_pipeline
+model = run_pipeline(load_normalized({path!r}), canonical_pipeline()).model
+data = ArrayDataset({{"image": np.random.default_rng(0).normal(size=({samples}, 3, 224, 224)).astype(np.float32)}})
+start = time.perf_counter()
+out = run_pipeline(model, [GPFQPass(data=data, bits=4, batch_size={batch}, show_progress=False)]).model
+seconds = time.perf_counter() - start
+digest = hashlib.sha256(b"".join(const_array(n.inputs[1]).tobytes() for n in out.graph if ann.get(n, ann.GPFQLayer)))
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(f"{{seconds:.1f}} {{rss:.0f}} {{ann.require(out, ann.GPFQSummary).sqnr_db:.2f}} {{digest.hexdigest()[:12]}}")
+"""
+
+
+def memory(samples: int) -> None:
+    """Whole-model GPFQ at batch 16 and 64, each in a fresh process (peak RSS is per process)."""
+    import subprocess
+
+    path = ROOT / "examples" / "resnet18" / "resnet18.onnx"
+    if not path.exists():
+        import build
+
+        build.build_onnx(path)
+    print("| ResNet-18-shaped, 4 bits | images | batch | s | peak RSS MiB | logit SQNR dB | weights sha256 |")
+    print("|---|---|---|---|---|---|---|")
+    for batch in (16, 64):
+        code = MEMORY_RUN.format(resnet=str(ROOT / "examples" / "resnet18"), path=str(path), samples=samples, batch=batch)
+        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                             cwd=ROOT).stdout.split()  # cwd: import this tree's qcompiler
+        print(f"| GPFQPass | {samples} | {batch} | {out[-4]} | {out[-3]} | {out[-2]} | {out[-1]} |", flush=True)
+
+
 def minilm_prefixes() -> None:
     """MiniLM (the last MINILM_SETTINGS row, 4 bits, calib.npz) side by side with recomputed prefixes."""
     folder = ROOT / "examples" / "minilm" / "build"
@@ -248,7 +290,7 @@ def _minilm_finetuned(bits: int, model, options: dict, train: ArrayDataset, held
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("speed", "resnet", "prefixes", "digits", "minilm", "all"), default="all")
+    parser.add_argument("--part", choices=("speed", "resnet", "memory", "prefixes", "digits", "minilm", "all"), default="all")
     parser.add_argument("--resnet-samples", type=int, default=64)
     args = parser.parse_args()
     if args.part in ("digits", "all"):
@@ -257,6 +299,8 @@ def main() -> None:
         minilm((4,))
     if args.part in ("resnet", "prefixes", "all"):
         resnet(args.resnet_samples)
+    if args.part in ("memory", "all"):
+        memory(args.resnet_samples)
     if args.part in ("prefixes", "all"):
         minilm_prefixes()
     if args.part in ("speed", "all"):
