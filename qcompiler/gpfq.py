@@ -489,8 +489,8 @@ def projection_is_cheaper(n: int, d: int, block: int = PROJECTION_BLOCK) -> bool
 #: Rows per :meth:`GramAccumulator.update` when a pass streams a batch in parts (see
 #: :func:`sample_slices`). A batch's float64 im2col rows take up to 2·k² times the memory of
 #: its float32 activations (a 7×7 stem: 98×); slices of this many rows bound that whatever the
-#: batch size. Fewer rows per update made the products slower (2,048 rows: the ResNet-18 stem's
-#: updates 1.4× slower), so the slices are not cache-sized (bench/RESULTS.md, issue 5).
+#: batch size. They are not cache-sized: in probes, fewer rows per update made the products
+#: slower by up to 1.4× and the whole run no faster (bench/RESULTS.md, issue 5).
 ROWS_PER_UPDATE = 16384
 
 
