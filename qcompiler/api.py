@@ -25,6 +25,7 @@ from qcompiler import annotations as ann
 from qcompiler.data import ArrayDataset, DataSource, load_dataset
 from qcompiler.errors import DataError, QCompilerError
 from qcompiler.fl_search import compression_rate
+from qcompiler.float_reference import FLOAT_META
 from qcompiler.fsutil import atomic_dir, check_output_dir, write_bytes, write_json
 from qcompiler.graph import const_array, values_by_name
 from qcompiler.ir import ModelLike, load_normalized, save
@@ -289,13 +290,17 @@ def validate_outputs(
 
 
 def layer_table(model: ir.Model) -> list[dict[str, Any]]:
-    """One entry per quantized layer: op, shapes, parameters, formats and weight SQNR."""
+    """One entry per quantized layer: op, shapes, parameters, formats, the weight SQNR against
+    the float weights, and GPFQ's and round-to-nearest's layer output errors when GPFQ ran."""
     values = values_by_name(model.graph)
     rows = []
     for node, layer in quantizable_nodes(model):
         w_fmt = ann.get(values[layer.weight], ann.FixedPoint)
         a_fmt = ann.get(values[layer.activation_input], ann.FixedPoint)
         weight = const_array(values[layer.weight])
+        # A weight rewritten onto its grid (GPFQ, fine-tuning) is compared with its float
+        # original while this process holds it; against itself it would read as lossless.
+        reference = values[layer.weight].meta.get(FLOAT_META, weight)
         params = int(weight.size) + (int(const_array(values[layer.bias]).size) if layer.bias else 0)
         row: dict[str, Any] = {
             "name": node.name,
@@ -314,7 +319,7 @@ def layer_table(model: ir.Model) -> list[dict[str, Any]]:
                 weight_fl_min=min(fls),
                 weight_fl_max=max(fls),
                 weight_scale="per-channel" if w_fmt.axis is not None else "per-tensor",
-                weight_sqnr_db=finite_or_none(sqnr_db(weight, quantized)),
+                weight_sqnr_db=finite_or_none(sqnr_db(reference, quantized)),
                 weight_bytes=int(np.ceil(weight.size * w_fmt.wl / 8)),
             )
         if a_fmt is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -181,8 +182,38 @@ def _print_summary(result: Any) -> None:
             "-" if row.get("weight_sqnr_db") is None else f"{row['weight_sqnr_db']:.1f}",
         )
     console.print(layers)
+    gpfq = result.report.get("gpfq")
+    if gpfq:
+        console.print(gpfq_table(gpfq))
+        console.print(gpfq_line(gpfq))
     if result.out_dir is not None:
         console.print(f"wrote {result.out_dir}/ ({', '.join(result.report['artifacts'])})")
+
+
+def gpfq_table(gpfq: Mapping[str, Any]) -> Any:
+    """GPFQ's and round-to-nearest's relative layer output errors ‖XWᵀ − X̃Qᵀ‖/‖XWᵀ‖, per
+    rewritten layer (the report's ``gpfq`` section)."""
+    from rich.table import Table
+
+    table = Table(title="GPFQ vs round-to-nearest: relative layer output error")
+    for col in ("layer", "bits", "rows", "GPFQ", "RTN", "RTN / GPFQ"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for row in gpfq["layers"]:
+        ratio = row["error_rtn"] / row["error"] if row["error"] > 0 else float("inf")
+        table.add_row(row["name"], str(row["bits"]), str(row["rows"]), f"{row['error']:.4f}",
+                      f"{row['error_rtn']:.4f}", f"{ratio:.2f}")
+    return table
+
+
+def gpfq_line(gpfq: Mapping[str, Any]) -> str:
+    """One line comparing GPFQ with round-to-nearest on the same grids, at the model output over
+    the calibration samples (the report's ``gpfq`` section)."""
+    line = (f"GPFQ vs round-to-nearest at the output ({gpfq['samples']} calibration samples): "
+            f"SQNR {gpfq['sqnr_db']:.2f} vs {gpfq['sqnr_db_rtn']:.2f} dB, "
+            f"MSE {gpfq['output_mse']:.4g} vs {gpfq['output_mse_rtn']:.4g}")
+    if gpfq.get("top1_agreement") is not None:
+        line += f", top-1 agreement {gpfq['top1_agreement']:.4f} vs {gpfq['top1_agreement_rtn']:.4f}"
+    return line
 
 
 def split_list(text: str) -> tuple[str, ...]:
