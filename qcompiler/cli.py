@@ -510,7 +510,9 @@ def profile_command(
 
     report = _run(debug, run)
     if not quiet:
-        typer.echo(f"profiled {len(report['tensors'])} tensors x {sum(1 for _ in bits.split(','))} bit widths -> {out}/")
+        # candidates = bit widths x kinds (x dead-zone ratios), plus any explicit level counts
+        candidates = max((len(p["rows"]) for t in report["tensors"].values() for p in t.values()), default=0)
+        typer.echo(f"profiled {len(report['tensors'])} tensors x {candidates} candidates -> {out}/")
         if "fast_vs_exact" in report:
             fv = report["fast_vs_exact"]
             typer.echo(f"fast vs exact: mean Spearman {fv['mean_spearman']:.3f}, median relative error {fv['median_relative_error']:.3f}")

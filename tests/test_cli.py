@@ -229,8 +229,9 @@ def test_kernel_gap_is_explained():
 def test_profile_command_exports_json_plots_and_annotations(tmp_path):
     out = tmp_path / "prof"
     result = RUNNER.invoke(app, ["profile", MODEL, "--calib", CALIB, "-o", str(out), "--mode", "both",
-                                 "--bits", "3,4,6", "--kinds", "uniform,fixed", "--tensors", "weights", "--quiet"])
+                                 "--bits", "3,4,6", "--kinds", "uniform,fixed", "--tensors", "weights"])
     assert result.exit_code == 0, result.output
+    assert "profiled 5 tensors x 6 candidates" in result.output  # 3 widths x 2 kinds
     report = json.loads((out / "profiles.json").read_text())
     assert sorted(report["tensors"]) == ["0.weight", "12.weight", "14.weight", "3.weight", "7.weight"]
     entry = report["tensors"]["3.weight"]
