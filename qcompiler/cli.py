@@ -511,7 +511,8 @@ def profile_command(
     report = _run(debug, run)
     if not quiet:
         # candidates = bit widths x kinds (x dead-zone ratios), plus any explicit level counts
-        candidates = max((len(p["rows"]) for t in report["tensors"].values() for p in t.values()), default=0)
+        candidates = max((len(p["rows"]) for t in report["tensors"].values() for p in t.values() if "rows" in p),
+                         default=0)
         typer.echo(f"profiled {len(report['tensors'])} tensors x {candidates} candidates -> {out}/")
         if "fast_vs_exact" in report:
             fv = report["fast_vs_exact"]
