@@ -427,7 +427,7 @@ class GPFQPass(ir.passes.InPlacePass):
         # G and F only projected on W when that is cheaper; act_order needs the whole G.
         project = not self.act_order and projection_is_cheaper(wm.shape[1], geo.columns)
         acc = GramAccumulator(geo.columns, geo.groups, matched=matched, keep_rows=geo.columns, weights=wm, project=project)
-        seen, per_sample = 0, 0
+        seen = 0
         for index, feed in enumerate(calibration.feeds):
             wanted = samples is None or seen < samples  # the batches end at every layer's sample limit
             if not wanted and not calibration.incremental:
@@ -439,7 +439,7 @@ class GPFQPass(ir.passes.InPlacePass):
             if not wanted:
                 continue
             keep = self._kept_rows(feed, x_batch, geo)
-            per_sample = per_sample or rows(geo, x_batch[:1]).shape[1]
+            per_sample = rows(geo, x_batch[:1]).shape[1]  # per batch: feeds may differ in shape
             for part in sample_slices(len(x_batch), per_sample):
                 # float64 before im2col: the accumulator works in float64, and the patches are
                 # written once. A few samples at a time, so the patches (up to 2·k² times the
@@ -521,9 +521,9 @@ class GPFQPass(ir.passes.InPlacePass):
         for index, feed in enumerate(calibration.feeds):
             for out, source in zip(outputs, sources):
                 out.append(source(index, feed))
-        ref, gp, rt = (np.concatenate(o).astype(np.float64) for o in outputs)
+        ref, gp, rt = (_stacked(o) for o in outputs)
         return ann.GPFQSummary(
-            samples=int(ref.shape[0]),
+            samples=sum(len(batch) for batch in outputs[0]),
             output_mse=float(np.mean((gp - ref) ** 2)),
             output_mse_rtn=float(np.mean((rt - ref) ** 2)),
             sqnr_db=_capped(sqnr_db(ref, gp)),
@@ -534,6 +534,15 @@ class GPFQPass(ir.passes.InPlacePass):
             zero_fraction=_zero_fraction(model, layers),
             skipped=tuple(skipped),
         )
+
+
+def _stacked(batches: list[np.ndarray]) -> np.ndarray:
+    """The batches' outputs along the sample axis (float64); flattened when their shapes differ
+    beyond it (feeds of different token lengths), which leaves the element-wise metrics exact
+    and top-1 undefined."""
+    if len({batch.shape[1:] for batch in batches}) == 1:
+        return np.concatenate(batches).astype(np.float64)
+    return np.concatenate([batch.reshape(-1) for batch in batches]).astype(np.float64)
 
 
 def round_to_nearest_model(model: ir.Model) -> ir.Model:

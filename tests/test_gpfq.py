@@ -325,6 +325,19 @@ def test_pass_streams_batches_in_slices_with_the_same_result(monkeypatch) -> Non
     in_one = run_gpfq(load_normalized(make_model(text, inits)), data=tokens, bits=3, token_mask="mask")
     assert ann.require(list(masked.graph)[0], ann.GPFQLayer).rows == int(mask.sum())
     np.testing.assert_array_equal(const_array(list(masked.graph)[0].inputs[1]), const_array(list(in_one.graph)[0].inputs[1]))
+    # feeds of different lengths: the rows per sample are taken per batch
+    monkeypatch.setattr(qcompiler.gpfq, "ROWS_PER_UPDATE", 1)
+    text_any = text.replace("float[N, 6, 8] x, int64[N, 6] mask) => (float[N, 6, 5] y)",
+                            "float[N, T, 8] x, int64[N, T] mask) => (float[N, T, 5] y)")
+    feeds = [{"x": tokens.arrays["x"][:5], "mask": mask[:5]},
+             {"x": tokens.arrays["x"][5:, :3].copy(), "mask": mask[5:, :3].copy()}]
+    mixed = run_gpfq(load_normalized(make_model(text_any, inits)), data=feeds, bits=3, token_mask="mask")
+    assert ann.require(list(mixed.graph)[0], ann.GPFQLayer).rows == int(mask[:5].sum() + mask[5:, :3].sum())
+    summary = ann.require(mixed, ann.GPFQSummary)  # element-wise over both shapes; no classes, no top-1
+    assert summary.samples == 10 and summary.top1_agreement is None
+    float_runner, gpfq_runner = Runner(load_normalized(make_model(text_any, inits))), Runner(mixed)
+    diff = np.concatenate([(gpfq_runner.run(f)["y"] - float_runner.run(f)["y"]).astype(np.float64).ravel() for f in feeds])
+    assert summary.output_mse == pytest.approx(float(np.mean(diff**2)), rel=1e-6) and summary.output_mse > 0
 
 
 def test_quantizer_cases_of_the_spec() -> None:
