@@ -280,6 +280,20 @@ def test_streaming_products_do_not_depend_on_the_batch_split() -> None:
     assert split.rows == 500
 
 
+def token_matmul(length: str) -> tuple[np.random.Generator, str, dict[str, np.ndarray]]:
+    """A MatMul over ``length`` tokens with a token mask input: the seeded generator (after
+    drawing the weight), the model text and its initializers."""
+    rng = np.random.default_rng(4)
+    inits = {"w": rng.normal(size=(8, 5)).astype(np.float32)}
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, {length}, 8] x, int64[N, {length}] mask) => (float[N, {length}, 5] y) <float[8,5] w> {{
+        y = MatMul (x, w)
+    }}
+    """
+    return rng, text, inits
+
+
 def test_sample_slices_bound_the_rows_per_update() -> None:
     assert sample_slices(10, 3, rows=7) == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8), slice(8, 10)]
     assert sample_slices(4, 100, rows=7) == [slice(i, i + 1) for i in range(4)]  # at least one sample
@@ -310,14 +324,7 @@ def test_pass_streams_batches_in_slices_with_the_same_result(monkeypatch) -> Non
     weights = [[const_array(n.inputs[1]) for n in m.graph if ann.get(n, ann.GPFQLayer)] for m in (whole, sliced)]
     assert all(np.array_equal(a, b) for a, b in zip(*weights))
 
-    rng = np.random.default_rng(4)
-    inits = {"w": rng.normal(size=(8, 5)).astype(np.float32)}
-    text = """
-    <ir_version: 8, opset_import: ["" : 17]>
-    g (float[N, 6, 8] x, int64[N, 6] mask) => (float[N, 6, 5] y) <float[8,5] w> {
-        y = MatMul (x, w)
-    }
-    """
+    rng, text, inits = token_matmul("6")
     mask = (np.arange(6)[None, :] < rng.integers(1, 7, size=(10, 1))).astype(np.int64)  # 1..6 tokens each
     tokens = ArrayDataset({"x": rng.normal(size=(10, 6, 8)).astype(np.float32), "mask": mask})
     masked = run_gpfq(load_normalized(make_model(text, inits)), data=tokens, bits=3, token_mask="mask")
@@ -327,8 +334,7 @@ def test_pass_streams_batches_in_slices_with_the_same_result(monkeypatch) -> Non
     np.testing.assert_array_equal(const_array(list(masked.graph)[0].inputs[1]), const_array(list(in_one.graph)[0].inputs[1]))
     # feeds of different lengths: the rows per sample are taken per batch
     monkeypatch.setattr(qcompiler.gpfq, "ROWS_PER_UPDATE", 1)
-    text_any = text.replace("float[N, 6, 8] x, int64[N, 6] mask) => (float[N, 6, 5] y)",
-                            "float[N, T, 8] x, int64[N, T] mask) => (float[N, T, 5] y)")
+    _, text_any, _ = token_matmul("T")
     feeds = [{"x": tokens.arrays["x"][:5], "mask": mask[:5]},
              {"x": tokens.arrays["x"][5:, :3].copy(), "mask": mask[5:, :3].copy()}]
     mixed = run_gpfq(load_normalized(make_model(text_any, inits)), data=feeds, bits=3, token_mask="mask")
@@ -933,14 +939,7 @@ def test_cli_gpfq_sweep_needs_labels(digits_model_path, tmp_path) -> None:
 
 
 def test_token_mask_leaves_padding_rows_out_and_mse_scales_clip() -> None:
-    rng = np.random.default_rng(4)
-    inits = {"w": rng.normal(size=(8, 5)).astype(np.float32)}
-    text = """
-    <ir_version: 8, opset_import: ["" : 17]>
-    g (float[N, 6, 8] x, int64[N, 6] mask) => (float[N, 6, 5] y) <float[8,5] w> {
-        y = MatMul (x, w)
-    }
-    """
+    rng, text, inits = token_matmul("6")
     mask = np.zeros((10, 6), np.int64)
     mask[:, :4] = 1
     data = ArrayDataset({"x": rng.normal(size=(10, 6, 8)).astype(np.float32), "mask": mask})
