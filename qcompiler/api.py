@@ -210,13 +210,18 @@ def default_weight_budget(backend: Any, config: TargetConfig, model: ir.Model) -
 
 
 def _merge_target_layers(report: dict[str, Any]) -> None:
-    """Copy a target's per-layer bits and sizes onto the generic layer rows (matched by ONNX node)."""
+    """Copy a target's per-layer bits, sizes, simulated output SQNR and clamped fraction onto the
+    generic layer rows (matched by ONNX node)."""
     by_node = {node: row for row in report["target_details"].get("layers", []) for node in row.get("onnx_nodes", [])}
     for row in report["layers"]:
         target_row = by_node.get(row["name"])
         if target_row is not None and "bits" in target_row:
             row.setdefault("weight_bits", target_row["bits"])
             row.setdefault("weight_bytes", target_row.get("weight_bytes"))
+        if target_row is not None:  # the target layer's simulated output against float
+            for key, target_key in (("output_sqnr_db", "sqnr_db"), ("saturated_fraction", "saturated_fraction")):
+                if target_row.get(target_key) is not None:
+                    row.setdefault(key, target_row[target_key])
     report["summary"]["weight_bytes"] = sum(r.get("weight_bytes") or 0 for r in report["layers"])
 
 

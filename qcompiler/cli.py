@@ -167,27 +167,48 @@ def _print_summary(result: Any) -> None:
         from qcompiler.report_html import additivity_line
 
         console.print(additivity_line(allocation))
-    layers = Table(title="quantized layers")
-    for col in ("layer", "op", "params", "W bits", "W FL", "A bits", "A FL", "W SQNR dB"):
-        layers.add_column(col)
-    for row in result.report["layers"]:
-        layers.add_row(
-            row["name"],
-            row["op"],
-            str(row["params"]),
-            str(row.get("weight_bits", "-")),
-            f"{row.get('weight_fl_min', '-')}..{row.get('weight_fl_max', '-')}",
-            str(row.get("activation_bits", "-")),
-            str(row.get("activation_fl", "-")),
-            "-" if row.get("weight_sqnr_db") is None else f"{row['weight_sqnr_db']:.1f}",
-        )
-    console.print(layers)
+    console.print(layer_summary_table(result.report["layers"]))
     gpfq = result.report.get("gpfq")
     if gpfq:
         console.print(gpfq_table(gpfq))
         console.print(gpfq_line(gpfq))
     if result.out_dir is not None:
         console.print(f"wrote {result.out_dir}/ ({', '.join(result.report['artifacts'])})")
+
+
+def _number(key: str, fmt: str, scale: float = 1.0) -> Any:
+    return lambda row: None if row.get(key) is None else format(row[key] * scale, fmt)
+
+
+#: Columns of the terminal's layer table: header and cell (None when the row lacks it). Columns
+#: no layer has are left out: the fixed-point formats mean nothing on MAX78000, whose layers
+#: report their simulated output SQNR and clamped fraction instead.
+LAYER_COLUMNS: tuple[tuple[str, Any], ...] = (
+    ("layer", lambda row: row["name"]),
+    ("op", lambda row: row["op"]),
+    ("params", lambda row: str(row["params"])),
+    ("W bits", lambda row: None if row.get("weight_bits") is None else str(row["weight_bits"])),
+    ("W FL", lambda row: None if row.get("weight_fl_min") is None else f"{row['weight_fl_min']}..{row['weight_fl_max']}"),
+    ("A bits", lambda row: None if row.get("activation_bits") is None else str(row["activation_bits"])),
+    ("A FL", lambda row: None if row.get("activation_fl") is None else str(row["activation_fl"])),
+    ("W SQNR dB", _number("weight_sqnr_db", ".1f")),
+    ("out SQNR dB", _number("output_sqnr_db", ".1f")),
+    ("clamped %", _number("saturated_fraction", ".2f", 100.0)),
+)
+
+
+def layer_summary_table(rows: list[Mapping[str, Any]]) -> Any:
+    """The terminal's per-layer table (the report's ``layers``), with the columns some layer has."""
+    from rich.table import Table
+
+    columns = [(head, cell) for head, cell in LAYER_COLUMNS
+               if head in ("layer", "op", "params") or any(cell(row) is not None for row in rows)]
+    table = Table(title="quantized layers")
+    for head, _ in columns:
+        table.add_column(head)
+    for row in rows:
+        table.add_row(*("-" if (text := cell(row)) is None else text for _, cell in columns))
+    return table
 
 
 def gpfq_table(gpfq: Mapping[str, Any]) -> Any:

@@ -53,6 +53,34 @@ def test_digits_artifacts_and_accuracy(digits_out) -> None:
         assert row["sqnr_db"] > 20.0
         assert row["saturated_fraction"] is None or 0.0 <= row["saturated_fraction"] < 0.01
     assert all(row.get("weight_bits") == 8 for row in result.report["layers"])
+    # the generic layer rows carry the target layer's simulated output SQNR and clamped fraction
+    by_node = {node: row for row in details["layers"] for node in row["onnx_nodes"]}
+    for row in result.report["layers"]:
+        assert row["output_sqnr_db"] == by_node[row["name"]]["sqnr_db"]
+        assert row.get("saturated_fraction") == by_node[row["name"]]["saturated_fraction"]
+
+
+def test_terminal_layer_table_shows_the_columns_the_layers_have(digits_out) -> None:
+    """MAX78000 rows have no fixed-point formats: their columns are left out, and the target's
+    simulated output SQNR and clamped fraction shown instead."""
+    from rich.console import Console
+
+    from qcompiler.cli import layer_summary_table
+
+    result, _ = digits_out
+    console = Console(width=200, record=True)
+    console.print(layer_summary_table(result.report["layers"]))
+    text = console.export_text()
+    assert "out SQNR dB" in text and "clamped %" in text
+    assert "W FL" not in text and "A FL" not in text and "W SQNR" not in text
+    first = result.report["layers"][0]
+    assert f"{first['output_sqnr_db']:.1f}" in text
+    fixed = [{"name": "c", "op": "Conv", "params": 10, "weight_bits": 8, "weight_fl_min": 5, "weight_fl_max": 7,
+              "activation_bits": 8, "activation_fl": 6, "weight_sqnr_db": 41.25}]
+    console = Console(width=200, record=True)
+    console.print(layer_summary_table(fixed))
+    text = console.export_text()
+    assert "5..7" in text and "41.2" in text and "out SQNR" not in text
 
 
 def test_digits_checkpoint_format(digits_out) -> None:
