@@ -135,18 +135,30 @@ def _chosen_widths(model: ir.Model) -> dict[str, ann.BitWidth]:
 
 
 def _layer_rows(report: Mapping[str, Any], chosen: Mapping[str, ann.BitWidth]) -> list[list[Any]]:
-    """Per layer: name, op, shape, params, bits, format, size, and its error contribution: the
-    profiled output MSE of its chosen width (when allocated) and GPFQ's or the weight's error."""
+    """Per layer: name, op, shape, params, bits, format, size, the profiled output MSE of its
+    chosen width (when allocated), its weight SQNR against the float weights, and the target's
+    simulated layer output SQNR and clamped fraction (MAX78000)."""
     rows = []
     for r in report.get("layers", []):
         fmt = (f"fl {r.get('weight_fl_min')}..{r.get('weight_fl_max')}" if r.get("weight_fl_min") is not None
                else r.get("weight_scale"))
-        error = r.get("gpfq_error") if r.get("gpfq_error") is not None else r.get("weight_sqnr_db")
         rows.append([r.get("name"), r.get("op"), "×".join(str(d) for d in r.get("weight_shape", [])), r.get("params"),
                      r.get("weight_bits"), r.get("activation_bits"), fmt, r.get("weight_bytes"),
                      chosen[r["weight"]].distortion if r.get("weight") in chosen else None,
-                     error])
+                     r.get("weight_sqnr_db"), r.get("output_sqnr_db"), r.get("saturated_fraction")])
     return rows
+
+
+def _gpfq_section(gpfq: Mapping[str, Any]) -> list[str]:
+    """GPFQ against round-to-nearest on the same grids: per layer and at the output."""
+    rows = [[r["name"], r["op"], r["bits"], r["rows"], r["error"], r["error_rtn"],
+             r["error_rtn"] / r["error"] if r["error"] > 0 else None] for r in gpfq.get("layers", [])]
+    output = [[key, gpfq.get(key), gpfq.get(f"{key}_rtn")] for key in ("sqnr_db", "output_mse", "top1_agreement")]
+    return ["<h2>GPFQ vs round-to-nearest</h2>",
+            f"<p>Relative layer output error ‖XWᵀ − X̃Qᵀ‖/‖XWᵀ‖ over {gpfq.get('samples')} calibration samples, "
+            "and the model output against float, for GPFQ's weights and for round-to-nearest on the same grids.</p>",
+            _table("gpfq-layers", ["layer", "op", "bits", "rows", "GPFQ", "RTN", "RTN / GPFQ"], rows),
+            _table("gpfq-output", ["at the output", "GPFQ", "RTN"], output)]
 
 
 def render_html(report: Mapping[str, Any], model: ir.Model) -> str:
@@ -167,9 +179,12 @@ def render_html(report: Mapping[str, Any], model: ir.Model) -> str:
         "".join(f"<p>note: {html.escape(str(n))}</p>" for n in report.get("notes", [])),
         "<h2>Layers</h2>",
         _table("layers", ["layer", "op", "weight shape", "params", "bits W", "bits A", "WL/FL or scale",
-                          "weight bytes", "profiled output MSE", "GPFQ rel. error or weight SQNR dB"],
+                          "weight bytes", "profiled output MSE", "weight SQNR dB", "output SQNR dB (target)",
+                          "clamped fraction (target)"],
                _layer_rows(report, chosen)),
     ]
+    if report.get("gpfq"):
+        parts += _gpfq_section(report["gpfq"])
     profiles = _weight_profiles(model)
     if profiles:
         parts += ["<h2>Rate–distortion curves</h2>", f'<img id="rd" alt="rate-distortion curves" src="{_rd_figure(profiles)}">',

@@ -96,6 +96,27 @@ def test_report_html_parses_with_the_report_numbers_and_embedded_plots(compiled)
         assert data.startswith(PNG) and len(data) > 5000
 
 
+def test_report_html_compares_gpfq_with_round_to_nearest(tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [str(DIGITS / "digits_cnn.onnx"), "--target", "fixed-point", "--bits", "4",
+                                      "--gpfq", "--calib", str(DIGITS / "calib.npz"), "-q", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    page = _Page()
+    page.feed((out / "report.html").read_text())
+    assert "GPFQ vs round-to-nearest" in page.headings
+    rows = page.tables["gpfq-layers"][1:]
+    assert [row[0] for row in rows] == [r["name"] for r in report["gpfq"]["layers"]]
+    for row, layer in zip(rows, report["gpfq"]["layers"]):
+        assert float(row[4]) == pytest.approx(layer["error"], rel=1e-3)
+        assert float(row[5]) == pytest.approx(layer["error_rtn"], rel=1e-3)
+    output = {row[0]: row[1:] for row in page.tables["gpfq-output"][1:]}
+    assert float(output["sqnr_db"][0]) == pytest.approx(report["gpfq"]["sqnr_db"], rel=1e-3)
+    assert float(output["sqnr_db"][1]) == pytest.approx(report["gpfq"]["sqnr_db_rtn"], rel=1e-3)
+    layers = page.tables["layers"][1:]  # weight SQNR of the rewritten weights against the float ones
+    assert [float(row[9]) for row in layers] == pytest.approx([r["weight_sqnr_db"] for r in report["layers"]], rel=1e-3)
+
+
 def test_pareto_points_front_baselines_and_choice(compiled):
     from qcompiler import annotations as ann
     from qcompiler.ir import load
