@@ -54,7 +54,7 @@ from qcompiler.gpfq import (
 )
 from qcompiler import float_reference
 from qcompiler.graph import add_initializer, const_array, set_initializer, values_by_name
-from qcompiler.layer_matrix import LayerGeometry, from_weight_matrix, geometry, rows, weight_matrix
+from qcompiler.layer_matrix import LayerGeometry, RowBuffer, from_weight_matrix, geometry, rows, weight_matrix
 from qcompiler.metrics import sqnr_db, top1_agreement
 from qcompiler.passes.assign_fixed_point import accumulator_format
 from qcompiler.passes.detect_layers import quantizable_nodes
@@ -427,7 +427,7 @@ class GPFQPass(ir.passes.InPlacePass):
         # G and F only projected on W when that is cheaper; act_order needs the whole G.
         project = not self.act_order and projection_is_cheaper(wm.shape[1], geo.columns)
         acc = GramAccumulator(geo.columns, geo.groups, matched=matched, keep_rows=geo.columns, weights=wm, project=project)
-        seen = 0
+        seen, buffers = 0, (RowBuffer(), RowBuffer())
         for index, feed in enumerate(calibration.feeds):
             wanted = samples is None or seen < samples  # the batches end at every layer's sample limit
             if not wanted and not calibration.incremental:
@@ -443,9 +443,10 @@ class GPFQPass(ir.passes.InPlacePass):
             for part in sample_slices(len(x_batch), per_sample):
                 # float64 before im2col: the accumulator works in float64, and the patches are
                 # written once. A few samples at a time, so the patches (up to 2·k² times the
-                # batch's activations) are bounded by ROWS_PER_UPDATE rows, not the batch size.
-                x = rows(geo, x_batch[part], np.float64)
-                x_tilde = None if xt_batch is None else rows(geo, xt_batch[part], np.float64)
+                # batch's activations) are bounded by ROWS_PER_UPDATE rows, not the batch size,
+                # and written into the same memory each time (the accumulator keeps copies).
+                x = rows(geo, x_batch[part], np.float64, buffers[0])
+                x_tilde = None if xt_batch is None else rows(geo, xt_batch[part], np.float64, buffers[1])
                 if keep is not None:
                     kept = keep[part.start * per_sample:part.stop * per_sample]
                     x = x[:, kept]

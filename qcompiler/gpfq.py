@@ -592,11 +592,12 @@ class GramAccumulator:
                 self.sum_x_tilde[k] += x_tilde[k].sum(axis=0)
         self.rows += x.shape[1]
         if self._kept is not None:
-            self._kept.append((x, x_tilde))
             if self.rows <= self.keep_rows:
+                # copies: callers may reuse the memory of the rows they pass (RowBuffer)
+                x = x.copy()
+                self._kept.append((x, x if self.matched else x_tilde.copy()))
                 return
-            self._fold_kept_rows()
-            return
+            self._fold_kept_rows()  # too many rows to keep: the products from here on
         self._add_products(x, x_tilde)
 
     def _add_products(self, x: np.ndarray, x_tilde: np.ndarray) -> None:

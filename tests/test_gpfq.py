@@ -346,6 +346,26 @@ def test_pass_streams_batches_in_slices_with_the_same_result(monkeypatch) -> Non
     assert summary.output_mse == pytest.approx(float(np.mean(diff**2)), rel=1e-6) and summary.output_mse > 0
 
 
+def test_row_buffer_reuses_memory_and_the_accumulator_keeps_copies() -> None:
+    from qcompiler.layer_matrix import RowBuffer
+
+    x = np.random.default_rng(3).normal(size=(6, 4, 9, 9))
+    _, w, _, node = single_node("Conv", (2, 4, 9, 9), (5, 4, 3, 3), pads=[1, 1, 1, 1])
+    geo = geometry(node, w.shape)
+    buffer = RowBuffer()
+    first = rows(geo, x[:4], np.float64, buffer)
+    np.testing.assert_array_equal(first, rows(geo, x[:4], np.float64))
+    second = rows(geo, x[4:], np.float64, buffer)  # a smaller slice: a view of the same memory
+    np.testing.assert_array_equal(second, rows(geo, x[4:], np.float64))
+    assert np.shares_memory(first, second)
+    acc = GramAccumulator(36, keep_rows=1000)
+    acc.update(second, second + 1.0)
+    kept = second.copy()
+    rows(geo, x[:2] * 7.0, np.float64, buffer)  # overwrites the rows passed before
+    np.testing.assert_array_equal(acc.kept_rows()[0], kept)
+    np.testing.assert_array_equal(acc.kept_rows()[1], kept + 1.0)
+
+
 def test_quantizer_cases_of_the_spec() -> None:
     msq = ReferenceGrid(delta=1.0, K=8)
     assert msq.quantize(np.array([0.5, -0.5, 1.5, -1.5, 2.5, -2.5]), 0).tolist() == [1, 0, 2, -1, 3, -2]
