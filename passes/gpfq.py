@@ -444,9 +444,10 @@ class GPFQPass(ir.passes.InPlacePass):
                 # float64 before im2col: the accumulator works in float64, and the patches are
                 # written once. A few samples at a time, so the patches (up to 2·k² times the
                 # batch's activations) are bounded by ROWS_PER_UPDATE rows, not the batch size,
-                # and written into the same memory each time (the accumulator keeps copies).
-                x = rows(geo, x_batch[part], np.float64, buffers[0])
-                x_tilde = None if xt_batch is None else rows(geo, xt_batch[part], np.float64, buffers[1])
+                # and into the same memory each time once the accumulator keeps no rows.
+                x_buffer, xt_buffer = (None, None) if acc.keeps_rows else buffers
+                x = rows(geo, x_batch[part], np.float64, x_buffer)
+                x_tilde = None if xt_batch is None else rows(geo, xt_batch[part], np.float64, xt_buffer)
                 if keep is not None:
                     kept = keep[part.start * per_sample:part.stop * per_sample]
                     x = x[:, kept]

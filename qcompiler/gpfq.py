@@ -593,12 +593,16 @@ class GramAccumulator:
         self.rows += x.shape[1]
         if self._kept is not None:
             if self.rows <= self.keep_rows:
-                # copies: callers may reuse the memory of the rows they pass (RowBuffer)
-                x = x.copy()
-                self._kept.append((x, x if self.matched else x_tilde.copy()))
+                self._kept.append((x, x_tilde))  # by reference: see keeps_rows
                 return
             self._fold_kept_rows()  # too many rows to keep: the products from here on
         self._add_products(x, x_tilde)
+
+    @property
+    def keeps_rows(self) -> bool:
+        """Whether the next :meth:`update` may keep its arrays (by reference, for the data
+        form): until then, callers must pass rows they will not overwrite (no :class:`RowBuffer`)."""
+        return self._kept is not None
 
     def _add_products(self, x: np.ndarray, x_tilde: np.ndarray) -> None:
         for k in range(self.groups):

@@ -346,7 +346,7 @@ def test_pass_streams_batches_in_slices_with_the_same_result(monkeypatch) -> Non
     assert summary.output_mse == pytest.approx(float(np.mean(diff**2)), rel=1e-6) and summary.output_mse > 0
 
 
-def test_row_buffer_reuses_memory_and_the_accumulator_keeps_copies() -> None:
+def test_row_buffer_reuses_memory_and_the_accumulator_says_when_it_keeps_rows() -> None:
     from qcompiler.layer_matrix import RowBuffer
 
     x = np.random.default_rng(3).normal(size=(6, 4, 9, 9))
@@ -358,12 +358,35 @@ def test_row_buffer_reuses_memory_and_the_accumulator_keeps_copies() -> None:
     second = rows(geo, x[4:], np.float64, buffer)  # a smaller slice: a view of the same memory
     np.testing.assert_array_equal(second, rows(geo, x[4:], np.float64))
     assert np.shares_memory(first, second)
-    acc = GramAccumulator(36, keep_rows=1000)
-    acc.update(second, second + 1.0)
-    kept = second.copy()
-    rows(geo, x[:2] * 7.0, np.float64, buffer)  # overwrites the rows passed before
-    np.testing.assert_array_equal(acc.kept_rows()[0], kept)
-    np.testing.assert_array_equal(acc.kept_rows()[1], kept + 1.0)
+    acc = GramAccumulator(36, keep_rows=200)
+    assert acc.keeps_rows
+    acc.update(second, second + 1.0)  # 162 rows: kept
+    assert acc.keeps_rows
+    acc.update(second, second + 1.0)  # 324 rows: folded into the products
+    assert not acc.keeps_rows and acc.kept_rows() is None
+
+
+def test_pass_keeps_rows_of_the_data_form_out_of_the_reused_memory(monkeypatch) -> None:
+    """A conv with fewer rows than columns takes the data form from kept rows; streamed one
+    sample at a time, the kept slices must not share the reused row memory."""
+    import qcompiler.gpfq
+
+    rng = np.random.default_rng(9)
+    inits = {"w": (0.2 * rng.normal(size=(6, 8, 3, 3))).astype(np.float32)}
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 8, 4, 4] x) => (float[N, 6, 4, 4] y) <float[6, 8, 3, 3] w> {
+        y = Conv <pads = [1, 1, 1, 1]> (x, w)
+    }
+    """
+    data = ArrayDataset({"x": rng.normal(size=(4, 8, 4, 4)).astype(np.float32)})  # 64 rows, 72 columns
+    whole = run_gpfq(load_normalized(make_model(text, inits)), data=data, bits=3)
+    monkeypatch.setattr(qcompiler.gpfq, "ROWS_PER_UPDATE", 1)
+    sliced = run_gpfq(load_normalized(make_model(text, inits)), data=data, bits=3)
+    layer = ann.require(list(sliced.graph)[0], ann.GPFQLayer)
+    assert layer.rows == 64 and layer.columns == 72
+    assert layer.error == pytest.approx(ann.require(list(whole.graph)[0], ann.GPFQLayer).error, rel=1e-9)
+    np.testing.assert_array_equal(const_array(list(sliced.graph)[0].inputs[1]), const_array(list(whole.graph)[0].inputs[1]))
 
 
 def test_quantizer_cases_of_the_spec() -> None:
