@@ -444,8 +444,8 @@ class GPFQPass(ir.passes.InPlacePass):
                 # float64 before im2col: the accumulator works in float64, and the patches are
                 # written once. A few samples at a time, so the patches (up to 2·k² times the
                 # batch's activations) are bounded by ROWS_PER_UPDATE rows, not the batch size,
-                # and into the same memory each time once the accumulator keeps no rows.
-                x_buffer, xt_buffer = (None, None) if acc.keeps_rows else buffers
+                # and into the same memory each time unless the accumulator keeps them.
+                x_buffer, xt_buffer = (None, None) if acc.keeps(len(x_batch[part]) * per_sample) else buffers
                 x = rows(geo, x_batch[part], np.float64, x_buffer)
                 x_tilde = None if xt_batch is None else rows(geo, xt_batch[part], np.float64, xt_buffer)
                 if keep is not None:

@@ -593,16 +593,15 @@ class GramAccumulator:
         self.rows += x.shape[1]
         if self._kept is not None:
             if self.rows <= self.keep_rows:
-                self._kept.append((x, x_tilde))  # by reference: see keeps_rows
+                self._kept.append((x, x_tilde))  # by reference: see keeps
                 return
             self._fold_kept_rows()  # too many rows to keep: the products from here on
         self._add_products(x, x_tilde)
 
-    @property
-    def keeps_rows(self) -> bool:
-        """Whether the next :meth:`update` may keep its arrays (by reference, for the data
-        form): until then, callers must pass rows they will not overwrite (no :class:`RowBuffer`)."""
-        return self._kept is not None
+    def keeps(self, rows: int) -> bool:
+        """Whether an :meth:`update` with ``rows`` rows would keep its arrays (by reference, for
+        the data form): such rows must not be overwritten afterwards (no :class:`RowBuffer`)."""
+        return self._kept is not None and self.rows + rows <= self.keep_rows
 
     def _add_products(self, x: np.ndarray, x_tilde: np.ndarray) -> None:
         for k in range(self.groups):

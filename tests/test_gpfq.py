@@ -346,7 +346,7 @@ def test_pass_streams_batches_in_slices_with_the_same_result(monkeypatch) -> Non
     assert summary.output_mse == pytest.approx(float(np.mean(diff**2)), rel=1e-6) and summary.output_mse > 0
 
 
-def test_row_buffer_reuses_memory_and_the_accumulator_says_when_it_keeps_rows() -> None:
+def test_row_buffer_reuses_memory_and_the_accumulator_says_what_it_would_keep() -> None:
     from qcompiler.layer_matrix import RowBuffer
 
     x = np.random.default_rng(3).normal(size=(6, 4, 9, 9))
@@ -359,11 +359,11 @@ def test_row_buffer_reuses_memory_and_the_accumulator_says_when_it_keeps_rows() 
     np.testing.assert_array_equal(second, rows(geo, x[4:], np.float64))
     assert np.shares_memory(first, second)
     acc = GramAccumulator(36, keep_rows=200)
-    assert acc.keeps_rows
+    assert acc.keeps(162) and not acc.keeps(201)
     acc.update(second, second + 1.0)  # 162 rows: kept
-    assert acc.keeps_rows
+    assert acc.keeps(38) and not acc.keeps(39)
     acc.update(second, second + 1.0)  # 324 rows: folded into the products
-    assert not acc.keeps_rows and acc.kept_rows() is None
+    assert not acc.keeps(1) and acc.kept_rows() is None
 
 
 def test_pass_keeps_rows_of_the_data_form_out_of_the_reused_memory(monkeypatch) -> None:
