@@ -54,7 +54,15 @@ from qcompiler.gpfq import (
 )
 from qcompiler import float_reference
 from qcompiler.graph import add_initializer, const_array, set_initializer, values_by_name
-from qcompiler.layer_matrix import LayerGeometry, RowBuffer, from_weight_matrix, geometry, rows, weight_matrix
+from qcompiler.layer_matrix import (
+    LayerGeometry,
+    RowBuffer,
+    from_weight_matrix,
+    geometry,
+    rows,
+    rows_per_sample,
+    weight_matrix,
+)
 from qcompiler.metrics import sqnr_db, top1_agreement
 from qcompiler.passes.assign_fixed_point import accumulator_format
 from qcompiler.passes.detect_layers import quantizable_nodes
@@ -439,13 +447,13 @@ class GPFQPass(ir.passes.InPlacePass):
             if not wanted:
                 continue
             keep = self._kept_rows(feed, x_batch, geo)
-            per_sample = rows(geo, x_batch[:1]).shape[1]  # per batch: feeds may differ in shape
+            per_sample = rows_per_sample(geo, x_batch.shape)  # per batch: feeds may differ in shape
             for part in sample_slices(len(x_batch), per_sample):
                 # float64 before im2col: the accumulator works in float64, and the patches are
                 # written once. A few samples at a time, so the patches (up to 2·k² times the
                 # batch's activations) are bounded by ROWS_PER_UPDATE rows, not the batch size,
                 # and into the same memory each time unless the accumulator keeps them.
-                x_buffer, xt_buffer = (None, None) if acc.keeps(len(x_batch[part]) * per_sample) else buffers
+                x_buffer, xt_buffer = (None, None) if acc.keeps((part.stop - part.start) * per_sample) else buffers
                 x = rows(geo, x_batch[part], np.float64, x_buffer)
                 x_tilde = None if xt_batch is None else rows(geo, xt_batch[part], np.float64, xt_buffer)
                 if keep is not None:

@@ -215,13 +215,15 @@ def _merge_target_layers(report: dict[str, Any]) -> None:
     by_node = {node: row for row in report["target_details"].get("layers", []) for node in row.get("onnx_nodes", [])}
     for row in report["layers"]:
         target_row = by_node.get(row["name"])
-        if target_row is not None and "bits" in target_row:
+        if target_row is None:
+            continue
+        if "bits" in target_row:
             row.setdefault("weight_bits", target_row["bits"])
             row.setdefault("weight_bytes", target_row.get("weight_bytes"))
-        if target_row is not None:  # the target layer's simulated output against float
-            for key, target_key in (("output_sqnr_db", "sqnr_db"), ("saturated_fraction", "saturated_fraction")):
-                if target_row.get(target_key) is not None:
-                    row.setdefault(key, target_row[target_key])
+        # the target layer's simulated output against float
+        for key, target_key in (("output_sqnr_db", "sqnr_db"), ("saturated_fraction", "saturated_fraction")):
+            if target_row.get(target_key) is not None:
+                row.setdefault(key, target_row[target_key])
     report["summary"]["weight_bytes"] = sum(r.get("weight_bytes") or 0 for r in report["layers"])
 
 

@@ -176,24 +176,25 @@ def _print_summary(result: Any) -> None:
         console.print(f"wrote {result.out_dir}/ ({', '.join(result.report['artifacts'])})")
 
 
-def _number(key: str, fmt: str, scale: float = 1.0) -> Any:
-    return lambda row: None if row.get(key) is None else format(row[key] * scale, fmt)
+def _field(key: str, fmt: str = "", scale: float | None = None) -> Any:
+    """A layer-table cell: ``row[key]`` (times ``scale``) formatted, or None when absent."""
+    return lambda row: None if row.get(key) is None else format(row[key] if scale is None else row[key] * scale, fmt)
 
 
 #: Columns of the terminal's layer table: header and cell (None when the row lacks it). Columns
 #: no layer has are left out: the fixed-point formats mean nothing on MAX78000, whose layers
 #: report their simulated output SQNR and clamped fraction instead.
 LAYER_COLUMNS: tuple[tuple[str, Any], ...] = (
-    ("layer", lambda row: row["name"]),
-    ("op", lambda row: row["op"]),
-    ("params", lambda row: str(row["params"])),
-    ("W bits", lambda row: None if row.get("weight_bits") is None else str(row["weight_bits"])),
+    ("layer", _field("name")),
+    ("op", _field("op")),
+    ("params", _field("params")),
+    ("W bits", _field("weight_bits")),
     ("W FL", lambda row: None if row.get("weight_fl_min") is None else f"{row['weight_fl_min']}..{row['weight_fl_max']}"),
-    ("A bits", lambda row: None if row.get("activation_bits") is None else str(row["activation_bits"])),
-    ("A FL", lambda row: None if row.get("activation_fl") is None else str(row["activation_fl"])),
-    ("W SQNR dB", _number("weight_sqnr_db", ".1f")),
-    ("out SQNR dB", _number("output_sqnr_db", ".1f")),
-    ("clamped %", _number("saturated_fraction", ".2f", 100.0)),
+    ("A bits", _field("activation_bits")),
+    ("A FL", _field("activation_fl")),
+    ("W SQNR dB", _field("weight_sqnr_db", ".1f")),
+    ("out SQNR dB", _field("output_sqnr_db", ".1f")),
+    ("clamped %", _field("saturated_fraction", ".2f", 100.0)),
 )
 
 

@@ -268,6 +268,32 @@ def _zero_insert(x: np.ndarray, strides: tuple[int, ...]) -> np.ndarray:
     return out
 
 
+def _spatial_rank(geo: LayerGeometry, ndim: int) -> int:
+    """A convolution's spatial rank; UnsupportedModelError when its input rank does not match."""
+    nd = len(geo.kernel)
+    if ndim != 2 + nd:
+        raise UnsupportedModelError(f"node {geo.name!r} ({geo.op}): input rank {ndim} does not match the kernel")
+    return nd
+
+
+def rows_per_sample(geo: LayerGeometry, shape: tuple[int, ...]) -> int:
+    """How many rows :func:`rows` gives per sample of an input of ``shape``, without unfolding it:
+    a convolution's output positions, a Gemm's or MatMul's rows per leading index."""
+    if geo.op in ("Gemm", "MatMul"):
+        return math.prod(shape[1:-1])
+    nd = _spatial_rank(geo, len(shape))
+    spatial = shape[2:]
+    spans = [(k - 1) * d + 1 for k, d in zip(geo.kernel, geo.dilations)]
+    if geo.op == "Conv":
+        pads = geo.pads if geo.pads is not None else same_pads(spatial, geo)
+        sizes = [(n + pads[i] + pads[i + nd] - spans[i]) // geo.strides[i] + 1 for i, n in enumerate(spatial)]
+    else:  # ConvTranspose, as rows() unfolds it: zeros inserted, then stride 1 over full pads
+        pads = geo.pads or (0,) * (2 * nd)
+        sizes = [(n - 1) * geo.strides[i] + spans[i] - pads[i] - pads[i + nd] + geo.output_padding[i]
+                 for i, n in enumerate(spatial)]
+    return math.prod(max(size, 0) for size in sizes)
+
+
 def rows(
     geo: LayerGeometry, x: np.ndarray, dtype: np.dtype | type | None = None, buffer: RowBuffer | None = None
 ) -> np.ndarray:
@@ -282,9 +308,7 @@ def rows(
         flat = x.reshape(-1, x.shape[-1])
         flat = flat * np.float32(geo.alpha) if geo.alpha != 1.0 else flat
         return (flat if dtype is None else flat.astype(dtype, copy=False))[None]
-    nd = len(geo.kernel)
-    if x.ndim != 2 + nd:
-        raise UnsupportedModelError(f"node {geo.name!r} ({geo.op}): input rank {x.ndim} does not match the kernel")
+    nd = _spatial_rank(geo, x.ndim)
     x = x if dtype is None else x.astype(dtype, copy=False)
     if geo.op == "Conv":
         pads = geo.pads if geo.pads is not None else same_pads(x.shape[2:], geo)

@@ -39,7 +39,7 @@ from qcompiler.gpfq import (
 )
 from qcompiler.graph import const_array, values_by_name
 from qcompiler.ir import load_normalized
-from qcompiler.layer_matrix import from_weight_matrix, geometry, rows, weight_matrix
+from qcompiler.layer_matrix import from_weight_matrix, geometry, rows, rows_per_sample, weight_matrix
 from qcompiler.passes.gpfq import GPFQConfigError, GPFQPass
 from qcompiler.passes.pipelines import canonical_pipeline
 from qcompiler.pipeline import PipelineError, run_pipeline
@@ -490,6 +490,7 @@ def test_layer_rows_times_weights_match_onnxruntime(op: str, x_shape, w_shape, a
     matrices = weight_matrix(geo, w)
     assert np.array_equal(from_weight_matrix(geo, matrices, w.dtype), w)
     r = rows(geo, x)
+    assert rows_per_sample(geo, x.shape) * x.shape[0] == r.shape[1]  # counted without unfolding
     out = np.concatenate([r[k] @ matrices[k].T for k in range(geo.groups)], axis=1)  # (m, N)
     if op in ("Gemm", "MatMul"):
         expected = y.reshape(-1, y.shape[-1])
