@@ -28,7 +28,7 @@ from qcompiler.graph import values_by_name
 from qcompiler.passes.detect_layers import quantizable_nodes
 from qcompiler.progress import progress_bar
 from qcompiler.ranges import entropy_range, mse_range, percentile_range
-from qcompiler.runtime import Runner
+from qcompiler.runtime import float_runner
 from qcompiler.streaming import StreamingStats, check_sizes
 
 #: ``value.meta`` key of the in-memory :class:`StreamingStats` (a cache, never serialised).
@@ -138,7 +138,7 @@ class CalibratePass(ir.passes.InPlacePass):
         names += [n for n in self.dump if n not in names]
         graph_inputs = {v.name for v in model.graph.inputs}
         fetched = [n for n in names if n not in graph_inputs]
-        runner = Runner(model, fetched)
+        runner = float_runner(model, fetched)
         stats = {
             name: StreamingStats(self.bins, self.channel_bins, self.reservoir, self.seed + i)
             for i, name in enumerate(names)

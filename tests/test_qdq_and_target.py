@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 
 from qcompiler import annotations as ann
@@ -15,7 +16,7 @@ from qcompiler.ir import normalize
 from qcompiler.passes import AssignFixedPointPass, CalibratePass, DetectLayersPass
 from qcompiler.qdq import lower_to_qdq
 from qcompiler.quantizers import quantize_fixed
-from qcompiler.runtime import Runner
+from qcompiler.runtime import Runner, float_runner, is_float_graph
 from qcompiler.targets import FixedPointTarget, get_target
 from qcompiler.errors import QCompilerError
 from tests.conftest import make_model
@@ -95,6 +96,23 @@ def test_quantized_outputs_are_close_to_float_at_8_bits():
     got = Runner(lower_to_qdq(model)).run({"x": X})["y"]
     sqnr = 10 * np.log10(np.sum(ref**2) / np.sum((ref - got) ** 2))
     assert sqnr > 30
+
+
+def test_float_runner_optimises_float_graphs_only():
+    """Calibration's sessions: onnxruntime's graph optimisations on a float model (its values
+    move at float rounding level only), none on a Q/DQ model, whose literal run is the simulation."""
+    level = ort.GraphOptimizationLevel
+    float_model = normalize(make_model(TEXT, INITS))
+    qdq = lower_to_qdq(_annotated())
+    assert is_float_graph(float_model) and not is_float_graph(qdq)
+    fast = float_runner(float_model, ["c"])
+    assert fast.session.get_session_options().graph_optimization_level == level.ORT_ENABLE_ALL
+    literal = float_runner(qdq)
+    assert literal.session.get_session_options().graph_optimization_level == level.ORT_DISABLE_ALL
+    plain = Runner(float_model, ["c"])
+    for name in ("c", "y"):
+        np.testing.assert_allclose(fast.run({"x": X})[name], plain.run({"x": X})[name], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(literal.run({"x": X})["y"], Runner(qdq).run({"x": X})["y"])
 
 
 def test_per_tensor_weights():
