@@ -150,9 +150,11 @@ def resnet(samples: int) -> None:
 
 
 MEMORY_RUN = """
-import hashlib, resource, sys, time
+import hashlib, sys, time
 import numpy as np
 sys.path.insert(0, {resnet!r})
+sys.path.insert(0, {bench!r})
+from peak_rss import peak_rss_kib
 from qcompiler import annotations as ann
 from qcompiler.data import ArrayDataset
 from qcompiler.graph import const_array
@@ -166,7 +168,7 @@ start = time.perf_counter()
 out = run_pipeline(model, [GPFQPass(data=data, bits=4, batch_size={batch}, show_progress=False)]).model
 seconds = time.perf_counter() - start
 digest = hashlib.sha256(b"".join(const_array(n.inputs[1]).tobytes() for n in out.graph if ann.get(n, ann.GPFQLayer)))
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+rss = peak_rss_kib() / 1024
 print(f"{{seconds:.1f}} {{rss:.0f}} {{ann.require(out, ann.GPFQSummary).sqnr_db:.2f}} {{digest.hexdigest()[:12]}}")
 """
 
@@ -183,7 +185,8 @@ def memory(samples: int) -> None:
     print("| ResNet-18-shaped, 4 bits | images | batch | s | peak RSS MiB | logit SQNR dB | weights sha256 |")
     print("|---|---|---|---|---|---|---|")
     for batch in (16, 64):
-        code = MEMORY_RUN.format(resnet=str(ROOT / "examples" / "resnet18"), path=str(path), samples=samples, batch=batch)
+        code = MEMORY_RUN.format(resnet=str(ROOT / "examples" / "resnet18"), bench=str(ROOT / "bench"), path=str(path),
+                                samples=samples, batch=batch)
         out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                              cwd=ROOT).stdout.split()  # cwd: import this tree's qcompiler
         print(f"| GPFQPass | {samples} | {batch} | {out[-4]} | {out[-3]} | {out[-2]} | {out[-1]} |", flush=True)
