@@ -43,8 +43,10 @@ QUANTIZATION_OPS = frozenset({
 
 
 def is_float_graph(model: ir.Model) -> bool:
-    """Whether no node of ``model`` (subgraphs included) is a quantization operator."""
-    return not any(node.op_type in QUANTIZATION_OPS for node in ir.traversal.RecursiveGraphIterator(model.graph))
+    """Whether no node of ``model`` (subgraphs and local functions included) is a quantization
+    operator."""
+    graphs = [model.graph, *(function.graph for function in model.functions.values())]
+    return not any(node.op_type in QUANTIZATION_OPS for graph in graphs for node in ir.traversal.RecursiveGraphIterator(graph))
 
 
 def with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:

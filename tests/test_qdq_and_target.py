@@ -115,6 +115,22 @@ def test_float_runner_optimises_float_graphs_only():
     np.testing.assert_array_equal(literal.run({"x": X})["y"], Runner(qdq).run({"x": X})["y"])
 
 
+def test_quantization_operators_in_a_local_function_keep_a_graph_unoptimised():
+    from onnx import TensorProto, helper
+
+    def calling(body: list) -> ir.Model:
+        scale = helper.make_node("Constant", [], ["s"], value=helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]))
+        function = helper.make_function("local", "f", ["x"], ["y"], [scale, *body], [helper.make_opsetid("", 17)])
+        io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("x", "y")]
+        graph = helper.make_graph([helper.make_node("f", ["x"], ["y"], domain="local")], "g", io[:1], io[1:])
+        return ir.from_proto(helper.make_model(graph, functions=[function], opset_imports=[
+            helper.make_opsetid("", 17), helper.make_opsetid("local", 1)]))
+
+    fake_quant = [helper.make_node("QuantizeLinear", ["x", "s"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s"], ["y"])]
+    assert not is_float_graph(calling(fake_quant))
+    assert is_float_graph(calling([helper.make_node("Mul", ["x", "s"], ["y"])]))
+
+
 def test_per_tensor_weights():
     model = _annotated(per_channel=False)
     fmt = ann.get(model.graph.initializers["w"], ann.FixedPoint)
