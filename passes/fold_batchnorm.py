@@ -16,6 +16,7 @@ import dataclasses
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
 from qcompiler import annotations as ann
 from qcompiler.graph import add_initializer, attr, const_array, set_initializer
@@ -113,4 +114,9 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             if layer is not None:
                 _fold(model.graph, layer, node)
                 modified = True
+        if modified:
+            # The folded BatchNormalizations' parameters (and replaced weights) are used by no
+            # node any more: drop them, so no artifact carries them and onnxruntime does not
+            # warn about them. FoldedBatchNorm keeps their names.
+            common_passes.RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, modified)

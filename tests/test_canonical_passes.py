@@ -54,6 +54,10 @@ def test_fold_conv_bn_without_bias_preserves_outputs():
     conv = next(iter(model.graph))
     assert np.allclose(conv.inputs[1].const_value.numpy(), inits["w"] * k[:, None, None, None], rtol=1e-6)
     assert np.allclose(conv.inputs[2].const_value.numpy(), inits["b"] - inits["m"] * k, rtol=1e-5, atol=1e-6)
+    # the BatchNormalization's parameters go with it; the annotation keeps their names
+    assert sorted(model.graph.initializers) == sorted(v.name for v in conv.inputs[1:])
+    folded = ann.require(conv, ann.FoldedBatchNorm)
+    assert (folded.scale, folded.shift, folded.mean, folded.var) == ("g", "b", "m", "v")
 
 
 GEMM_BN = """
@@ -95,6 +99,7 @@ def test_shared_weight_gets_its_own_folded_copy():
     after = ort.InferenceSession(to_bytes(model)).run(None, x)
     assert np.allclose(after[0], before[0], atol=1e-5) and np.allclose(after[1], before[1], atol=1e-6)
     assert np.array_equal(model.graph.initializers["w"].const_value.numpy(), inits["w"])
+    assert sorted(model.graph.initializers) == sorted({"w", "w_bnfold", *(v.name for n in model.graph for v in n.inputs[2:] if v)})
 
 
 def test_bn_with_a_second_consumer_is_not_folded():

@@ -20,7 +20,8 @@ def test_inspect_digits_lists_layers_and_both_targets_support_it(tmp_path):
     info = json.loads((tmp_path / "i.json").read_text())
     assert [r["op"] for r in info["layers"]] == ["Conv", "Conv", "Conv", "Gemm", "Gemm"]
     assert info["layers"][0]["weight_shape"] == [16, 1, 3, 3] and info["layers"][0]["params"] == 16 * 9 + 16
-    assert info["parameters"] == 47_850 and info["float32_bytes"] == 4 * 47_850  # BatchNorm folded away
+    # BatchNorm folded away: its parameters are dropped, not counted (they were, as dead initializers)
+    assert info["parameters"] == info["quantizable_parameters"] == 47_530 and info["float32_bytes"] == 4 * 47_530
     assert info["ops"] == {"Conv": 3, "Flatten": 1, "Gemm": 2, "MaxPool": 2, "Relu": 4}
     assert info["targets"]["fixed-point"] == {"supported": True, "float_only_ops": {}}
 
