@@ -4,7 +4,8 @@ Parts (``--part``, default all):
 
 - ``speed``: the published per-column recursion against the d×d blocked form (including the
   streamed ``H`` and ``G``, whole or projected on ``W``) and the data form on ResNet-18 layer
-  shapes with reference-style m; all must give identical levels.
+  shapes with reference-style m; all must give identical levels. Each shape runs ``--repeats``
+  rounds in alternation (default 3): medians, and the range of the per-round speed-ups.
 - ``resnet``: the whole ResNet-18-shaped model (examples/resnet18, built on demand) at 4 bits,
   layer inputs from the model inputs (``cache_mb=0``) and from incremental prefixes, side by
   side, with all images and with a sample limit of half of them.
@@ -70,47 +71,62 @@ def _stream(x: np.ndarray, xt: np.ndarray, **options) -> GramAccumulator:
     return acc
 
 
-def speed() -> None:
+def _speed_round(w: np.ndarray, x: np.ndarray, xt: np.ndarray, grid: UniformGrid) -> dict[str, tuple[float, np.ndarray]]:
+    """One timing of every form on one shape: seconds and levels (``sweep``: the projected
+    form's sweep alone, no levels)."""
+    out: dict[str, tuple[float, np.ndarray]] = {}
+    start = time.perf_counter()
+    acc = _stream(x, xt)
+    q_whole = gpfq_blocked(w, acc.h[0], acc.g[0], grid)
+    out["whole"] = (time.perf_counter() - start, q_whole)
+    start = time.perf_counter()
+    acc = _stream(x, xt, weights=w[None], project=True)
+    middle = time.perf_counter()
+    q_projected = gpfq_sweep(acc.lower_projection(0), acc.h[0], grid)
+    end = time.perf_counter()
+    out["projected"], out["sweep"] = (end - start, q_projected), (end - middle, q_projected)
+    start = time.perf_counter()
+    q_data = gpfq_data(w, x, xt, grid, DATA_BLOCK)
+    out["data"] = (time.perf_counter() - start, q_data)
+    start = time.perf_counter()
+    q_ref, _ = gpfq_columns(w, x, xt, grid)
+    out["reference"] = (time.perf_counter() - start, q_ref)
+    return out
+
+
+def speed(repeats: int = 3) -> None:
+    """Every form against the per-column recursion, each shape ``repeats`` times in alternation
+    (the per-column baseline is memory-bound and follows the machine's load; the d×d forms are
+    compute-bound): medians, and the range of the per-round speed-ups of the pass's form."""
     print("| layer | N x d | m | per-column s | d×d, G whole s | d×d, G projected s | of which sweep s | data form s | "
           "form the pass runs | speed-up d×d whole | speed-up d×d projected | speed-up data | "
-          "speed-up of the pass's form | level mismatches whole / projected / data |")
+          "speed-up of the pass's form (median; range over rounds) | level mismatches whole / projected / data |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    gpfq_blocked(np.ones((2, 130)), np.eye(130), np.eye(130), UniformGrid(np.ones(2), -8, 7))  # compile once
     for name, n, d, m in SHAPES:
         rng = np.random.default_rng(0)
         w = 0.1 * rng.normal(size=(n, d))
         x = np.maximum(rng.normal(size=(m, d)), 0.0).astype(np.float32)
         xt = (x + 0.05 * rng.normal(size=(m, d))).astype(np.float32)
         grid = UniformGrid(channel_scales(w, 4), *code_range(4))
-        gpfq_blocked(w[:2, :130], np.eye(130), np.eye(130), UniformGrid(np.ones(2), -8, 7))  # compile once
-        start = time.perf_counter()
-        acc = _stream(x, xt)
-        q_whole = gpfq_blocked(w, acc.h[0], acc.g[0], grid)
-        whole = time.perf_counter() - start
-        start = time.perf_counter()
-        acc = _stream(x, xt, weights=w[None], project=True)
-        middle = time.perf_counter()
-        q_projected = gpfq_sweep(acc.lower_projection(0), acc.h[0], grid)
-        projected = time.perf_counter() - start
-        sweep = time.perf_counter() - middle
-        start = time.perf_counter()
-        q_data = gpfq_data(w, x, xt, grid, DATA_BLOCK)
-        data = time.perf_counter() - start
-        start = time.perf_counter()
-        q_ref, _ = gpfq_columns(w, x, xt, grid)
-        reference = time.perf_counter() - start
+        rounds = [_speed_round(w, x, xt, grid) for _ in range(repeats)]
+        med = {key: float(np.median([r[key][0] for r in rounds])) for key in rounds[0]}
         # The pass keeps rows only while m <= d (O(d²) memory, activations never all stored),
         # so the data form is what it runs only then; above, it runs the d×d form, with G
         # projected on W when projection_is_cheaper.
         if m <= d and data_form_is_cheaper(n, d, m, DATA_BLOCK):
-            chosen_form, chosen = "data", data
+            chosen_form, chosen = "data", "data"
         elif projection_is_cheaper(n, d):
-            chosen_form, chosen = "d×d, G projected", projected
+            chosen_form, chosen = "d×d, G projected", "projected"
         else:
-            chosen_form, chosen = "d×d, G whole", whole
-        mismatches = " / ".join(str(int(np.count_nonzero(q_ref != q))) for q in (q_whole, q_projected, q_data))
-        print(f"| {name} | {n}x{d} | {m} | {reference:.2f} | {whole:.2f} | {projected:.2f} | {sweep:.2f} | {data:.2f} | "
-              f"{chosen_form} | {reference / whole:.1f}x | {reference / projected:.1f}x | {reference / data:.1f}x | "
-              f"{reference / chosen:.1f}x | {mismatches} |", flush=True)
+            chosen_form, chosen = "d×d, G whole", "whole"
+        ups = [r["reference"][0] / r[chosen][0] for r in rounds]
+        mismatches = " / ".join(str(max(int(np.count_nonzero(r["reference"][1] != r[k][1])) for r in rounds))
+                                for k in ("whole", "projected", "data"))
+        print(f"| {name} | {n}x{d} | {m} | {med['reference']:.2f} | {med['whole']:.2f} | {med['projected']:.2f} | "
+              f"{med['sweep']:.2f} | {med['data']:.2f} | {chosen_form} | {med['reference'] / med['whole']:.1f}x | "
+              f"{med['reference'] / med['projected']:.1f}x | {med['reference'] / med['data']:.1f}x | "
+              f"{float(np.median(ups)):.1f}x; {min(ups):.1f}-{max(ups):.1f}x | {mismatches} |", flush=True)
 
 
 PREFIXES_HEADER = ("| model | recomputed prefixes (`cache_mb=0`) s | incremental prefixes s | speed-up | weights |\n"
@@ -295,6 +311,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("speed", "resnet", "memory", "prefixes", "digits", "minilm", "all"), default="all")
     parser.add_argument("--resnet-samples", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of the speed part, alternated per shape")
     args = parser.parse_args()
     if args.part in ("digits", "all"):
         digits()
@@ -307,7 +324,7 @@ def main() -> None:
     if args.part in ("prefixes", "all"):
         minilm_prefixes()
     if args.part in ("speed", "all"):
-        speed()
+        speed(args.repeats)
 
 
 if __name__ == "__main__":
