@@ -27,12 +27,12 @@ from qcompiler.errors import DataError, QCompilerError
 from qcompiler.fl_search import compression_rate
 from qcompiler.float_reference import FLOAT_META
 from qcompiler.fsutil import atomic_dir, check_output_dir, write_bytes, write_json
-from qcompiler.graph import const_array, values_by_name
+from qcompiler.graph import const_array, values_by_name, weight_count
 from qcompiler.ir import ModelLike, load_normalized, save
 from qcompiler.metrics import finite_or_none, mean_cosine, output_mse, sqnr_db, top1, top1_agreement
 from qcompiler.passes.detect_layers import quantizable_nodes
 from qcompiler.passes.gpfq import GPFQPass, gpfq_report
-from qcompiler.passes.pipelines import default_pipeline, text_pipeline
+from qcompiler.passes.pipelines import canonical_pipeline, default_pipeline, text_pipeline
 from qcompiler.pipeline_text import describe_pipeline
 from qcompiler.report_html import render_html
 from qcompiler.pipeline import PassStat, run_pipeline
@@ -118,6 +118,7 @@ def compile_model(
         target_config = dataclasses.replace(target_config, model_name=Path(source).name.split(".")[0])
     target_config = default_weight_budget(backend, target_config, ir_model)
     check_keep_float(backend, target_config, ir_model)
+    check_target_support(backend, target_config, ir_model)
     calib = load_dataset(config.calib, ir_model)
     evaluation = load_dataset(config.eval, ir_model) if config.eval is not None else None
     config = _with_training_data_loaded(config, ir_model)
@@ -175,9 +176,6 @@ def _cut_tuner(config: CompileConfig) -> ir.passes.PassBase | None:
     return dataclasses.replace(config.finetune, epochs=1, holdout=0.0, patience=0, show_progress=False)
 
 
-WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
 def check_keep_float(backend: Any, config: TargetConfig, model: ir.Model) -> None:
     """``--keep-float`` names must be node names or op types of the model, on a target that
     can leave nodes in float; ``--native-int4`` needs a target that stores ONNX INT4."""
@@ -193,18 +191,22 @@ def check_keep_float(backend: Any, config: TargetConfig, model: ir.Model) -> Non
         raise QCompilerError(f"--keep-float {unknown[0]!r} is neither a node name nor an op type of the model")
 
 
+def check_target_support(backend: Any, config: TargetConfig, model: ir.Model) -> None:
+    """The target's verdict on the canonicalised float model (unsupported operators, topology,
+    size), before calibration: the error the target would raise after calibrating and profiling
+    comes in a second, not minutes later."""
+    check = getattr(backend, "check_model", None)
+    if check is not None:
+        check(run_pipeline(model.clone(), canonical_pipeline(config.keep_float)).model, config)
+
+
 def default_weight_budget(backend: Any, config: TargetConfig, model: ir.Model) -> TargetConfig:
     """A target with a fixed weight memory (``weight_memory_bytes``) gets it as the allocation
     budget when the user set none and the weights at ``--weight-bits`` would not fit."""
     memory = getattr(backend, "weight_memory_bytes", None)
     if memory is None or config.avg_bits is not None or config.total_bytes is not None or config.max_loss is not None:
         return config
-    count = 0
-    for node in model.graph:
-        if node.op_type in WEIGHT_OPS and len(node.inputs) > 1:
-            weight = const_array(node.inputs[1])
-            count += int(weight.size) if weight is not None else 0
-    if count * config.weight_bits / 8 <= memory:
+    if weight_count(model) * config.weight_bits / 8 <= memory:
         return config
     return dataclasses.replace(config, total_bytes=float(memory))
 

@@ -69,6 +69,21 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorPro
     return value
 
 
+#: Operators whose second input is a weight tensor.
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def weight_count(model: ir.Model) -> int:
+    """Elements of the constant weight tensors (second inputs) of Conv, ConvTranspose, Gemm and
+    MatMul nodes."""
+    count = 0
+    for node in model.graph:
+        if node.op_type in WEIGHT_OPS and len(node.inputs) > 1:
+            weight = const_array(node.inputs[1])
+            count += int(weight.size) if weight is not None else 0
+    return count
+
+
 def to_networkx(model: ir.Model) -> nx.DiGraph:
     """A read-only analysis view: one graph node per ONNX node (by name), edges along values.
 

@@ -78,6 +78,11 @@ class Target(Protocol):
 
     name: ClassVar[str]
 
+    def check_model(self, model: ir.Model, config: TargetConfig) -> None:
+        """Raise the error :meth:`validate` would raise for what the target cannot represent in
+        the canonicalised float model (operators, topology, size), before any data is used."""
+        ...
+
     def passes(self, config: TargetConfig) -> Sequence[ir.passes.PassBase]:
         """Target-specific passes run after calibration."""
         ...

@@ -281,6 +281,12 @@ def test_unrepresentable_op_is_named_and_keep_float_leaves_it_in_float():
     model = normalize(make_model(text, inits))
     with pytest.raises(UnsupportedOpError, match=r"node '.*' \(Sigmoid\): the fixed-point target cannot represent Sigmoid"):
         compile_model(model, "fixed-point", CompileConfig(calib=data, show_progress=False))
+    # the verdict comes before any data is read: calibration data that does not exist is not reached
+    with pytest.raises(UnsupportedOpError, match=r"\(Sigmoid\)"):
+        compile_model(model, "fixed-point", CompileConfig(calib="no-such-file.npz", show_progress=False))
+    with pytest.raises(QCompilerError, match="no-such-file.npz"):  # kept in float: the data is read, and missing
+        compile_model(model, "fixed-point", CompileConfig(calib="no-such-file.npz", show_progress=False,
+                                                          target=TargetConfig(keep_float=("Sigmoid",))))
     for keep in (("Sigmoid",), ("unsupported",)):
         result = compile_model(model, "fixed-point", CompileConfig(calib=data, eval=data, target=TargetConfig(keep_float=keep),
                                                                    show_progress=False))

@@ -242,6 +242,25 @@ def test_constraint_violation_names_rule_and_writes_nothing(case: str, tmp_path:
     assert not out.exists()
 
 
+def test_a_model_the_target_cannot_take_is_refused_before_any_data_is_read(tmp_path: Path) -> None:
+    """Legalisation and the weight-memory bound run on the canonical model first: the calibration
+    file, which does not exist, is never reached (a ResNet-18 used to calibrate and profile for
+    two minutes before failing)."""
+    missing = CompileConfig(calib=tmp_path / "no-such-file.npz", show_progress=False)
+    with pytest.raises(UnsupportedOpError, match=r"max78000: node .* stride \(2, 2\) is not supported"):
+        compile_model(_net([4, 8, 8], [("conv", 4, 3, 1, {"strides": [2, 2]})]), "max78000", missing, tmp_path / "out")
+    # four 1024x1024 layers legalise, but 4,194,304 weights need 524,288 bytes even at 1 bit
+    fc = _net([64, 4, 4], [("flatten",), ("fc", 1024, 1024), ("relu",), ("fc", 1024), ("relu",), ("fc", 1024),
+                           ("relu",), ("fc", 1024)])
+    with pytest.raises(TargetError, match=r"4,194,304 weights; even at 1 bit each they take 524,288 bytes, more than "
+                                          r"the 442,368-byte weight memory \(§4 rule 19"):
+        compile_model(fc, "max78000", missing, tmp_path / "out")
+    three = _net([64, 4, 4], [("flatten",), ("fc", 1024, 1024), ("relu",), ("fc", 1024), ("relu",), ("fc", 1024)])
+    with pytest.raises(QCompilerError, match="no-such-file.npz"):  # 3,145,728 weights may fit at 1 bit: data is read
+        compile_model(three, "max78000", missing, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_weight_bits_outside_1_2_4_8_refused(tmp_path: Path) -> None:
     config = CompileConfig(calib=DIGITS / "calib.npz", show_progress=False, target=TargetConfig(weight_bits=3))
     with pytest.raises(TargetError, match="rule §4.18"):

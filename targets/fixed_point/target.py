@@ -66,6 +66,19 @@ def unrepresentable(model: ir.Model, keep_float: Sequence[str]) -> list[ir.Node]
     ]
 
 
+def _check_representable(model: ir.Model, keep_float: Sequence[str]) -> None:
+    """Raise :class:`UnsupportedOpError` naming the first node the target cannot represent."""
+    bad = unrepresentable(model, keep_float)
+    if bad:
+        node = bad[0]
+        more = f" (and {len(bad) - 1} more node(s): {', '.join(sorted({n.op_type for n in bad[1:]}))})" if len(bad) > 1 else ""
+        raise UnsupportedOpError(
+            f"node {node.name!r} ({node.op_type}): the fixed-point target cannot represent {node.op_type} in "
+            f"integer arithmetic{more}; keep it in float with --keep-float {node.op_type} "
+            f"(or --keep-float {KEEP_UNSUPPORTED})"
+        )
+
+
 class FixedPointTarget:
     """The ``fixed-point`` target."""
 
@@ -100,18 +113,14 @@ class FixedPointTarget:
             )
         ]
 
+    def check_model(self, model: ir.Model, config: TargetConfig) -> None:
+        """Every node of the canonical model is representable or kept in float."""
+        _check_representable(model, config.keep_float)
+
     def validate(self, model: ir.Model) -> None:
         """Every node is representable (or kept float); every quantizable layer has formats on
         its weight and activation input."""
-        bad = unrepresentable(model, self.config.keep_float)
-        if bad:
-            node = bad[0]
-            more = f" (and {len(bad) - 1} more node(s): {', '.join(sorted({n.op_type for n in bad[1:]}))})" if len(bad) > 1 else ""
-            raise UnsupportedOpError(
-                f"node {node.name!r} ({node.op_type}): the fixed-point target cannot represent {node.op_type} in "
-                f"integer arithmetic{more}; keep it in float with --keep-float {node.op_type} "
-                f"(or --keep-float {KEEP_UNSUPPORTED})"
-            )
+        _check_representable(model, self.config.keep_float)
         values = values_by_name(model.graph)
         for node, layer in quantizable_nodes(model):
             for role, name in (("weight", layer.weight), ("activation input", layer.activation_input)):

@@ -22,7 +22,7 @@ from qcompiler import annotations as ann
 from qcompiler.data import ArrayDataset
 from qcompiler.errors import AnnotationError, DataError, TargetError
 from qcompiler.fsutil import write_bytes, write_json, write_npy
-from qcompiler.graph import attr, nodes_by_name, values_by_name
+from qcompiler.graph import attr, nodes_by_name, values_by_name, weight_count
 from qcompiler.ir import save
 from qcompiler.passes.calibrate import range_key
 from qcompiler.passes.detect_layers import quantizable_nodes
@@ -400,6 +400,19 @@ class Max78000Target:
                 arch=sanitize_arch(config.model_name or "qcnet"),
             )
         ]
+
+    def check_model(self, model: ir.Model, config: TargetConfig) -> None:
+        """The canonical model legalises onto hardware layers, and its weights fit the weight
+        memory at the smallest legal width (every weight takes at least that many bits, so a
+        model over this bound can never fit)."""
+        legalize(model)
+        count, smallest = weight_count(model), min(LEGAL_WEIGHT_BITS)
+        if count * smallest > 8 * self.weight_memory_bytes:
+            raise TargetError(
+                f"max78000: the model has {count:,} weights; even at {smallest} bit each they take "
+                f"{count * smallest // 8:,} bytes, more than the {self.weight_memory_bytes:,}-byte weight memory "
+                "(§4 rule 19: kernel memory)"
+            )
 
     def validate(self, model: ir.Model) -> None:
         """Re-check legality and every hardware constraint on the annotated model."""
