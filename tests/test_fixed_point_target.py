@@ -239,6 +239,18 @@ def test_c_header_compiles_and_holds_the_arrays(digits_out, tmp_path):
     assert subprocess.run([str(tmp_path / "main")]).returncode == 0
 
 
+def test_c_arrays_are_sixteen_values_a_line_with_the_rest_on_the_last():
+    from qcompiler.targets.fixed_point.package import _c_array
+
+    text = _c_array("w", np.arange(-10, 25, dtype=np.int16).reshape(5, 7))
+    lines = text.splitlines()
+    assert lines[0] == "static const int16_t w[35] = {" and lines[-1] == "};"
+    assert [line.count(",") for line in lines[1:-1]] == [16, 16, 2]  # 16, 16 and 3 values; the first two end in ","
+    assert [int(v) for v in "".join(lines[1:-1]).split(",")] == list(range(-10, 25))
+    assert _c_array("e", np.zeros(0, np.int8)) == "static const int8_t e[1] = {\n    0\n};\n"
+    assert _c_array("u", np.array([255, 0], np.uint8)) == "static const uint8_t u[2] = {\n    255, 0\n};\n"
+
+
 # --------------------------------------------------------------------------- options
 
 
