@@ -105,6 +105,22 @@ def test_sixteen_bit_layers_beyond_float32_are_named():
     assert check.codes_mismatched < 0.01 * check.codes_compared
 
 
+def test_simulator_drops_each_state_after_its_last_reader():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(4, 3, 8, 8)).astype(np.float32)
+    model = _annotate(ALL_OPS, _inits(rng), x, 8, 8)
+    simulator = IntegerSimulator(model)
+    nodes = simulator.nodes
+    reads = [{v.name for v in node.inputs if v is not None and v.name} for node in nodes]
+    released = {name: i for i, names in enumerate(simulator._release_after) for name in names}
+    outputs = {v.name for v in model.graph.outputs}
+    for node_reads in reads:
+        for name in node_reads - outputs - set(simulator.constants):
+            assert released[name] == max(j for j, r in enumerate(reads) if name in r)  # after its last reader
+    assert not (set(released) & (outputs | set(simulator.constants)))
+    assert "x" in released and len(released) >= len(nodes) - 1  # every intermediate state goes
+
+
 def test_simulator_outputs_are_integers_times_the_accumulator_scale():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(8, 3, 8, 8)).astype(np.float32)

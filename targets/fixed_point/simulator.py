@@ -349,8 +349,23 @@ class IntegerSimulator:
             if not v.is_initializer() and (fmt := ann.get(v, ann.FixedPoint)) is not None
         }
         self.outputs = [v.name for v in model.graph.outputs]
+        self._release_after = self._last_uses()
         self._sessions: dict[tuple, ort.InferenceSession] = {}
         self.float32_risks = self._float32_risks()
+
+    def _last_uses(self) -> list[list[str]]:
+        """Per node, the values no later node reads (graph outputs and constants excepted): a
+        batch's states are dropped once used, so memory holds the live ones, not every layer's."""
+        last: dict[str, int] = {}
+        for i, node in enumerate(self.nodes):
+            for v in node.inputs:
+                if v is not None and v.name:
+                    last[v.name] = i
+        release: list[list[str]] = [[] for _ in self.nodes]
+        for name, i in last.items():
+            if name not in self.constants and name not in self.outputs:
+                release[i].append(name)
+        return release
 
     def _float32_risks(self) -> list[str]:
         risks = []
@@ -383,12 +398,14 @@ class IntegerSimulator:
                 raise TargetError(f"input {value.name!r} is missing from the feed")
             env[value.name] = np.asarray(feed[value.name])
             self._quantize(value.name, env, codes, raw)
-        for node in self.nodes:
+        for node, release in zip(self.nodes, self._release_after):
             args = [env[v.name] if v is not None and v.name else None for v in node.inputs]
             results = self._execute(node, args)
             for out, state in zip(node.outputs, results):
                 env[out.name] = state
                 self._quantize(out.name, env, codes, raw)
+            for name in release:
+                env.pop(name, None)
         outputs = {}
         for name in self.outputs:
             state = raw.get(name, env[name])
