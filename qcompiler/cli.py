@@ -198,6 +198,12 @@ LAYER_COLUMNS: tuple[tuple[str, Any], ...] = (
 )
 
 
+def _name_column(names: list[str]) -> dict[str, Any]:
+    """Options of a table's layer-name column: never cut, since names often differ only at the
+    end (``node_conv2d_1`` … ``node_conv2d_19``); the other columns wrap on a narrow terminal."""
+    return {"no_wrap": True, "min_width": min(max((len(n) for n in names), default=5), 48)}
+
+
 def layer_summary_table(rows: list[Mapping[str, Any]]) -> Any:
     """The terminal's per-layer table (the report's ``layers``), with the columns some layer has."""
     from rich.table import Table
@@ -206,7 +212,7 @@ def layer_summary_table(rows: list[Mapping[str, Any]]) -> Any:
                if head in ("layer", "op", "params") or any(cell(row) is not None for row in rows)]
     table = Table(title="quantized layers")
     for head, _ in columns:
-        table.add_column(head)
+        table.add_column(head, **(_name_column([str(row.get("name", "")) for row in rows]) if head == "layer" else {}))
     for row in rows:
         table.add_row(*("-" if (text := cell(row)) is None else text for _, cell in columns))
     return table
@@ -218,8 +224,9 @@ def gpfq_table(gpfq: Mapping[str, Any]) -> Any:
     from rich.table import Table
 
     table = Table(title="GPFQ vs round-to-nearest: relative layer output error")
-    for col in ("layer", "bits", "rows", "GPFQ", "RTN", "RTN / GPFQ"):
-        table.add_column(col, justify="left" if col == "layer" else "right")
+    table.add_column("layer", **_name_column([row["name"] for row in gpfq["layers"]]))
+    for col in ("bits", "rows", "GPFQ", "RTN", "RTN / GPFQ"):
+        table.add_column(col, justify="right")
     for row in gpfq["layers"]:
         ratio = row["error_rtn"] / row["error"] if row["error"] > 0 else float("inf")
         table.add_row(row["name"], str(row["bits"]), str(row["rows"]), f"{row['error']:.4f}",
@@ -475,7 +482,8 @@ def _print_inspection(info: dict) -> None:
     console.print(f"[bold]{info['model']}[/bold]: {info['nodes']} nodes, {info['parameters']:,} parameters "
                   f"({info['float32_bytes'] / 1024:.1f} KiB float32), inputs {ins}")
     table = Table(title=f"{len(info['layers'])} quantizable layers, {info['quantizable_parameters']:,} parameters")
-    for column in ("node", "op", "weight shape", "params", "output shape"):
+    table.add_column("node", **_name_column([row["node"] for row in info["layers"]]))
+    for column in ("op", "weight shape", "params", "output shape"):
         table.add_column(column, justify="right" if column == "params" else "left")
     for row in info["layers"]:
         table.add_row(row["node"], row["op"], str(row["weight_shape"]), f"{row['params']:,}", str(row["output_shape"]))
