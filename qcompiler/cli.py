@@ -143,6 +143,8 @@ def _print_summary(result: Any) -> None:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:  # a log or a pipe: rich would assume 80 columns and fold the tables
+        console = Console(width=160)
     metrics = result.report["metrics"]
     table = Table(title=f"validation on the {result.report['validation_split']} split")
     table.add_column("metric")
@@ -200,7 +202,7 @@ LAYER_COLUMNS: tuple[tuple[str, Any], ...] = (
 
 def _name_column(names: list[str]) -> dict[str, Any]:
     """Options of a table's layer-name column: never cut, since names often differ only at the
-    end (``node_conv2d_1`` … ``node_conv2d_19``); the other columns wrap on a narrow terminal."""
+    end (``node_conv2d_1`` … ``node_conv2d_19``); the other columns fold on a narrow terminal."""
     return {"no_wrap": True, "min_width": min(max((len(n) for n in names), default=5), 48)}
 
 
@@ -212,7 +214,8 @@ def layer_summary_table(rows: list[Mapping[str, Any]]) -> Any:
                if head in ("layer", "op", "params") or any(cell(row) is not None for row in rows)]
     table = Table(title="quantized layers")
     for head, _ in columns:
-        table.add_column(head, **(_name_column([str(row.get("name", "")) for row in rows]) if head == "layer" else {}))
+        table.add_column(head, **(_name_column([str(row.get("name", "")) for row in rows]) if head == "layer"
+                                  else {"overflow": "fold"}))
     for row in rows:
         table.add_row(*("-" if (text := cell(row)) is None else text for _, cell in columns))
     return table
@@ -226,7 +229,7 @@ def gpfq_table(gpfq: Mapping[str, Any]) -> Any:
     table = Table(title="GPFQ vs round-to-nearest: relative layer output error")
     table.add_column("layer", **_name_column([row["name"] for row in gpfq["layers"]]))
     for col in ("bits", "rows", "GPFQ", "RTN", "RTN / GPFQ"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")
     for row in gpfq["layers"]:
         ratio = row["error_rtn"] / row["error"] if row["error"] > 0 else float("inf")
         table.add_row(row["name"], str(row["bits"]), str(row["rows"]), f"{row['error']:.4f}",

@@ -392,14 +392,14 @@ def test_profile_from_reuses_curves_measured_earlier(tmp_path):
 
 def test_layer_names_are_never_cut_on_a_narrow_terminal():
     """Exported names often differ only at the end (node_conv2d_1 ... node_conv2d_19): the name
-    column keeps them whole at 80 columns; the other columns wrap."""
+    column keeps them whole at 80 columns; the other columns fold, nothing is cut."""
     from rich.console import Console
 
     from qcompiler.cli import gpfq_table, layer_summary_table
 
     names = [f"node_conv2d_{i}" for i in range(8, 20)]
-    rows = [{"name": n, "op": "Conv", "params": 2359808, "weight_bits": 4, "weight_fl_min": 8, "weight_fl_max": 10,
-             "activation_bits": 8, "activation_fl": 9, "weight_sqnr_db": 0.15} for n in names]
+    rows = [{"name": n, "op": "Conv", "params": 2359808, "weight_bits": 16, "weight_fl_min": 13, "weight_fl_max": 15,
+             "activation_bits": 16, "activation_fl": 11, "weight_sqnr_db": 45.31, "output_sqnr_db": 41.07} for n in names]
     gpfq = {"layers": [{"name": n, "bits": 4, "rows": 12544, "error": 0.0773, "error_rtn": 0.1302} for n in names]}
     for table in (layer_summary_table(rows), gpfq_table(gpfq)):
         console = Console(width=80, record=True)
