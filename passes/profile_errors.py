@@ -64,21 +64,48 @@ class _Tensor:
     node: ir.Node | None = None
     layer_input: str | None = None
     node_runner: Runner | None = None
-    quantized_weights: list[np.ndarray] = dataclasses.field(default_factory=list)
     rates: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # (N·b, N·H) per candidate
     noise: np.ndarray | None = None  # σ² of every candidate on ``sample``
+    # A weight's candidates, kept for the measurement: dequantized when they are small, else
+    # as codes in the narrowest integer type, dequantized when used.
+    _kept: list[np.ndarray] = dataclasses.field(default_factory=list)
+    _kept_codes: bool = False
 
-    def quantize_sample(self) -> list[np.ndarray]:
-        """Every candidate applied to the sample; its rates and σ² are recorded on the way
-        (the codes are computed once per candidate: they dominate on large weights)."""
-        quantized, rates = [], []
+    def quantize_sample(self, keep: bool = False) -> None:
+        """Apply every candidate to the sample and record its rates and σ² (the codes are
+        computed once per candidate: they dominate on large weights). With ``keep``, keep the
+        candidates for :meth:`quantized_weight`."""
+        rates, noise = [], []
+        self._kept_codes = keep and self.sample.size * 4 * len(self.fitted) > KEEP_DEQUANTIZED_BYTES
         for f in self.fitted:
             q = codes(f, self.sample)
-            quantized.append(dequantize(f, q, self.sample))
+            x = dequantize(f, q, self.sample)
             rates.append(code_rates(f, q, self.elements))
+            noise.append(float(np.mean((x.astype(np.float64) - self.sample) ** 2)))
+            if keep:
+                self._kept.append(narrowest_int(q) if self._kept_codes else x)
         self.rates = rates
-        self.noise = np.array([float(np.mean((x.astype(np.float64) - self.sample) ** 2)) for x in quantized])
-        return quantized
+        self.noise = np.array(noise)
+
+    def quantized_weight(self, index: int) -> np.ndarray:
+        """The weight under candidate ``index`` (after ``quantize_sample(keep=True)``)."""
+        kept = self._kept[index]
+        return dequantize(self.fitted[index], kept, self.sample) if self._kept_codes else kept
+
+
+#: A weight's candidates are kept dequantized (float32) up to this many bytes in all, else as
+#: integer codes: ResNet-18's 50 candidates of 11.7 M weights would take 2.3 GB as float32.
+KEEP_DEQUANTIZED_BYTES = 64 << 20
+
+
+def narrowest_int(q: np.ndarray) -> np.ndarray:
+    """``q`` in the narrowest signed integer type that holds its values."""
+    lo, hi = (int(q.min()), int(q.max())) if q.size else (0, 0)
+    for dtype in (np.int8, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return q.astype(dtype)
+    return q
 
 
 def activation_sample(value: ir.Value, fallback: np.ndarray | None) -> np.ndarray | None:
@@ -209,7 +236,7 @@ class ProfileErrorPass(ir.passes.InPlacePass):
             tensor = _Tensor(name, kind, int(w.size), fitted, w, build_suffix(model, proto, node.outputs[0].name, threads=1),
                              node=node, layer_input=layer.activation_input)
             tensor.node_runner = node_model(model, proto, node)
-            tensor.quantized_weights = tensor.quantize_sample()
+            tensor.quantize_sample(keep=True)
             return tensor
         sample = activation_sample(value, first[name])
         fitted = [fit_activation(c, value, sample) for c in self.candidates]
@@ -231,7 +258,7 @@ class ProfileErrorPass(ir.passes.InPlacePass):
         if t.kind == "activation":
             return [apply(t.fitted[i], out[t.name]) for i in indices]
         x = out[t.layer_input]
-        return [t.node_runner.run({t.layer_input: x, t.name: t.quantized_weights[i]})[t.node.outputs[0].name] for i in indices]
+        return [t.node_runner.run({t.layer_input: x, t.name: t.quantized_weight(i)})[t.node.outputs[0].name] for i in indices]
 
     def _measure_batch(self, t: _Tensor, out: Mapping[str, np.ndarray], indices: Sequence[int], sq: np.ndarray) -> None:
         batch = next(iter(out.values())).shape[0]
@@ -292,7 +319,7 @@ class ProfileErrorPass(ir.passes.InPlacePass):
                 samples = 0
                 if t.kind == "weight":
                     clone = model.clone()
-                    set_initializer(clone.graph, values_by_name(clone.graph)[t.name], t.quantized_weights[i])
+                    set_initializer(clone.graph, values_by_name(clone.graph)[t.name], t.quantized_weight(i))
                     quantized = Runner(clone, logits)
                 for feed in iter_feeds(self.data, self.batch_size, model):
                     ref = float_runner.run(feed, logits)

@@ -18,9 +18,11 @@ from qcompiler.graph import values_by_name
 from qcompiler.ir import to_bytes
 
 
-def session_options(optimize: bool, threads: int = 0) -> ort.SessionOptions:
-    """Session options: ``optimize`` False disables every graph optimisation."""
+def session_options(optimize: bool, threads: int = 0, arena: bool = True) -> ort.SessionOptions:
+    """Session options: ``optimize`` False disables every graph optimisation; ``arena`` False
+    returns each run's memory instead of keeping it for the next run."""
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = arena
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
@@ -79,6 +81,9 @@ class Runner:
         extra_outputs: intermediate values to return besides the graph outputs.
         optimize: enable onnxruntime graph optimisations ("ORT kernel" mode).
         threads: intra-op threads (0 = onnxruntime's default).
+        arena: keep onnxruntime's memory arena between runs (the default). Without it each run
+            returns its memory: for the many sessions that stay open side by side (one per
+            profiled tensor), whose arenas would each keep their largest run.
     """
 
     def __init__(
@@ -87,11 +92,12 @@ class Runner:
         extra_outputs: Sequence[str] = (),
         optimize: bool = False,
         threads: int = 0,
+        arena: bool = True,
     ) -> None:
         exposed = with_outputs(model, extra_outputs) if extra_outputs else model
         try:
             self.session = ort.InferenceSession(
-                to_bytes(exposed), session_options(optimize, threads), providers=["CPUExecutionProvider"]
+                to_bytes(exposed), session_options(optimize, threads, arena), providers=["CPUExecutionProvider"]
             )
         except Exception as exc:
             detail = " ".join(str(exc).split())[:400]

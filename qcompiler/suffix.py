@@ -95,7 +95,7 @@ def build_suffix(model: ir.Model, proto: onnx.ModelProto, start: str, threads: i
     if not outputs:
         return Suffix(start, inputs, [], None, True, 0)
     sub = onnx.utils.Extractor(proto).extract_model(inputs, outputs)
-    runner = Runner(ir.from_proto(sub), threads=threads)
+    runner = Runner(ir.from_proto(sub), threads=threads, arena=False)  # one per tensor, all open at once
     symbol = _batch_symbol(model)
     safe, per_sample = symbol is not None, 0
     values = values_by_name(model.graph)
@@ -140,4 +140,4 @@ def node_model(model: ir.Model, proto: onnx.ModelProto, node: ir.Node, threads: 
     )
     opset = [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()]
     sub = onnx.helper.make_model(graph, opset_imports=opset, ir_version=model.ir_version)
-    return Runner(ir.from_proto(sub), threads=threads)
+    return Runner(ir.from_proto(sub), threads=threads, arena=False)

@@ -80,6 +80,24 @@ def test_batched_candidates_equal_looped(exact):
         assert np.allclose(exact[name].distortion, looped[name].distortion, rtol=1e-6, atol=1e-14), name
 
 
+def test_large_weights_keep_integer_codes_and_measure_the_same(exact, monkeypatch):
+    """Above KEEP_DEQUANTIZED_BYTES a weight's candidates are kept as codes in the narrowest
+    integer type (ResNet-18: 0.6 GB instead of 2.3 GB of float32) and dequantized when measured:
+    the same distortions to the last bit, in exact and in full mode."""
+    import qcompiler.passes.profile_errors as pe
+
+    monkeypatch.setattr(pe, "KEEP_DEQUANTIZED_BYTES", 0)
+    kept = _profiles("exact")
+    for name in exact:
+        assert exact[name].distortion == kept[name].distortion, name
+    full = _profiles("full")
+    for name in exact:
+        assert np.allclose(exact[name].distortion, full[name].distortion, rtol=1e-5, atol=1e-12), name
+    q = pe.narrowest_int(np.array([-128, 127]))
+    assert q.dtype == np.int8 and pe.narrowest_int(np.array([-129, 5])).dtype == np.int16
+    assert pe.narrowest_int(np.array([0, 1 << 40])).dtype == np.int64 and pe.narrowest_int(np.array([], np.int64)).dtype == np.int8
+
+
 def test_distortion_is_logit_mse_before_softmax(exact):
     # the last Gemm's weight: D is the mean squared change of h (the Softmax input)
     from qcompiler.candidates import apply, fit

@@ -115,6 +115,19 @@ def test_float_runner_optimises_float_graphs_only():
     np.testing.assert_array_equal(literal.run({"x": X})["y"], Runner(qdq).run({"x": X})["y"])
 
 
+def test_profiling_sessions_return_their_memory_after_each_run():
+    """One suffix session per profiled tensor stays open: without onnxruntime's arena each run
+    gives its memory back (ResNet-18, 4 images: peak 9.5 -> 7.0 GB), with the same values."""
+    from qcompiler.suffix import build_suffix
+
+    model = normalize(make_model(TEXT, INITS))
+    suffix = build_suffix(model, ir.to_proto(model), "r")
+    assert not suffix.runner.session.get_session_options().enable_cpu_mem_arena
+    assert Runner(model).session.get_session_options().enable_cpu_mem_arena
+    r = Runner(model, ["r"]).run({"x": X})["r"]
+    np.testing.assert_array_equal(suffix.run({"r": r})["y"], Runner(model).run({"x": X})["y"])
+
+
 def test_quantization_operators_in_a_local_function_keep_a_graph_unoptimised():
     from onnx import TensorProto, helper
 
