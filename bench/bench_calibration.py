@@ -6,7 +6,7 @@
   four range choosers. Plain inference is an ``InferenceSession`` with onnxruntime's default
   options (all graph optimisations), as a user runs the model; the pass creates its own session,
   so plain inference is given both without and with creating a session. Sessions 7-16 measured
-  against unoptimised sessions (``Runner``'s default), which run these models 1.6-2.2x slower;
+  against unoptimised sessions (``Runner``'s default), which run these models 1.5-2.2x slower;
   that column is kept for comparison with their tables. Runs alternate, medians of 7 (5 for
   ResNet-18).
 - memory: peak RSS of a fresh process calibrating 256 vs 4096 digits samples.

@@ -174,7 +174,7 @@ def float_runner(model: ir.Model, extra_outputs: Sequence[str] = (), threads: in
     graph has no quantization operator (graphs with Q/DQ stay unoptimised: there the literal
     execution is the simulation).
 
-    Calibration uses it. The optimised session runs the example models 1.6-2.2x faster than the
+    Calibration uses it. The optimised session runs the example models 1.5-2.2x faster than the
     unoptimised one; with calibration's intermediate values fetched, 1.2-1.6x (bench/RESULTS.md,
     issue 3). Its fusions (Conv with its activation or a following Add, the blocked NCHWc layout) change
     values at float rounding level only, but which fusions apply depends on the values fetched:
