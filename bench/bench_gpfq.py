@@ -72,8 +72,8 @@ def _stream(x: np.ndarray, xt: np.ndarray, **options) -> GramAccumulator:
 
 
 def _speed_round(w: np.ndarray, x: np.ndarray, xt: np.ndarray, grid: UniformGrid) -> dict[str, tuple[float, np.ndarray]]:
-    """One timing of every form on one shape: seconds and levels (``sweep``: the projected
-    form's sweep alone, no levels)."""
+    """One timing of every form on one shape: seconds and levels (``sweep``: the time of the
+    projected form's sweep alone, with the projected form's levels)."""
     out: dict[str, tuple[float, np.ndarray]] = {}
     start = time.perf_counter()
     acc = _stream(x, xt)

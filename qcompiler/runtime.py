@@ -176,9 +176,9 @@ def float_runner(model: ir.Model, extra_outputs: Sequence[str] = (), threads: in
 
     Calibration uses it. The optimised session runs the example models 1.5-2.2x faster than the
     unoptimised one; with calibration's intermediate values fetched, 1.2-1.6x (bench/RESULTS.md,
-    issue 3). Its fusions (Conv with its activation or a following Add, the blocked NCHWc layout) change
-    values at float rounding level only, but which fusions apply depends on the values fetched:
-    compare such runs with a session that fetches the same values. GPFQ's layer inputs stay
-    unoptimised, so that incremental prefixes equal whole prefixes exactly.
+    issue 3). Its fusions (Conv with its activation or a following Add, the blocked NCHWc
+    layout) change values at float rounding level only, but which fusions apply depends on the
+    values fetched: compare such runs with a session that fetches the same values. GPFQ's layer
+    inputs stay unoptimised, so that incremental prefixes equal whole prefixes exactly.
     """
     return Runner(model, extra_outputs, optimize=is_float_graph(model), threads=threads)
