@@ -41,6 +41,7 @@ from qcompiler.graph import const_array, set_initializer, values_by_name
 from qcompiler.passes.allocate_bits import AllocateBitsPass
 from qcompiler.passes.calibrate import META_KEY
 from qcompiler.passes.detect_layers import quantizable_nodes
+from qcompiler.prefixes import prefix_model
 from qcompiler.progress import progress_bar
 from qcompiler.runtime import Runner
 from qcompiler.suffix import Suffix, build_suffix, logits_names, node_model
@@ -309,30 +310,42 @@ class ProfileErrorPass(ir.passes.InPlacePass):
         return {name: s / samples for name, s in sums.items()}
 
     def _measure_full(self, model: ir.Model, tensors: list[_Tensor]) -> dict[str, np.ndarray]:
-        """The naive reference: a full forward pass per (tensor, candidate, batch)."""
+        """The naive reference: one full forward pass per (tensor, candidate, batch).
+
+        The float logits are computed once per batch and the sessions once per weight candidate
+        (or once per activation), so each measurement costs exactly one forward pass: for a
+        weight, the model with that candidate's weights; for an activation, the nodes up to it
+        (a prefix model: onnxruntime runs every node of a session whatever is fetched), the
+        quantizer, and the rest of the graph.
+        """
         logits = logits_names(model)
+        graph_inputs = {v.name for v in model.graph.inputs}
         float_runner = Runner(model, [n for n in logits if n not in {v.name for v in model.graph.outputs}])
+        references = [{n: r.astype(np.float64) for n, r in float_runner.run(feed, logits).items()}
+                      for feed in iter_feeds(self.data, self.batch_size, model)]
         result: dict[str, np.ndarray] = {}
         for t in tensors:
             sums = np.zeros(len(self.candidates))
+            exposed = [t.name, *t.suffix.inputs[1:]]
+            computed = [n for n in exposed if n not in graph_inputs]
+            prefix = Runner(prefix_model(model, computed)) if t.kind != "weight" and computed else None
             for i in range(len(self.candidates)):
-                samples = 0
                 if t.kind == "weight":
                     clone = model.clone()
                     set_initializer(clone.graph, values_by_name(clone.graph)[t.name], t.quantized_weight(i))
                     quantized = Runner(clone, logits)
-                for feed in iter_feeds(self.data, self.batch_size, model):
-                    ref = float_runner.run(feed, logits)
+                samples = 0
+                for feed, ref in zip(iter_feeds(self.data, self.batch_size, model), references):
                     if t.kind == "weight":
                         got = quantized.run(feed, logits)
-                    else:  # the full graph up to t, quantize t, the rest of the graph
-                        prefix = Runner(model, [t.name] + [n for n in t.suffix.inputs[1:]])
+                    else:  # the graph up to t, quantize t, the rest of the graph
                         out = dict(feed)
-                        out.update(prefix.run(feed, [t.name, *t.suffix.inputs[1:]]))
-                        feeds = {t.name: apply(t.fitted[i], out[t.name]), **{n: out[n] for n in t.suffix.inputs[1:]}}
+                        if prefix is not None:
+                            out.update(prefix.run(feed, computed))
+                        feeds = {t.name: apply(t.fitted[i], out[t.name]), **{n: out[n] for n in exposed[1:]}}
                         got = t.suffix.run(feeds)
                     for name in t.suffix.outputs:
-                        r = ref[name].astype(np.float64)
+                        r = ref[name]
                         sums[i] += ((got[name].astype(np.float64) - r) ** 2).reshape(r.shape[0], -1).mean(axis=1).sum()
                     samples += next(iter(feed.values())).shape[0]
                 sums[i] /= samples
