@@ -133,6 +133,15 @@ def fit_activation(candidate: Candidate, value: ir.Value, sample: np.ndarray) ->
     return fit(candidate, sample, signed, None, clip)
 
 
+#: Largest activation of a stacked suffix run, in bytes, beyond which stacking more candidates
+#: on the batch axis stops paying: each worker's run should stay within about one core's L2
+#: cache. Measured: the digits CNN (8 KB per sample, batches of 64) profiles 1.2-1.3x faster
+#: with 2 candidates per run than with 8, and ResNet-18's suffixes (up to 3.2 MB per sample)
+#: run as fast or faster one candidate at a time (bench/RESULTS.md, issue 3). Tiny suffixes
+#: (a last Gemm) still stack up to ``max_candidates_per_run``.
+STACK_BYTES = 1 << 20
+
+
 @dataclasses.dataclass(frozen=True)
 class ProfileErrorPass(ir.passes.InPlacePass):
     """Measure rate-distortion curves for weights and activations (see module docstring).
@@ -146,7 +155,8 @@ class ProfileErrorPass(ir.passes.InPlacePass):
         tensors: ``all``, ``weights`` or ``activations``.
         only: profile only these value names (empty: all of the selected kind).
         batch_size: batch size used with an :class:`ArrayDataset`.
-        memory_budget_mb: bound on a stacked suffix batch, which sets ``K``.
+        memory_budget_mb: bound on a stacked suffix batch, which sets ``K`` (with
+            :data:`STACK_BYTES`, the smaller of the two).
         max_candidates_per_run: upper bound on ``K``.
         split: name of the calibration split, recorded in the annotation.
         workers: threads measuring tensors in parallel (each onnxruntime session uses one).
@@ -252,7 +262,7 @@ class ProfileErrorPass(ir.passes.InPlacePass):
             return 1
         if suffix.per_sample_bytes == 0:
             return min(count, self.max_candidates_per_run)
-        k = (self.memory_budget_mb << 20) // max(1, batch * suffix.per_sample_bytes)
+        k = min(self.memory_budget_mb << 20, STACK_BYTES) // max(1, batch * suffix.per_sample_bytes)
         return int(max(1, min(count, k, self.max_candidates_per_run)))
 
     def _start_values(self, t: _Tensor, out: Mapping[str, np.ndarray], indices: Sequence[int]) -> list[np.ndarray]:
