@@ -294,3 +294,32 @@ def test_an_allocation_may_keep_tensors_float() -> None:
     from qcompiler.passes.measure_allocation import joint_distortion
 
     assert joint_distortion(model, DATA, 16) > 0
+
+
+def test_the_naive_loop_costs_one_forward_per_candidate_and_batch(monkeypatch):
+    """The benchmark's baseline is "a full forward pass per candidate": the float logits once
+    per batch, one prefix model per activation (graph inputs need none), one session per weight
+    candidate, and per (candidate, batch) one run of the quantized model or of the prefix."""
+    import qcompiler.passes.profile_errors as pe
+
+    counts = {"sessions": 0, "runs": 0}
+
+    class Counting(pe.Runner):
+        def __init__(self, *args, **kwargs):
+            counts["sessions"] += 1
+            super().__init__(*args, **kwargs)
+
+        def run(self, feed, names=None):
+            counts["runs"] += 1
+            return super().run(feed, names)
+
+    model = _model()
+    monkeypatch.setattr(pe, "Runner", Counting)
+    ProfileErrorPass(data=DATA, candidates=CANDIDATES, mode="full", batch_size=16, show_progress=False)(model)
+    c, batches = len(CANDIDATES), 3  # 40 samples in batches of 16
+    # sessions: the first batch's activation samples, the float reference, the prefixes of r1
+    # and f (x is a graph input), one per candidate of w1, w2 and w3
+    assert counts["sessions"] == 1 + 1 + 2 + 3 * c
+    # runs: the first batch, the reference per batch, per (candidate, batch) the prefix of r1
+    # and f and the quantized model of each weight
+    assert counts["runs"] == 1 + batches + (2 + 3) * c * batches
