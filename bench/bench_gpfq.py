@@ -5,7 +5,9 @@ Parts (``--part``, default all):
 - ``speed``: the published per-column recursion against the d×d blocked form (including the
   streamed ``H`` and ``G``, whole or projected on ``W``) and the data form on ResNet-18 layer
   shapes with reference-style m; all must give identical levels. Each shape runs ``--repeats``
-  rounds in alternation (default 3): medians, and the range of the per-round speed-ups.
+  rounds in alternation (default 3): medians, and the range of the per-round speed-ups. Every
+  form gets the rows as the pass gives them: float64 for a convolution (im2col writes them in
+  float64), float32 for the Gemm (converted per batch).
 - ``resnet``: the whole ResNet-18-shaped model (examples/resnet18, built on demand) at 4 bits,
   layer inputs from the model inputs (``cache_mb=0``) and from incremental prefixes, side by
   side, with all images and with a sample limit of half of them.
@@ -36,6 +38,7 @@ from qcompiler import annotations as ann  # noqa: E402
 from qcompiler.api import first_output  # noqa: E402
 from qcompiler.data import ArrayDataset, load_dataset  # noqa: E402
 from qcompiler.gpfq import (  # noqa: E402
+    ROWS_PER_UPDATE,
     GramAccumulator,
     UniformGrid,
     channel_scales,
@@ -64,10 +67,11 @@ SHAPES = (("fc 1000x512", 1000, 512, 512), ("conv 64x576", 64, 576, 11_648),
 
 
 def _stream(x: np.ndarray, xt: np.ndarray, **options) -> GramAccumulator:
-    """H and G (whole, or projected on ``weights``) streamed in batches of 4096 rows, as the pass does."""
+    """H and G (whole, or projected on ``weights``) streamed in updates of ``ROWS_PER_UPDATE``
+    rows, as the pass does."""
     acc = GramAccumulator(x.shape[1], with_f=False, **options)
-    for start in range(0, len(x), 4096):
-        acc.update(x[None, start:start + 4096], xt[None, start:start + 4096])
+    for start in range(0, len(x), ROWS_PER_UPDATE):
+        acc.update(x[None, start:start + ROWS_PER_UPDATE], xt[None, start:start + ROWS_PER_UPDATE])
     return acc
 
 
@@ -108,6 +112,11 @@ def speed(repeats: int = 3) -> None:
         w = 0.1 * rng.normal(size=(n, d))
         x = np.maximum(rng.normal(size=(m, d)), 0.0).astype(np.float32)
         xt = (x + 0.05 * rng.normal(size=(m, d))).astype(np.float32)
+        if name.startswith("conv"):
+            # The pass hands a convolution's rows to the accumulator in float64: it converts the
+            # input map, then writes the patches in float64 (layer_matrix.rows). A Gemm's rows
+            # are the activations themselves, converted per update: they stay float32 here.
+            x, xt = x.astype(np.float64), xt.astype(np.float64)
         grid = UniformGrid(channel_scales(w, 4), *code_range(4))
         rounds = [_speed_round(w, x, xt, grid) for _ in range(repeats)]
         med = {key: float(np.median([r[key][0] for r in rounds])) for key in rounds[0]}
