@@ -323,3 +323,22 @@ def test_the_naive_loop_costs_one_forward_per_candidate_and_batch(monkeypatch):
     # runs: the first batch, the reference per batch, per (candidate, batch) the prefix of r1
     # and f and the quantized model of each weight
     assert counts["runs"] == 1 + batches + (2 + 3) * c * batches
+
+
+def test_candidates_stack_while_a_run_stays_within_stack_bytes():
+    """Candidates share a suffix run while the stacked batch's largest activation fits
+    STACK_BYTES (a core's L2), at least one and at most max_candidates_per_run; never past the
+    memory budget."""
+    import qcompiler.passes.profile_errors as pe
+    from qcompiler.suffix import Suffix
+
+    def k(per_sample, batch=64, count=50, **options):
+        suffix = Suffix("s", ["s"], ["y"], None, True, per_sample)
+        return ProfileErrorPass(data=DATA, **options)._chunk_size(suffix, batch, count)
+
+    assert k(8192) == pe.STACK_BYTES // (64 * 8192) == 2  # digits' largest activation, batches of 64
+    assert k(64 * 112 * 112 * 4) == 1  # a ResNet-18 stem: one candidate per run
+    assert k(512) == 8 and k(512, count=3) == 3  # a last Gemm: up to the cap
+    assert k(512, max_candidates_per_run=50) == pe.STACK_BYTES // (64 * 512)
+    assert k(512, memory_budget_mb=0) == 1
+    assert ProfileErrorPass(data=DATA)._chunk_size(Suffix("s", ["s"], ["y"], None, False, 512), 64, 50) == 1
