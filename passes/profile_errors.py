@@ -44,7 +44,7 @@ from qcompiler.passes.detect_layers import quantizable_nodes
 from qcompiler.prefixes import prefix_model
 from qcompiler.progress import progress_bar
 from qcompiler.runtime import Runner
-from qcompiler.suffix import Suffix, build_suffix, logits_names, node_model
+from qcompiler.suffix import Suffix, build_suffix, logits_names, node_model, shared_constants
 
 MODES = ("exact", "fast", "hybrid", "full")
 #: Candidate kinds fitted per output channel for weights (the others are per tensor).
@@ -217,6 +217,7 @@ class ProfileErrorPass(ir.passes.InPlacePass):
 
     def _prepare(self, model: ir.Model, first_batch: Mapping[str, np.ndarray]) -> list[_Tensor]:
         proto = ir.to_proto(model)
+        constants = shared_constants(proto)  # one copy of the weights for every suffix session
         values = values_by_name(model.graph)
         targets = self._targets(model)
         # One float run on the first batch gives activation samples when calibration's
@@ -225,13 +226,15 @@ class ProfileErrorPass(ir.passes.InPlacePass):
         first = Runner(model, act_names).run(first_batch, act_names) if act_names else {}
         first.update(first_batch)
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.workers) as pool:
-            jobs = [pool.submit(self._prepare_one, model, proto, values, first, kind, name, node) for kind, name, node in targets]
+            jobs = [pool.submit(self._prepare_one, model, proto, constants, values, first, kind, name, node)
+                    for kind, name, node in targets]
             return [job.result() for job in jobs]
 
     def _prepare_one(
         self,
         model: ir.Model,
         proto: object,
+        constants: Mapping[str, np.ndarray],
         values: Mapping[str, ir.Value],
         first: Mapping[str, np.ndarray],
         kind: str,
@@ -244,7 +247,7 @@ class ProfileErrorPass(ir.passes.InPlacePass):
             w = const_array(value)
             layer = ann.require(node, ann.QuantizableLayer)
             fitted = [fit_weight(c, w, layer.channel_axis) for c in self.candidates]
-            tensor = _Tensor(name, kind, int(w.size), fitted, w, build_suffix(model, proto, node.outputs[0].name, threads=1),
+            tensor = _Tensor(name, kind, int(w.size), fitted, w, build_suffix(model, proto, node.outputs[0].name, 1, constants),
                              node=node, layer_input=layer.activation_input)
             tensor.node_runner = node_model(model, proto, node)
             tensor.quantize_sample(keep=True)
@@ -252,7 +255,7 @@ class ProfileErrorPass(ir.passes.InPlacePass):
         sample = activation_sample(value, first[name])
         fitted = [fit_activation(c, value, sample) for c in self.candidates]
         per_sample = int(np.prod(first[name].shape[1:])) if first[name].ndim > 1 else 1
-        tensor = _Tensor(name, kind, per_sample, fitted, sample, build_suffix(model, proto, name, threads=1))
+        tensor = _Tensor(name, kind, per_sample, fitted, sample, build_suffix(model, proto, name, 1, constants))
         tensor.quantize_sample()
         return tensor
 

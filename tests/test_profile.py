@@ -342,3 +342,23 @@ def test_candidates_stack_while_a_run_stays_within_stack_bytes():
     assert k(512, max_candidates_per_run=50) == pe.STACK_BYTES // (64 * 512)
     assert k(512, memory_budget_mb=0) == 1
     assert ProfileErrorPass(data=DATA)._chunk_size(Suffix("s", ["s"], ["y"], None, False, 512), 64, 50) == 1
+
+
+def test_suffixes_share_convolution_weights_and_measure_the_same(exact, monkeypatch):
+    """Suffix sessions are fed the convolution weights from one shared copy instead of holding
+    their own (ResNet-18's profile: 4.9 -> 2.4 GB); Gemm/MatMul weights stay inside (onnxruntime
+    prepacks a constant B, which changes the last bits). The distortions are identical."""
+    import onnx_ir as ir
+
+    import qcompiler.suffix as sx
+
+    monkeypatch.setattr(sx, "SHARED_BYTES", 0)  # the test model's conv weights are small
+    model = _model()
+    constants = sx.shared_constants(ir.to_proto(model))
+    assert set(constants) == {"w1", "b1", "w2"}  # not w3 and b3, the Gemm's
+    suffix = sx.build_suffix(model, ir.to_proto(model), "r1", constants=constants)
+    assert set(suffix.constants) == {"w2"} and "w3" not in suffix.constants
+    assert all(not a.flags.writeable for a in constants.values())
+    shared = _profiles("exact")
+    for name in exact:
+        assert shared[name].distortion == exact[name].distortion, name
