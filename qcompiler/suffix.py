@@ -92,10 +92,12 @@ def shared_constants(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     :data:`SHARED_CONSUMERS`, as read-only arrays."""
     consumers: dict[str, set[str]] = {}
     _consumers(proto.graph, consumers)
+    # an initializer that is also a graph input is only a default, which a caller may override
+    overridable = {value.name for value in proto.graph.input}
     out = {}
     for tensor in proto.graph.initializer:
         ops = consumers.get(tensor.name, set())
-        if not ops or not ops <= SHARED_CONSUMERS:
+        if not ops or not ops <= SHARED_CONSUMERS or tensor.name in overridable:
             continue
         if onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).kind != "f":
             continue

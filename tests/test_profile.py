@@ -362,3 +362,31 @@ def test_suffixes_share_convolution_weights_and_measure_the_same(exact, monkeypa
     shared = _profiles("exact")
     for name in exact:
         assert shared[name].distortion == exact[name].distortion, name
+
+
+def test_shared_constants_are_large_float_convolution_weights_only():
+    """Not an initializer that is also a graph input (a default the caller may override), not a
+    Gemm/MatMul operand (prepacked), not an integer or a small tensor, and not a weight that a
+    subgraph's MatMul also reads."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    from qcompiler.suffix import shared_constants
+
+    w = np.ones((8, 4, 3, 3), np.float32)
+    inits = [nh.from_array(w, "conv_w"), nh.from_array(w, "default_w"), nh.from_array(np.ones((288, 8), np.float32), "gemm_b"),
+             nh.from_array(np.ones(300, np.int64), "ints"), nh.from_array(np.ones(4, np.float32), "small"),
+             nh.from_array(w, "both_w")]
+    branch = h.make_graph([h.make_node("MatMul", ["f", "both_w"], ["z"])], "b", [], [h.make_tensor_value_info("z", T.FLOAT, None)])
+    nodes = [h.make_node("Conv", ["x", "conv_w"], ["c1"]), h.make_node("Conv", ["x", "default_w"], ["c2"]),
+             h.make_node("Conv", ["x", "both_w"], ["c3"]), h.make_node("Flatten", ["c1"], ["f"]),
+             h.make_node("MatMul", ["f", "gemm_b"], ["m"]), h.make_node("Add", ["ints", "ints"], ["i2"]),
+             h.make_node("Mul", ["small", "small"], ["s2"]),
+             h.make_node("If", ["cond"], ["z"], then_branch=branch, else_branch=branch)]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 4, 5, 5]), h.make_tensor_value_info("cond", T.BOOL, []),
+                                      h.make_tensor_value_info("default_w", T.FLOAT, [8, 4, 3, 3])],
+                         [h.make_tensor_value_info(n, T.FLOAT, None) for n in ("c2", "c3", "m", "s2", "z")], inits)
+    shared = shared_constants(h.make_model(graph))
+    assert sorted(shared) == ["conv_w"]  # both_w is also read by the If branches' MatMul
+    assert np.array_equal(shared["conv_w"], w) and not shared["conv_w"].flags.writeable
