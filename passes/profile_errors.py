@@ -298,7 +298,7 @@ class ProfileErrorPass(ir.passes.InPlacePass):
             for name in [*t.suffix.inputs, *t.suffix.outputs, *([t.layer_input] if t.layer_input else [])]:
                 if name not in needed and name not in graph_inputs:
                     needed.append(name)
-        runner = Runner(model, needed)
+        runner = Runner(model, needed, prepack=False)  # like the suffix sessions it feeds
         sums = {t.name: np.zeros(len(self.candidates)) for t in tensors}
         samples = 0
         total = self.data.num_samples if isinstance(self.data, ArrayDataset) else None
@@ -333,7 +333,8 @@ class ProfileErrorPass(ir.passes.InPlacePass):
         """
         logits = logits_names(model)
         graph_inputs = {v.name for v in model.graph.inputs}
-        float_runner = Runner(model, [n for n in logits if n not in {v.name for v in model.graph.outputs}])
+        # no session prepacks GEMM operands, like the exact mode's (see qcompiler.suffix)
+        float_runner = Runner(model, [n for n in logits if n not in {v.name for v in model.graph.outputs}], prepack=False)
         references = [{n: r.astype(np.float64) for n, r in float_runner.run(feed, logits).items()}
                       for feed in iter_feeds(self.data, self.batch_size, model)]
         result: dict[str, np.ndarray] = {}
@@ -341,12 +342,12 @@ class ProfileErrorPass(ir.passes.InPlacePass):
             sums = np.zeros(len(self.candidates))
             exposed = [t.name, *t.suffix.inputs[1:]]
             computed = [n for n in exposed if n not in graph_inputs]
-            prefix = Runner(prefix_model(model, computed)) if t.kind != "weight" and computed else None
+            prefix = Runner(prefix_model(model, computed), prepack=False) if t.kind != "weight" and computed else None
             for i in range(len(self.candidates)):
                 if t.kind == "weight":
                     clone = model.clone()
                     set_initializer(clone.graph, values_by_name(clone.graph)[t.name], t.quantized_weight(i))
-                    quantized = Runner(clone, logits)
+                    quantized = Runner(clone, logits, prepack=False)
                 samples = 0
                 for feed, ref in zip(iter_feeds(self.data, self.batch_size, model), references):
                     if t.kind == "weight":

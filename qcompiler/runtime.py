@@ -18,9 +18,11 @@ from qcompiler.graph import values_by_name
 from qcompiler.ir import to_bytes
 
 
-def session_options(optimize: bool, threads: int = 0, arena: bool = True) -> ort.SessionOptions:
+def session_options(optimize: bool, threads: int = 0, arena: bool = True, prepack: bool = True) -> ort.SessionOptions:
     """Session options: ``optimize`` False disables every graph optimisation; ``arena`` False
-    returns each run's memory instead of keeping it for the next run."""
+    returns each run's memory instead of keeping it for the next run; ``prepack`` False keeps
+    constant GEMM operands unpacked, so a product gives the same bits whether its weight is an
+    initializer or fed as an input (see :mod:`qcompiler.suffix`)."""
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = arena
     options.graph_optimization_level = (
@@ -31,6 +33,8 @@ def session_options(optimize: bool, threads: int = 0, arena: bool = True) -> ort
     # onnxruntime's workers spin after each run; qcompiler runs numpy/numba work between runs
     # (statistics, quantizers), which would compete with spinning threads for the same cores.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return options
 
 
@@ -84,6 +88,8 @@ class Runner:
         arena: keep onnxruntime's memory arena between runs (the default). Without it each run
             returns its memory: for the many sessions that stay open side by side (one per
             profiled tensor), whose arenas would each keep their largest run.
+        prepack: let onnxruntime prepack constant GEMM operands (the default). Profiling turns
+            it off in all its sessions, whose suffix models are fed their weights as inputs.
     """
 
     def __init__(
@@ -93,11 +99,12 @@ class Runner:
         optimize: bool = False,
         threads: int = 0,
         arena: bool = True,
+        prepack: bool = True,
     ) -> None:
         exposed = with_outputs(model, extra_outputs) if extra_outputs else model
         try:
             self.session = ort.InferenceSession(
-                to_bytes(exposed), session_options(optimize, threads, arena), providers=["CPUExecutionProvider"]
+                to_bytes(exposed), session_options(optimize, threads, arena, prepack), providers=["CPUExecutionProvider"]
             )
         except Exception as exc:
             detail = " ".join(str(exc).split())[:400]

@@ -6,10 +6,13 @@ example, the skip input of a residual branch). The suffix model takes ``E_t`` as
 returns the logits. Models are cut with ``onnx.utils.Extractor`` on the protobuf.
 
 Profiling keeps one suffix session per tensor open at once. Each session would hold its own
-copy of the weights downstream (ResNet-18: 41 suffix sessions took 3.0 GB), so convolution
-weights become graph inputs of the suffix model instead, fed at every run from one shared set
-of arrays (:func:`shared_constants`; the same 41 sessions: 20 MB, the same run time, outputs
-equal bit for bit).
+copy of the weights downstream (ResNet-18: 41 suffix sessions took 3.0 GB), so the weights
+become graph inputs of the suffix model instead, fed at every run from one shared set of
+arrays (:func:`shared_constants`; the same 41 sessions: 20 MB, the same run time). A
+convolution gives the same bits with its weight fed or constant; a Gemm or MatMul only when
+onnxruntime does not prepack the constant operand, so the suffix sessions run without
+prepacking, and so must every session whose values they are compared with
+(``Runner(prepack=False)``).
 """
 
 from __future__ import annotations
@@ -64,42 +67,20 @@ def external_inputs(nodes: Sequence[ir.Node], start: str) -> list[str]:
 
 
 #: Floating-point initializers of at least this many bytes are shared between suffix sessions
-#: (fed as inputs) when every consumer is one of :data:`SHARED_CONSUMERS`; smaller ones, and
-#: integer constants (shapes, axes, pads), stay inside each suffix model.
+#: (fed as inputs); smaller ones, and integer constants (shapes, axes, pads), stay inside each
+#: suffix model.
 SHARED_BYTES = 1024
-
-#: Operators whose results do not change when a weight is a graph input instead of an
-#: initializer (tested bit for bit: dense, grouped, depthwise, strided, dilated, 1-D and 3-D
-#: convolutions). Gemm and MatMul are not among them: onnxruntime prepacks a constant B, and
-#: the prepacked product differs in the last bits from the product with B as an input.
-SHARED_CONSUMERS = frozenset({"Conv", "ConvTranspose"})
-
-
-def _consumers(graph: onnx.GraphProto, out: dict[str, set[str]]) -> None:
-    """Operator types consuming each name, in ``graph`` and its subgraphs."""
-    for node in graph.node:
-        for name in node.input:
-            out.setdefault(name, set()).add(node.op_type)
-        for attribute in node.attribute:
-            for sub in [attribute.g, *attribute.graphs]:
-                if sub is not None and len(sub.node):
-                    _consumers(sub, out)
 
 
 def shared_constants(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     """The weights every suffix session of the model is fed from one copy (see the module
-    docstring): floating-point initializers of at least :data:`SHARED_BYTES` consumed only by
-    :data:`SHARED_CONSUMERS`, as read-only arrays."""
-    consumers: dict[str, set[str]] = {}
-    _consumers(proto.graph, consumers)
+    docstring): floating-point initializers of at least :data:`SHARED_BYTES`, as read-only
+    arrays."""
     # an initializer that is also a graph input is only a default, which a caller may override
     overridable = {value.name for value in proto.graph.input}
     out = {}
     for tensor in proto.graph.initializer:
-        ops = consumers.get(tensor.name, set())
-        if not ops or not ops <= SHARED_CONSUMERS or tensor.name in overridable:
-            continue
-        if onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).kind != "f":
+        if tensor.name in overridable or onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).kind != "f":
             continue
         array = onnx.numpy_helper.to_array(tensor)
         if array.nbytes >= SHARED_BYTES:
@@ -158,7 +139,8 @@ def build_suffix(
         start: the value the suffix starts from.
         threads: the session's intra-op threads (0: onnxruntime's default).
         constants: shared weights (:func:`shared_constants`) to feed instead of copying them
-            into the suffix model.
+            into the suffix model. The session then runs without prepacking (see the module
+            docstring).
     """
     logits = logits_names(model)
     if start in logits:
@@ -171,7 +153,8 @@ def build_suffix(
         return Suffix(start, inputs, [], None, True, 0)
     sub = onnx.utils.Extractor(proto).extract_model(inputs, outputs)
     fed = _constants_as_inputs(sub, constants) if constants else {}
-    runner = Runner(ir.from_proto(sub), threads=threads, arena=False)  # one per tensor, all open at once
+    # one per tensor, all open at once
+    runner = Runner(ir.from_proto(sub), threads=threads, arena=False, prepack=constants is None)
     symbol = _batch_symbol(model)
     safe, per_sample = symbol is not None, 0
     values = values_by_name(model.graph)
@@ -198,7 +181,8 @@ def build_suffix(
 
 def node_model(model: ir.Model, proto: onnx.ModelProto, node: ir.Node, threads: int = 1) -> Runner:
     """A one-node model of ``node`` (taken from ``proto``, the model's serialised form, shared
-    by all callers) whose weight (input 1) is a graph input."""
+    by all callers) whose weight (input 1) is a graph input; without prepacking, like the
+    suffix sessions it feeds."""
     values = values_by_name(model.graph)
     source = next(n for n in proto.graph.node if n.name == node.name)
     x, w = node.inputs[0], node.inputs[1]
@@ -216,4 +200,4 @@ def node_model(model: ir.Model, proto: onnx.ModelProto, node: ir.Node, threads: 
     )
     opset = [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()]
     sub = onnx.helper.make_model(graph, opset_imports=opset, ir_version=model.ir_version)
-    return Runner(ir.from_proto(sub), threads=threads, arena=False)
+    return Runner(ir.from_proto(sub), threads=threads, arena=False, prepack=False)
