@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -71,20 +72,27 @@ class _Tensor:
     # as codes in the narrowest integer type, dequantized when used.
     _kept: list[np.ndarray] = dataclasses.field(default_factory=list)
     _kept_codes: bool = False
+    # same_as[i]: the first candidate whose kept weight equals candidate i's bit for bit (i when
+    # none does); only that one is measured (e.g. log at 5-16 bits on most layers' weights).
+    same_as: list[int] = dataclasses.field(default_factory=list)
 
     def quantize_sample(self, keep: bool = False) -> None:
         """Apply every candidate to the sample and record its rates and σ² (the codes are
         computed once per candidate: they dominate on large weights). With ``keep``, keep the
-        candidates for :meth:`quantized_weight`."""
-        rates, noise = [], []
+        candidates for :meth:`quantized_weight` and find the ones equal to an earlier one
+        (``same_as``)."""
+        rates, noise, first = [], [], {}
         self._kept_codes = keep and self.sample.size * 4 * len(self.fitted) > KEEP_DEQUANTIZED_BYTES
-        for f in self.fitted:
+        self.same_as = list(range(len(self.fitted)))
+        for i, f in enumerate(self.fitted):
             q = codes(f, self.sample)
             x = dequantize(f, q, self.sample)
             rates.append(code_rates(f, q, self.elements))
             noise.append(float(np.mean((x.astype(np.float64) - self.sample) ** 2)))
             if keep:
                 self._kept.append(narrowest_int(q) if self._kept_codes else x)
+                digest = hashlib.blake2b(np.ascontiguousarray(x).data, digest_size=16).digest() + str(x.dtype).encode()
+                self.same_as[i] = first.setdefault(digest, i)
         self.rates = rates
         self.noise = np.array(noise)
 
@@ -300,6 +308,9 @@ class ProfileErrorPass(ir.passes.InPlacePass):
                     needed.append(name)
         runner = Runner(model, needed, prepack=False)  # like the suffix sessions it feeds
         sums = {t.name: np.zeros(len(self.candidates)) for t in tensors}
+        # a candidate equal to an earlier one is not run again: it gets that one's distortion
+        by_name = {t.name: t for t in tensors}
+        runs = {name: sorted({by_name[name].same_as[i] for i in indices}) for name, indices in which.items()}
         samples = 0
         total = self.data.num_samples if isinstance(self.data, ArrayDataset) else None
         active = [t for t in tensors if which.get(t.name)]
@@ -313,13 +324,15 @@ class ProfileErrorPass(ir.passes.InPlacePass):
                 out = dict(feed)
                 out.update(runner.run(feed, needed))
                 batch = next(iter(feed.values())).shape[0]
-                jobs = [pool.submit(self._measure_batch, t, out, which[t.name], sums[t.name]) for t in active]
+                jobs = [pool.submit(self._measure_batch, t, out, runs[t.name], sums[t.name]) for t in active]
                 for job in jobs:
                     job.result()
                 samples += batch
                 advance(batch)
         if samples == 0:
             raise DataError("profiling data is empty")
+        for t in active:
+            sums[t.name][which[t.name]] = sums[t.name][[t.same_as[i] for i in which[t.name]]]
         return {name: s / samples for name, s in sums.items()}
 
     def _measure_full(self, model: ir.Model, tensors: list[_Tensor]) -> dict[str, np.ndarray]:

@@ -410,3 +410,36 @@ def test_shared_constants_are_the_large_float_initializers():
     shared = shared_constants(h.make_model(graph))
     assert sorted(shared) == ["conv_w", "gemm_b"]
     assert np.array_equal(shared["conv_w"], w) and not shared["conv_w"].flags.writeable
+
+
+def test_a_weight_candidate_equal_to_an_earlier_one_is_measured_once(monkeypatch):
+    """Log candidates past the weights' dynamic range give the same weights bit for bit (here
+    log at 5-16 bits); only the first is run, the others get its distortion, which equals what
+    the naive loop measures for each of them."""
+    import qcompiler.passes.profile_errors as pe
+
+    candidates = tuple(candidate_set(bits=(3, 5, 6, 8, 16), kinds=("log", "uniform")))
+    runs: dict[str, list[int]] = {}
+    original = pe.ProfileErrorPass._measure_batch
+
+    def recording(self, t, out, indices, sq):
+        runs.setdefault(t.name, []).extend(indices)
+        return original(self, t, out, indices, sq)
+
+    monkeypatch.setattr(pe.ProfileErrorPass, "_measure_batch", recording)
+    profiles = {}
+    for mode in ("exact", "full"):
+        model = _model()
+        ProfileErrorPass(data=DATA, candidates=candidates, mode=mode, batch_size=16, tensors="weights", show_progress=False)(model)
+        profiles[mode] = {n: p for n, v in values_by_name(model.graph).items() if (p := ann.get(v, ann.ErrorProfile))}
+    labels = [str(c) for c in profiles["exact"]["w1"].candidates]
+    skipped = 0
+    for name, p in profiles["exact"].items():
+        measured = set(runs[name])
+        d = dict(zip(p.candidates, p.distortion))
+        for i, label in enumerate(p.candidates):
+            if i not in measured:  # a duplicate: the same number as an earlier, measured candidate
+                skipped += 1
+                assert any(d[label] == d[p.candidates[j]] for j in measured if j < i), (name, label)
+        assert np.allclose(p.distortion, profiles["full"][name].distortion, rtol=1e-12, atol=0), name
+    assert skipped >= 3 and "log:16" in labels
