@@ -141,6 +141,13 @@ def fit_activation(candidate: Candidate, value: ir.Value, sample: np.ndarray) ->
     return fit(candidate, sample, signed, None, clip)
 
 
+def _session(model: ir.Model, extra_outputs: Sequence[str] = ()) -> Runner:
+    """A session of this pass whose values are compared with the suffix sessions' (the float
+    references, the naive loop's models): without prepacking, like them, so a GEMM gives the
+    same bits with its weight constant here and fed there (see :mod:`qcompiler.suffix`)."""
+    return Runner(model, extra_outputs, prepack=False)
+
+
 #: Largest activation of a stacked suffix run, in bytes, beyond which stacking more candidates
 #: on the batch axis stops paying: each worker's run should stay within about one core's L2
 #: cache. Measured: the digits CNN (8 KB per sample, batches of 64) profiles 1.2-1.3x faster
@@ -306,7 +313,7 @@ class ProfileErrorPass(ir.passes.InPlacePass):
             for name in [*t.suffix.inputs, *t.suffix.outputs, *([t.layer_input] if t.layer_input else [])]:
                 if name not in needed and name not in graph_inputs:
                     needed.append(name)
-        runner = Runner(model, needed, prepack=False)  # like the suffix sessions it feeds
+        runner = _session(model, needed)
         sums = {t.name: np.zeros(len(self.candidates)) for t in tensors}
         # a candidate equal to an earlier one is not run again: it gets that one's distortion
         by_name = {t.name: t for t in tensors}
@@ -346,21 +353,20 @@ class ProfileErrorPass(ir.passes.InPlacePass):
         """
         logits = logits_names(model)
         graph_inputs = {v.name for v in model.graph.inputs}
-        # no session prepacks GEMM operands, like the exact mode's (see qcompiler.suffix)
-        float_runner = Runner(model, [n for n in logits if n not in {v.name for v in model.graph.outputs}], prepack=False)
-        references = [{n: r.astype(np.float64) for n, r in float_runner.run(feed, logits).items()}
+        reference = _session(model, [n for n in logits if n not in {v.name for v in model.graph.outputs}])
+        references = [{n: r.astype(np.float64) for n, r in reference.run(feed, logits).items()}
                       for feed in iter_feeds(self.data, self.batch_size, model)]
         result: dict[str, np.ndarray] = {}
         for t in tensors:
             sums = np.zeros(len(self.candidates))
             exposed = [t.name, *t.suffix.inputs[1:]]
             computed = [n for n in exposed if n not in graph_inputs]
-            prefix = Runner(prefix_model(model, computed), prepack=False) if t.kind != "weight" and computed else None
+            prefix = _session(prefix_model(model, computed)) if t.kind != "weight" and computed else None
             for i in range(len(self.candidates)):
                 if t.kind == "weight":
                     clone = model.clone()
                     set_initializer(clone.graph, values_by_name(clone.graph)[t.name], t.quantized_weight(i))
-                    quantized = Runner(clone, logits, prepack=False)
+                    quantized = _session(clone, logits)
                 samples = 0
                 for feed, ref in zip(iter_feeds(self.data, self.batch_size, model), references):
                     if t.kind == "weight":
