@@ -35,7 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import annotations as ann
-from qcompiler.candidates import Candidate, Fitted, apply, candidate_set, code_rates, codes, dequantize, fit
+from qcompiler.candidates import Candidate, FitContext, Fitted, apply, candidate_set, code_rates, codes, dequantize, fit
 from qcompiler.data import ArrayDataset, iter_feeds, load_dataset
 from qcompiler.errors import DataError, UnsupportedModelError
 from qcompiler.graph import const_array, set_initializer, values_by_name
@@ -81,7 +81,8 @@ class _Tensor:
         computed once per candidate: they dominate on large weights). With ``keep``, keep the
         candidates for :meth:`quantized_weight` and find the ones equal to an earlier one
         (``same_as``)."""
-        rates, noise, first = [], [], {}
+        rates, noise = [], []
+        by_fingerprint: dict[bytes, list[int]] = {}
         self._kept_codes = keep and self.sample.size * 4 * len(self.fitted) > KEEP_DEQUANTIZED_BYTES
         self.same_as = list(range(len(self.fitted)))
         for i, f in enumerate(self.fitted):
@@ -91,8 +92,12 @@ class _Tensor:
             noise.append(float(np.mean((x.astype(np.float64) - self.sample) ** 2)))
             if keep:
                 self._kept.append(narrowest_int(q) if self._kept_codes else x)
-                digest = hashlib.blake2b(np.ascontiguousarray(x).data, digest_size=16).digest() + str(x.dtype).encode()
-                self.same_as[i] = first.setdefault(digest, i)
+                # a cheap fingerprint finds the likely duplicates, a full comparison confirms them
+                # (hashing every candidate in full cost more than the duplicates saved)
+                earlier = by_fingerprint.setdefault(fingerprint(x), [])
+                self.same_as[i] = next((j for j in earlier if same_bits(x, self.quantized_weight(j))), i)
+                if self.same_as[i] == i:
+                    earlier.append(i)
         self.rates = rates
         self.noise = np.array(noise)
 
@@ -100,6 +105,25 @@ class _Tensor:
         """The weight under candidate ``index`` (after ``quantize_sample(keep=True)``)."""
         kept = self._kept[index]
         return dequantize(self.fitted[index], kept, self.sample) if self._kept_codes else kept
+
+
+#: Values a :func:`fingerprint` hashes (evenly spaced through the array).
+FINGERPRINT_VALUES = 4096
+
+
+def fingerprint(x: np.ndarray) -> bytes:
+    """A digest of ``FINGERPRINT_VALUES`` evenly spaced values of ``x``, with its dtype and shape:
+    arrays with different fingerprints differ; equal fingerprints need :func:`same_bits`."""
+    flat = x.reshape(-1)
+    sample = np.ascontiguousarray(flat[:: max(1, flat.size // FINGERPRINT_VALUES)])
+    return hashlib.blake2b(sample.data, digest_size=16).digest() + f"{x.dtype}{x.shape}".encode()
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two arrays are equal bit for bit (dtype, shape and every byte: -0.0 is not 0.0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return bool(np.array_equal(np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(b).view(np.uint8)))
 
 
 #: A weight's candidates are kept dequantized (float32) up to this many bytes in all, else as
@@ -126,19 +150,20 @@ def activation_sample(value: ir.Value, fallback: np.ndarray | None) -> np.ndarra
     return fallback
 
 
-def fit_weight(candidate: Candidate, weight: np.ndarray, channel_axis: int) -> Fitted:
+def fit_weight(candidate: Candidate, weight: np.ndarray, channel_axis: int, context: FitContext | None = None) -> Fitted:
     """A candidate fitted to a layer's weight (per output channel, on ``channel_axis``, for the
-    per-channel kinds)."""
-    return fit(candidate, weight, True, axis=channel_axis if candidate.kind in PER_CHANNEL_KINDS else None)
+    per-channel kinds); ``context``: a :class:`FitContext` of ``weight`` shared by its candidates."""
+    axis = channel_axis if candidate.kind in PER_CHANNEL_KINDS else None
+    return fit(candidate, weight, True, axis=axis, context=context)
 
 
-def fit_activation(candidate: Candidate, value: ir.Value, sample: np.ndarray) -> Fitted:
+def fit_activation(candidate: Candidate, value: ir.Value, sample: np.ndarray, context: FitContext | None = None) -> Fitted:
     """A candidate fitted to an activation's sample; sign and clip from its calibration
-    statistics when they exist."""
+    statistics when they exist; ``context``: a :class:`FitContext` of ``sample``."""
     stats = ann.get(value, ann.TensorStats)
     signed = (stats.min < 0) if stats is not None else bool((sample < 0).any())
     clip = stats.absmax if stats is not None else None
-    return fit(candidate, sample, signed, None, clip)
+    return fit(candidate, sample, signed, None, clip, context)
 
 
 def _session(model: ir.Model, extra_outputs: Sequence[str] = ()) -> Runner:
@@ -261,14 +286,16 @@ class ProfileErrorPass(ir.passes.InPlacePass):
         if kind == "weight":
             w = const_array(value)
             layer = ann.require(node, ann.QuantizableLayer)
-            fitted = [fit_weight(c, w, layer.channel_axis) for c in self.candidates]
+            context = FitContext(w)  # sorted once for all the dead-zone candidates
+            fitted = [fit_weight(c, w, layer.channel_axis, context) for c in self.candidates]
             tensor = _Tensor(name, kind, int(w.size), fitted, w, build_suffix(model, proto, node.outputs[0].name, 1, constants),
                              node=node, layer_input=layer.activation_input)
             tensor.node_runner = node_model(model, proto, node)
             tensor.quantize_sample(keep=True)
             return tensor
         sample = activation_sample(value, first[name])
-        fitted = [fit_activation(c, value, sample) for c in self.candidates]
+        context = FitContext(sample)
+        fitted = [fit_activation(c, value, sample, context) for c in self.candidates]
         per_sample = int(np.prod(first[name].shape[1:])) if first[name].ndim > 1 else 1
         tensor = _Tensor(name, kind, per_sample, fitted, sample, build_suffix(model, proto, name, 1, constants))
         tensor.quantize_sample()

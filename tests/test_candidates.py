@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from qcompiler.candidates import (
     Candidate,
+    FitContext,
     _deadzone_sse,
     _deadzone_sse_sorted,
     apply,
@@ -64,6 +65,43 @@ def test_deadzone_fit_matches_quantile_and_brute_force(ratio):
     with pytest.raises(ValueError, match="at least 3 levels, got 2"):
         fit_deadzone(x, ratio, 2)
     assert fit_deadzone(x, ratio, 8) == (lam, delta)  # an even L (the seed's lists) fits like L - 1
+
+
+def test_a_shared_context_fits_every_candidate_as_alone_and_sorts_once(monkeypatch):
+    # the default set's kinds on a per-channel weight (float32, one exact tie of |x| values)
+    # and on an unsigned activation sample, dead-zone level counts on both sides of the
+    # sorted/direct switch (k·log2 N < N)
+    w = RNG.laplace(size=(8, 4, 3, 3)).astype(np.float32)
+    w[0, 0, 0, :2] = (0.5, -0.5)
+    sample = np.abs(RNG.normal(size=500)).astype(np.float32)
+    cands = [*candidate_set(bits=(1, 2, 4, 8, 16), kinds=("uniform", "deadzone", "log", "fixed"),
+                            deadzone_ratios=(0.0, 0.1, 0.5)), Candidate("deadzone", 10, 0.3, 601)]
+    alone = [fit(c, w, True, axis=0 if c.kind in ("uniform", "fixed") else None) for c in cands]
+    alone += [fit(c, sample, False, None, 4.0) for c in cands]
+    sorts = []
+    real_sort = np.sort
+    monkeypatch.setattr(np, "sort", lambda a, *args, **kw: sorts.append(a.size) or real_sort(a, *args, **kw))
+    on_w, on_sample = FitContext(w), FitContext(sample)
+    shared = [fit(c, w, True, axis=0 if c.kind in ("uniform", "fixed") else None, context=on_w) for c in cands]
+    shared += [fit(c, sample, False, None, 4.0, on_sample) for c in cands]
+    for a, b in zip(alone, shared):
+        assert a.candidate == b.candidate and a.axis == b.axis
+        assert np.array_equal(np.asarray(a.params), np.asarray(b.params)), a.candidate
+    assert sorted(sorts) == sorted([sample.size, w.size])  # one sort per tensor, not one per dead-zone candidate
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.5])
+@pytest.mark.parametrize("bits", [2, 3, 8, 16])
+def test_deadzone_codes_dequantize_to_the_quantizer_bit_for_bit(dtype, ratio, bits):
+    from qcompiler.candidates import dequantize
+
+    x = (0.3 * RNG.laplace(size=5000)).astype(dtype)
+    x[:5] = (0.0, -0.0, 1e-30, -1e-30, 50.0)  # zeros of both signs, tiny values, one clipped
+    f = fit(Candidate("deadzone", bits, ratio), x, True)
+    expected = deadzone_quantize(x.astype(np.float64), *f.params, f.candidate.level_count).astype(dtype)
+    got = dequantize(f, codes(f, x), x)
+    assert got.dtype == dtype and np.array_equal(got.view(np.uint8), expected.view(np.uint8))
 
 
 def test_sorted_and_direct_sse_agree():

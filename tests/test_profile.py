@@ -412,6 +412,29 @@ def test_shared_constants_are_the_large_float_initializers():
     assert np.array_equal(shared["conv_w"], w) and not shared["conv_w"].flags.writeable
 
 
+def test_duplicates_are_confirmed_bit_for_bit_not_by_fingerprint(monkeypatch):
+    """Candidates whose fingerprints collide are the same only if every bit is: with every
+    fingerprint made equal, the duplicates found are those of the real fingerprints."""
+    import qcompiler.passes.profile_errors as pe
+
+    assert pe.fingerprint(np.zeros(10_000, np.float32)) != pe.fingerprint(np.zeros(10_000, np.float64))
+    a = np.arange(10_000, dtype=np.float32)
+    b = a.copy()
+    b[1] = -1.0  # between two sampled values: same fingerprint, other bits
+    assert pe.fingerprint(a) == pe.fingerprint(b) and not pe.same_bits(a, b)
+    assert not pe.same_bits(np.zeros(3), -np.zeros(3)) and pe.same_bits(a, a.copy())
+
+    candidates = tuple(candidate_set(bits=(3, 5, 6, 8, 16), kinds=("log", "uniform")))
+    found = {}
+    for label, fingerprint in (("real", pe.fingerprint), ("colliding", lambda x: b"every candidate")):
+        monkeypatch.setattr(pe, "fingerprint", fingerprint)
+        tensor = pe._Tensor("w", "weight", INITS["w3"].size, [pe.fit_weight(c, INITS["w3"], 0) for c in candidates],
+                            INITS["w3"], suffix=None)
+        tensor.quantize_sample(keep=True)
+        found[label] = tensor.same_as
+    assert found["colliding"] == found["real"] != list(range(len(candidates)))
+
+
 def test_a_weight_candidate_equal_to_an_earlier_one_is_measured_once(monkeypatch):
     """Log candidates past the weights' dynamic range give the same weights bit for bit (here
     log at 5-16 bits); only the first is run, the others get its distortion, which equals what
