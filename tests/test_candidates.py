@@ -88,6 +88,8 @@ def test_a_shared_context_fits_every_candidate_as_alone_and_sorts_once(monkeypat
         assert a.candidate == b.candidate and a.axis == b.axis
         assert np.array_equal(np.asarray(a.params), np.asarray(b.params)), a.candidate
     assert sorted(sorts) == sorted([sample.size, w.size])  # one sort per tensor, not one per dead-zone candidate
+    with pytest.raises(ValueError, match="another array"):
+        fit(cands[0], w.copy(), True, context=on_w)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
