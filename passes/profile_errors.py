@@ -29,7 +29,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -166,6 +166,16 @@ def fit_activation(candidate: Candidate, value: ir.Value, sample: np.ndarray, co
     return fit(candidate, sample, signed, None, clip, context)
 
 
+def fit_candidates(
+    candidates: Sequence[Candidate], values: np.ndarray, fit_one: Callable[[Candidate, FitContext], Fitted]
+) -> list[Fitted]:
+    """Every candidate fitted to one tensor by ``fit_one``, sharing one :class:`FitContext` of
+    ``values`` (one sort for all the dead-zone candidates). The context (four float64 copies of
+    the tensor) is freed on return, before the candidates quantize the tensor."""
+    context = FitContext(values)
+    return [fit_one(c, context) for c in candidates]
+
+
 def _session(model: ir.Model, extra_outputs: Sequence[str] = ()) -> Runner:
     """A session of this pass whose values are compared with the suffix sessions' (the float
     references, the naive loop's models): without prepacking, like them, so a GEMM gives the
@@ -286,16 +296,14 @@ class ProfileErrorPass(ir.passes.InPlacePass):
         if kind == "weight":
             w = const_array(value)
             layer = ann.require(node, ann.QuantizableLayer)
-            context = FitContext(w)  # sorted once for all the dead-zone candidates
-            fitted = [fit_weight(c, w, layer.channel_axis, context) for c in self.candidates]
+            fitted = fit_candidates(self.candidates, w, lambda c, context: fit_weight(c, w, layer.channel_axis, context))
             tensor = _Tensor(name, kind, int(w.size), fitted, w, build_suffix(model, proto, node.outputs[0].name, 1, constants),
                              node=node, layer_input=layer.activation_input)
             tensor.node_runner = node_model(model, proto, node)
             tensor.quantize_sample(keep=True)
             return tensor
         sample = activation_sample(value, first[name])
-        context = FitContext(sample)
-        fitted = [fit_activation(c, value, sample, context) for c in self.candidates]
+        fitted = fit_candidates(self.candidates, sample, lambda c, context: fit_activation(c, value, sample, context))
         per_sample = int(np.prod(first[name].shape[1:])) if first[name].ndim > 1 else 1
         tensor = _Tensor(name, kind, per_sample, fitted, sample, build_suffix(model, proto, name, 1, constants))
         tensor.quantize_sample()
