@@ -106,6 +106,62 @@ def test_deadzone_codes_dequantize_to_the_quantizer_bit_for_bit(dtype, ratio, bi
     assert got.dtype == dtype and np.array_equal(got.view(np.uint8), expected.view(np.uint8))
 
 
+def _reference_codes_and_values(f, x):
+    """The plain numpy expressions of algorithms.md §1 (``codes`` works in place; ``dequantize``
+    of a dead-zone candidate works from the codes)."""
+    from qcompiler.candidates import _scale_shape, code_range
+
+    c, b, x64 = f.candidate, f.candidate.bits, x.astype(np.float64)
+    shape = _scale_shape(x, f.axis)
+    if c.kind == "uniform":
+        levels = (1 << (b - 1)) - 1 if f.signed else (1 << b) - 1
+        step = np.asarray(f.params, dtype=np.float64).reshape(shape) if f.axis is not None else f.params[0]
+        q = np.clip(np.rint(x64 / step), -levels if f.signed else 0, levels).astype(np.int64)
+        return q, (q.astype(np.float64) * step).astype(x.dtype)  # from the integer codes: no -0.0
+    if c.kind == "deadzone":
+        lam, delta = f.params
+        k = (c.level_count - 1) // 2
+        idx = np.clip(np.floor((np.abs(x64) - lam) / delta), 0, k - 1) + 1
+        q = (np.sign(x64) * np.where(np.abs(x64) < lam, 0, idx)).astype(np.int64)
+        return q, deadzone_quantize(x64, lam, delta, c.level_count).astype(x.dtype)
+    fl = np.asarray(f.params, dtype=np.int64).reshape(shape) if f.axis is not None else int(f.params[0])
+    lo, hi = code_range(b, f.signed)
+    q = np.clip(np.rint(np.ldexp(x64, fl)), lo, hi).astype(np.int64)
+    return q, np.ldexp(q.astype(np.float64), -fl).astype(x.dtype)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["uniform", "deadzone", "fixed"]), st.sampled_from([2, 3, 4, 8, 16]),
+       st.sampled_from([np.float32, np.float64]), st.sampled_from([None, 0, 1, 2]), st.booleans(),
+       st.integers(0, 2**31 - 1))
+def test_codes_and_values_are_the_plain_numpy_expressions_bit_for_bit(kind, bits, dtype, axis, signed, seed):
+    from qcompiler.candidates import dequantize
+
+    rng = np.random.default_rng(seed)
+    x = (rng.laplace(size=(3, 5, 4)) * 10.0 ** rng.integers(-6, 4)).astype(dtype)
+    x.flat[:4] = (0.0, -0.0, 1e-30, 2.5)
+    if not signed:
+        x = np.abs(x)
+    axis = axis if kind != "deadzone" else None
+    f = fit(Candidate(kind, bits, 0.3 if kind == "deadzone" else 0.0), x, signed, axis)
+    q, values = codes(f, x), dequantize(f, codes(f, x), x)
+    ref_q, ref_values = _reference_codes_and_values(f, x)
+    assert q.dtype == np.int64 and np.array_equal(q, ref_q)
+    assert values.dtype == dtype and np.array_equal(values.view(np.uint8), ref_values.view(np.uint8))
+    # kept codes come back in the narrowest integer type: the same values
+    narrow = q.astype(np.int32 if bits == 16 else np.int16)
+    assert np.array_equal(dequantize(f, narrow, x).view(np.uint8), values.view(np.uint8))
+
+
+@pytest.mark.parametrize("kind", ["uniform", "fixed"])
+def test_codes_round_exact_ties_to_even(kind):
+    # uniform 4-bit: max 0.875 gives the step 0.125; fixed 4-bit: max 0.75 gives FL 3 (steps of
+    # 1/8): x = (j + 1/2)/8 are exact ties
+    x = np.array([0.875 if kind == "uniform" else 0.75, 0.0625, 0.1875, 0.3125, -0.0625, -0.1875, -0.3125])
+    f = fit(Candidate(kind, 4), x, True)
+    assert codes(f, x)[1:].tolist() == [0, 2, 2, 0, -2, -2]
+
+
 def test_sorted_and_direct_sse_agree():
     a = np.abs(RNG.normal(size=20000))
     s = np.sort(a)
